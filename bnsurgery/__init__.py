@@ -1,0 +1,57 @@
+"""bnsurgery: BatchNorm surgery on pretrained PyTorch networks.
+
+The public API is imported lazily, so ``import bnsurgery`` (and ``bnsurgery --help``) does not
+import torch until a function is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BnSurgeryError",
+    "FoldPlan",
+    "FoldReport",
+    "Survey",
+    "fold",
+    "last_report",
+    "load",
+    "plan_fold",
+    "save",
+    "survey",
+]
+
+_LAZY = {
+    "BnSurgeryError": "bnsurgery.errors",
+    "FoldPlan": "bnsurgery.fold",
+    "FoldReport": "bnsurgery.fold",
+    "fold": "bnsurgery.fold",
+    "last_report": "bnsurgery.fold",
+    "plan_fold": "bnsurgery.fold",
+    "Survey": "bnsurgery.survey",
+    "survey": "bnsurgery.survey",
+    "load": "bnsurgery.checkpoint",
+    "save": "bnsurgery.checkpoint",
+}
+
+if TYPE_CHECKING:
+    from .checkpoint import load, save
+    from .errors import BnSurgeryError
+    from .fold import FoldPlan, FoldReport, fold, last_report, plan_fold
+    from .survey import Survey, survey
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bnsurgery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,68 @@
+"""The exception hierarchy.
+
+Every error the library raises on purpose is a :class:`BnSurgeryError`. Each subclass carries
+the exit code the command line maps it to, so the CLI turns errors into exit codes in one
+place and the codes are stable and documented (README, "Exit codes").
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BnSurgeryError",
+    "UsageError",
+    "SourceError",
+    "UnsafePickleError",
+    "OutputError",
+    "TraceError",
+    "VerificationError",
+    "UnsupportedModelError",
+]
+
+
+class BnSurgeryError(Exception):
+    """Base class of every error bnsurgery raises on purpose."""
+
+    exit_code: int = 1
+
+
+class UsageError(BnSurgeryError):
+    """An argument or option is invalid (bad pattern, unknown name, missing input size)."""
+
+    exit_code = 2
+
+
+class SourceError(BnSurgeryError):
+    """A model source cannot be loaded: missing file, corrupt checkpoint, wrong architecture."""
+
+    exit_code = 3
+
+
+class UnsafePickleError(SourceError):
+    """A checkpoint holds pickled Python objects and would run code from the file to load."""
+
+    exit_code = 4
+
+
+class OutputError(BnSurgeryError):
+    """An output cannot be written: it exists, its folder is missing or read-only, or the
+    write failed. Nothing partial is left behind."""
+
+    exit_code = 5
+
+
+class TraceError(BnSurgeryError):
+    """The model cannot be traced or run on the example inputs."""
+
+    exit_code = 6
+
+
+class VerificationError(BnSurgeryError):
+    """A surgery changed the model's output beyond tolerance; the model was left unchanged."""
+
+    exit_code = 7
+
+
+class UnsupportedModelError(BnSurgeryError):
+    """The model is of a kind this operation cannot work on (for example TorchScript)."""
+
+    exit_code = 8

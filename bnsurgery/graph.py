@@ -1,0 +1,478 @@
+"""The graph walk: who produces and who consumes every tensor around each BN call.
+
+Two ways to build the same :class:`Graph`:
+
+* **runtime** (``example_inputs`` given): run one real forward pass in eval mode under a
+  :class:`~torch.overrides.TorchFunctionMode` and global module hooks. Every torch function
+  call becomes a :class:`Node`; every BN module call becomes one atomic node. Tensors are
+  followed by identity and by their version counter, so in-place ops, aliases mutated through a
+  view, a module called several times, functional convs (``F.conv2d``), residuals, dict/tuple
+  inputs and outputs and data-dependent control flow are all seen as they really happen.
+* **symbolic** (no ``example_inputs``): ``torch.fx`` symbolic tracing with every BN module as a
+  leaf. Works without data, fails on models with data-dependent control flow (then pass
+  ``example_inputs``). Tensor ranks are unknown on this path.
+
+Nothing here relies on module registration order, and nothing here changes the model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from .errors import TraceError, UnsupportedModelError
+from .norms import is_batchnorm
+
+__all__ = ["Graph", "Node", "Trace", "Value", "as_args", "eval_mode", "trace"]
+
+#: torch functions with a weight that a BN can be folded into: kind, argument names.
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONVT_ARGS = (
+    "input",
+    "weight",
+    "bias",
+    "stride",
+    "padding",
+    "output_padding",
+    "groups",
+    "dilation",
+)
+_LINEAR_OPS: dict[Any, tuple[str, tuple[str, ...]]] = {
+    torch.conv1d: ("conv", _CONV_ARGS),
+    torch.conv2d: ("conv", _CONV_ARGS),
+    torch.conv3d: ("conv", _CONV_ARGS),
+    torch.conv_transpose1d: ("conv_transpose", _CONVT_ARGS),
+    torch.conv_transpose2d: ("conv_transpose", _CONVT_ARGS),
+    torch.conv_transpose3d: ("conv_transpose", _CONVT_ARGS),
+    F.linear: ("linear", ("input", "weight", "bias")),
+}
+_DEFAULTS = {
+    "bias": None,
+    "stride": 1,
+    "padding": 0,
+    "dilation": 1,
+    "groups": 1,
+    "output_padding": 0,
+}
+
+#: Calls that read only a tensor's metadata, never its values: not consumers.
+_METADATA = frozenset(
+    {
+        "size", "dim", "ndimension", "numel", "nelement", "stride", "is_contiguous",
+        "element_size", "is_floating_point", "is_complex", "get_device", "__len__",
+        "storage_offset", "data_ptr", "is_pinned", "__get__", "__hash__", "has_names",
+        "is_nonzero_size",
+    }
+)  # fmt: skip
+
+
+@dataclass(eq=False)
+class Value:
+    """One tensor value in the walked graph (a tensor object between two mutations)."""
+
+    index: int
+    producer: Node | None
+    origin: str = "op"
+    consumers: list[Node] = field(default_factory=list)
+    is_output: bool = False
+    ndim: int | None = None
+
+    def __repr__(self) -> str:
+        prod = self.producer.name if self.producer else self.origin
+        return f"Value(%{self.index} from {prod}, {len(self.consumers)} consumers)"
+
+
+@dataclass(eq=False)
+class Node:
+    """One call: a torch function, or a whole BN module call (``kind == "batchnorm"``).
+
+    For ``conv``, ``conv_transpose`` and ``linear`` nodes, ``data`` is the input being
+    transformed and ``weight``/``bias`` are the very tensor objects the call used, so identity
+    with a module's parameter tells whether folding into that parameter is exact.
+    """
+
+    index: int
+    kind: str
+    name: str
+    inputs: list[Value] = field(default_factory=list)
+    outputs: list[Value] = field(default_factory=list)
+    module: nn.Module | None = None
+    data: Value | None = None
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return f"Node(#{self.index} {self.kind} {self.name})"
+
+
+@dataclass
+class Graph:
+    """Producers and consumers of every tensor in one forward pass."""
+
+    method: str
+    nodes: list[Node]
+    values: list[Value]
+    state_uses: dict[int, list[Node]]
+
+    def bn_sites(self, module: nn.Module) -> list[Node]:
+        """The calls of one BN module, in the order they ran."""
+        return [n for n in self.nodes if n.kind == "batchnorm" and n.module is module]
+
+    def uses(self, tensor: torch.Tensor | None) -> list[Node]:
+        """Every node that used this parameter or buffer, in any argument position."""
+        if tensor is None:
+            return []
+        return self.state_uses.get(id(tensor), [])
+
+
+@dataclass
+class Trace:
+    """A walked graph plus, on the runtime path, the model's output on the example inputs."""
+
+    graph: Graph
+    output: Any = None
+
+
+def as_args(example_inputs: Any) -> tuple[Any, ...]:
+    """Normalise ``example_inputs`` to positional arguments: a tensor (or a dict) is one
+    argument, a tuple or list is several."""
+    if isinstance(example_inputs, tuple | list):
+        return tuple(example_inputs)
+    return (example_inputs,)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode, and restore every module's own flag afterwards."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def trace(model: nn.Module, example_inputs: Any = None) -> Trace:
+    """Walk the model: a real forward pass if ``example_inputs`` is given, else symbolically.
+
+    Args:
+        model: the model; it is run in eval mode without gradients and left as it was.
+        example_inputs: a tensor, or a tuple of positional inputs (dicts allowed inside).
+
+    Returns:
+        A :class:`Trace`.
+
+    Raises:
+        TraceError: the forward pass failed, or symbolic tracing failed without inputs.
+        UnsupportedModelError: the model is a TorchScript module.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            "TorchScript modules cannot be walked; load the eager model (--arch with a state dict)"
+        )
+    if example_inputs is None:
+        return Trace(_symbolic(model))
+    return _runtime(model, as_args(example_inputs))
+
+
+# --------------------------------------------------------------------------- runtime walk
+
+
+def _state_ids(model: nn.Module) -> set[int]:
+    ids = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
+    ids |= {id(b) for _, b in model.named_buffers(remove_duplicate=False)}
+    return ids
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return int(t._version)
+    except Exception:  # sparse, nested or inference tensors carry no version counter
+        return -1
+
+
+def _func_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    owner = getattr(func, "__objclass__", None) or getattr(func, "__self__", None)
+    if name == "__get__" and owner is not None:
+        return f"{getattr(owner, '__name__', '')}.__get__"
+    return name
+
+
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = dict(_DEFAULTS)
+    bound.update(zip(names, args, strict=False))
+    bound.update({k: v for k, v in kwargs.items() if k in names})
+    return bound
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.state = _state_ids(model)
+        self.bn = {id(m) for m in model.modules() if is_batchnorm(m)}
+        self.nodes: list[Node] = []
+        self.values: list[Value] = []
+        self.state_uses: dict[int, list[Node]] = defaultdict(list)
+        self.bound: dict[int, tuple[Value, int]] = {}
+        self.keep: list[torch.Tensor] = []  # holds every seen tensor so ids are never reused
+        self.quiet = 0  # > 0 inside a BN module call or inside the recorder's own work
+        self.bn_stack: list[tuple[nn.Module, Value | None]] = []
+
+    # values ---------------------------------------------------------------------------
+    def _new_value(self, t: torch.Tensor, producer: Node | None, origin: str) -> Value:
+        v = Value(len(self.values), producer, origin, ndim=t.dim())
+        self.values.append(v)
+        self.bound[id(t)] = (v, _version(t))
+        self.keep.append(t)
+        return v
+
+    def value_of(self, t: torch.Tensor) -> Value:
+        entry = self.bound.get(id(t))
+        if entry is None:
+            return self._new_value(t, None, "input or constant")
+        value, version = entry
+        if version != _version(t):  # changed through an alias we did not see written
+            return self._new_value(t, None, "mutated in place through a view or alias")
+        return value
+
+    def _node(self, kind: str, name: str, **kw: Any) -> Node:
+        node = Node(len(self.nodes), kind, name, **kw)
+        self.nodes.append(node)
+        return node
+
+    # torch functions ------------------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if self.quiet:
+            return func(*args, **kwargs)
+        self.quiet += 1
+        try:
+            leaves, _ = tree_flatten((args, kwargs))
+            tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+            before = [_version(t) for t in tensors]
+            ins = [self.value_of(t) for t in tensors if id(t) not in self.state]
+        finally:
+            self.quiet -= 1
+        out = func(*args, **kwargs)
+        self.quiet += 1
+        try:
+            self._record(func, args, kwargs, tensors, before, ins, out)
+        finally:
+            self.quiet -= 1
+        return out
+
+    def _record(self, func, args, kwargs, tensors, before, ins, out) -> None:
+        name = _func_name(func)
+        out_leaves, _ = tree_flatten(out)
+        outs = [t for t in out_leaves if isinstance(t, torch.Tensor)]
+        mutated = [t for t, v in zip(tensors, before, strict=True) if _version(t) != v]
+        in_ids = {id(t) for t in tensors}
+        if not mutated and outs and all(id(t) in in_ids for t in outs):
+            return  # returned its own input unchanged (contiguous(), .to(same dtype), ...)
+        if not outs and not mutated and name.split(".")[-1] in _METADATA:
+            return  # read metadata only
+        kind, names = _LINEAR_OPS.get(func, ("op", ()))
+        node = self._node(kind, name, inputs=ins)
+        if names:
+            bound = _bind(names, args, kwargs)
+            data = bound.get("input")
+            node.data = self.value_of(data) if isinstance(data, torch.Tensor) else None
+            node.weight, node.bias = bound.get("weight"), bound.get("bias")
+            node.attrs = {k: bound[k] for k in names[3:] if k in bound}
+        for v in ins:
+            v.consumers.append(node)
+        for t in tensors:
+            if id(t) in self.state:
+                self.state_uses[id(t)].append(node)
+        for t in mutated:
+            if id(t) not in self.state:
+                node.outputs.append(self._new_value(t, node, "op"))
+        for t in outs:
+            if id(t) not in in_ids and id(t) not in self.state:
+                node.outputs.append(self._new_value(t, node, "op"))
+
+    # BN module calls (global hooks) -----------------------------------------------------
+    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if id(module) not in self.bn:
+            return
+        data = None
+        if not self.quiet and args and isinstance(args[0], torch.Tensor):
+            self.quiet += 1
+            try:
+                data = self.value_of(args[0])
+            finally:
+                self.quiet -= 1
+        self.bn_stack.append((module, data))
+        self.quiet += 1
+
+    def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if id(module) not in self.bn or not self.bn_stack:
+            return
+        _, data = self.bn_stack.pop()
+        self.quiet -= 1
+        if self.quiet:
+            return  # a BN inside another BN call is part of that call
+        self.quiet += 1
+        try:
+            node = self._node("batchnorm", "", module=module, data=data)
+            if data is not None:
+                node.inputs.append(data)
+                data.consumers.append(node)
+            for t in tree_flatten(output)[0]:
+                if isinstance(t, torch.Tensor):
+                    node.outputs.append(self._new_value(t, node, "op"))
+        finally:
+            self.quiet -= 1
+
+
+def _runtime(model: nn.Module, args: tuple[Any, ...]) -> Trace:
+    recorder = _Recorder(model)
+    names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+    hooks = [
+        nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook),
+        nn.modules.module.register_module_forward_hook(recorder.post_hook),
+    ]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for t in tree_flatten(args)[0]:
+                if isinstance(t, torch.Tensor):
+                    recorder.value_of(t).origin = "model input"
+            with recorder:
+                output = model(*args)
+    except Exception as exc:
+        raise TraceError(
+            f"the forward pass on the example inputs failed: {_one_line(exc)}"
+        ) from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    for t in tree_flatten(output)[0]:
+        if isinstance(t, torch.Tensor):
+            recorder.value_of(t).is_output = True
+    for node in recorder.nodes:
+        if node.kind == "batchnorm":
+            node.name = names.get(id(node.module), type(node.module).__name__)
+    graph = Graph("runtime", recorder.nodes, recorder.values, dict(recorder.state_uses))
+    return Trace(graph, output)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:400]
+
+
+# -------------------------------------------------------------------------- symbolic walk
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+_MODULE_KINDS: tuple[tuple[type[nn.Module], str, tuple[str, ...]], ...] = (
+    (nn.Conv1d, "conv", _CONV_ARGS),
+    (nn.Conv2d, "conv", _CONV_ARGS),
+    (nn.Conv3d, "conv", _CONV_ARGS),
+    (nn.ConvTranspose1d, "conv_transpose", _CONVT_ARGS),
+    (nn.ConvTranspose2d, "conv_transpose", _CONVT_ARGS),
+    (nn.ConvTranspose3d, "conv_transpose", _CONVT_ARGS),
+    (nn.Linear, "linear", ("input", "weight", "bias")),
+)
+
+
+def _symbolic(model: nn.Module) -> Graph:
+    try:
+        fx_graph = _Tracer().trace(model)
+    except Exception as exc:
+        raise TraceError(
+            f"symbolic tracing failed ({_one_line(exc)}); pass example_inputs to walk a real "
+            "forward pass instead"
+        ) from exc
+    nodes: list[Node] = []
+    values: list[Value] = []
+    state_uses: dict[int, list[Node]] = defaultdict(list)
+    value_of: dict[fx.Node, Value] = {}
+    tensor_of: dict[fx.Node, torch.Tensor] = {}
+
+    def resolve(target: str) -> Any:
+        obj: Any = model
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    for fnode in fx_graph.nodes:
+        if fnode.op == "placeholder":
+            v = Value(len(values), None, "model input")
+            values.append(v)
+            value_of[fnode] = v
+            continue
+        if fnode.op == "get_attr":
+            obj = resolve(fnode.target)
+            if isinstance(obj, torch.Tensor):
+                tensor_of[fnode] = obj
+            continue
+        if fnode.op == "output":
+            for arg in _fx_inputs(fnode):
+                if arg in value_of:
+                    value_of[arg].is_output = True
+            continue
+        node = Node(len(nodes), "op", str(getattr(fnode.target, "__name__", fnode.target)))
+        nodes.append(node)
+        used_state: list[torch.Tensor] = [tensor_of[a] for a in _fx_inputs(fnode) if a in tensor_of]
+        if fnode.op == "call_module":
+            module = model.get_submodule(fnode.target)
+            node.name = fnode.target
+            used_state += list(module.parameters()) + list(module.buffers())
+            if is_batchnorm(module):
+                node.kind, node.module = "batchnorm", module
+            else:
+                for cls, kind, names in _MODULE_KINDS:
+                    if type(module) is cls:
+                        node.kind, node.weight, node.bias = kind, module.weight, module.bias
+                        node.attrs = {k: getattr(module, k) for k in names[3:]}
+                        node.attrs["padding_mode"] = getattr(module, "padding_mode", "zeros")
+        elif fnode.op == "call_function" and fnode.target in _LINEAR_OPS:
+            kind, names = _LINEAR_OPS[fnode.target]
+            bound = _bind(names, fnode.args, fnode.kwargs)
+            weight, bias = bound.get("weight"), bound.get("bias")
+            node.kind = kind
+            node.weight = tensor_of.get(weight) if isinstance(weight, fx.Node) else None
+            node.bias = tensor_of.get(bias) if isinstance(bias, fx.Node) else None
+            if isinstance(weight, fx.Node) and weight not in tensor_of:
+                node.kind = "op"  # weight computed at run time: not a foldable parameter
+            if isinstance(bias, fx.Node) and bias not in tensor_of:
+                node.kind = "op"
+            node.attrs = {k: bound[k] for k in names[3:] if not isinstance(bound[k], fx.Node)}
+            if len(node.attrs) < len(names) - 3:
+                node.kind = "op"  # a stride or padding computed at run time
+        for t in used_state:
+            state_uses[id(t)].append(node)
+        node.inputs = [value_of[a] for a in _fx_inputs(fnode) if a in value_of]
+        for v in node.inputs:
+            v.consumers.append(node)
+        if fnode.op == "call_module" or node.kind != "op":
+            first = fnode.args[0] if fnode.args else None
+            node.data = value_of.get(first) if isinstance(first, fx.Node) else None
+        out = Value(len(values), node)
+        values.append(out)
+        node.outputs.append(out)
+        value_of[fnode] = out
+    return Graph("symbolic", nodes, values, dict(state_uses))
+
+
+def _fx_inputs(fnode: fx.Node) -> list[fx.Node]:
+    found: list[fx.Node] = []
+    fx.node.map_arg((fnode.args, fnode.kwargs), found.append)
+    return found

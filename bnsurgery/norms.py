@@ -1,0 +1,155 @@
+"""What counts as a BatchNorm layer, and how to read it as a per-channel affine map.
+
+bnsurgery works on every module that normalises with per-channel running statistics:
+``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, lazy BN once initialised, their subclasses
+(timm's ``BatchNormAct2d`` and ``SyncBatchNormAct``), and the frozen variants that keep the
+statistics as buffers (torchvision's and timm's ``FrozenBatchNorm2d``, timm's
+``FrozenBatchNormAct2d``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "BNStats",
+    "NormActRemainder",
+    "bn_stats",
+    "has_activation",
+    "is_batchnorm",
+    "is_frozen_batchnorm",
+    "iter_batchnorms",
+    "num_features",
+    "remainder_of",
+]
+
+
+def is_frozen_batchnorm(module: nn.Module) -> bool:
+    """True for frozen BN modules that keep weight, bias and statistics as buffers.
+
+    Recognised by shape rather than by import, so torchvision's, timm's and detectron2-style
+    classes all qualify: a class named ``Frozen*BatchNorm*`` with the four buffers and ``eps``.
+    """
+    name = type(module).__name__
+    if not (name.startswith("Frozen") and "BatchNorm" in name):
+        return False
+    buffers = dict(module.named_buffers(recurse=False))
+    return all(k in buffers for k in ("weight", "bias", "running_mean", "running_var")) and hasattr(
+        module, "eps"
+    )
+
+
+def is_batchnorm(module: nn.Module) -> bool:
+    """True for every BatchNorm-like module bnsurgery works on (see the module docstring)."""
+    return isinstance(module, _BatchNorm) or is_frozen_batchnorm(module)
+
+
+def iter_batchnorms(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for every BN module, each module once, in registration order."""
+    for name, module in model.named_modules():
+        if is_batchnorm(module):
+            yield name, module
+
+
+def num_features(module: nn.Module) -> int:
+    """Channel count of a BN module (also for frozen variants without ``num_features``)."""
+    if isinstance(module, _BatchNorm):
+        return int(module.num_features)
+    return int(module.running_mean.numel())
+
+
+def has_activation(module: nn.Module) -> bool:
+    """True when a norm-act module applies a non-identity activation or drop after the norm."""
+    for attr in ("act", "drop"):
+        sub = getattr(module, attr, None)
+        if isinstance(sub, nn.Module) and not isinstance(sub, nn.Identity):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class BNStats:
+    """The eval-mode function of a BN layer: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    All tensors are float64 on the CPU, so arithmetic on them keeps full precision whatever the
+    model's dtype.
+    """
+
+    mean: torch.Tensor
+    var: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    eps: float
+
+    def scale_shift(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(scale, shift)`` with ``y = x * scale + shift`` per channel."""
+        scale = self.weight / torch.sqrt(self.var + self.eps)
+        return scale, self.bias - self.mean * scale
+
+
+def bn_stats(module: nn.Module) -> BNStats | None:
+    """Read a BN module's eval-mode statistics, or ``None`` if it has no running statistics.
+
+    A BN with ``track_running_stats=False`` normalises with batch statistics even in eval mode,
+    so it is not a fixed affine map and has no :class:`BNStats`.
+    """
+    mean = getattr(module, "running_mean", None)
+    var = getattr(module, "running_var", None)
+    if mean is None or var is None or not isinstance(mean, torch.Tensor):
+        return None
+    if isinstance(module, _BatchNorm) and not module.track_running_stats:
+        return None
+    if isinstance(mean, nn.parameter.UninitializedBuffer):
+        return None
+    c = mean.numel()
+
+    def as64(t: torch.Tensor | None, default: float) -> torch.Tensor:
+        if t is None:
+            return torch.full((c,), default, dtype=torch.float64)
+        return t.detach().to(device="cpu", dtype=torch.float64).reshape(c).clone()
+
+    return BNStats(
+        mean=as64(mean, 0.0),
+        var=as64(var, 1.0),
+        weight=as64(getattr(module, "weight", None), 1.0),
+        bias=as64(getattr(module, "bias", None), 0.0),
+        eps=float(module.eps),
+    )
+
+
+class NormActRemainder(nn.Module):
+    """What is left of a timm norm-act layer once its normalisation is folded away.
+
+    Applies ``drop`` then ``act`` exactly as the norm-act layer did after normalising, and keeps
+    them under the same attribute names so state-dict keys such as ``bn1.act.weight`` (PReLU)
+    stay where they were.
+    """
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def remainder_of(module: nn.Module) -> nn.Module:
+    """The module that replaces a BN whose normalisation was folded elsewhere.
+
+    ``nn.Identity`` for plain BN; a :class:`NormActRemainder` keeping the activation and drop
+    of a norm-act layer.
+    """
+    if has_activation(module):
+        drop = getattr(module, "drop", None)
+        act = getattr(module, "act", None)
+        return NormActRemainder(
+            drop if isinstance(drop, nn.Module) else nn.Identity(),
+            act if isinstance(act, nn.Module) else nn.Identity(),
+        )
+    return nn.Identity()
