@@ -1,0 +1,48 @@
+"""Helpers for tests, the zoo sweep and benchmarks: make random-init models non-trivial."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .norms import iter_batchnorms
+
+__all__ = ["randomize_bn"]
+
+
+@torch.no_grad()
+def randomize_bn(model: nn.Module, seed: int = 0, spread: float = 0.5) -> nn.Module:
+    """Give every BN random running statistics and affine parameters, in place.
+
+    Freshly built models have mean 0, variance 1, weight 1 and bias 0 in every BN, which makes
+    BN the identity and hides a wrong fold. Values are drawn so the function stays well scaled:
+    mean ~ N(0, spread), var ~ U(0.5, 1.5), weight ~ U(0.5, 1.5) with random sign is avoided,
+    bias ~ N(0, spread). ``num_batches_tracked`` is set to 1 (trained).
+    """
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(t: torch.Tensor, low: float, high: float | None = None) -> None:
+        shape = t.shape
+        if high is None:
+            value = torch.randn(shape, generator=g) * low
+        else:
+            value = torch.rand(shape, generator=g) * (high - low) + low
+        t.copy_(value.to(t.dtype))
+
+    for _, bn in iter_batchnorms(model):
+        mean, var = getattr(bn, "running_mean", None), getattr(bn, "running_var", None)
+        if isinstance(mean, torch.Tensor) and not isinstance(
+            mean, nn.parameter.UninitializedBuffer
+        ):
+            draw(mean, spread)
+            draw(var, 0.5, 1.5)
+        weight, bias = getattr(bn, "weight", None), getattr(bn, "bias", None)
+        if isinstance(weight, torch.Tensor) and not isinstance(
+            weight, nn.parameter.UninitializedParameter
+        ):
+            draw(weight, 0.5, 1.5)
+            draw(bias, spread)
+        tracked = getattr(bn, "num_batches_tracked", None)
+        if isinstance(tracked, torch.Tensor):
+            tracked.fill_(1)
+    return model
