@@ -1,0 +1,144 @@
+"""Architecture specs: ``timm:NAME``, ``torchvision:NAME`` and ``package.module:factory``.
+
+A spec builds a randomly initialised model (pretrained weights are never downloaded), so
+anyone can try the tool offline and a checkpoint can name the architecture it fits. Keyword
+arguments go in parentheses as Python literals: ``timm:resnet18(num_classes=10)``.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from .errors import SourceError, UsageError
+
+__all__ = ["Spec", "build", "default_input_size", "is_spec", "parse_spec"]
+
+_SPEC = re.compile(r"^(?P<ns>[A-Za-z_][\w.]*):(?P<name>[A-Za-z_][\w.\-]*)(?:\((?P<kw>.*)\))?$")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed architecture spec."""
+
+    namespace: str
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        if not self.kwargs:
+            return f"{self.namespace}:{self.name}"
+        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+        return f"{self.namespace}:{self.name}({args})"
+
+
+def is_spec(text: str) -> bool:
+    """True when ``text`` has the shape of a spec (``ns:name`` with optional kwargs)."""
+    return bool(_SPEC.match(text.strip()))
+
+
+def parse_spec(text: str) -> Spec:
+    """Parse ``ns:name(k=v, ...)``.
+
+    Raises:
+        UsageError: not a spec, or kwargs that are not Python literals.
+    """
+    match = _SPEC.match(text.strip())
+    if not match:
+        raise UsageError(
+            f"{text!r} is not an architecture spec; use timm:NAME, torchvision:NAME or "
+            "package.module:factory"
+        )
+    kwargs: dict[str, Any] = {}
+    if match["kw"]:
+        try:
+            call = ast.parse(f"f({match['kw']})", mode="eval").body
+            assert isinstance(call, ast.Call) and not call.args
+            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
+        except (SyntaxError, ValueError, AssertionError) as exc:
+            raise UsageError(
+                f"spec arguments in {text!r} must be keyword=literal pairs, e.g. num_classes=10"
+            ) from exc
+    return Spec(match["ns"], match["name"], kwargs)
+
+
+def _near(name: str, names: list[str]) -> str:
+    near = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(near)}?" if near else ""
+
+
+def build(spec: Spec | str) -> nn.Module:
+    """Build the randomly initialised model a spec names.
+
+    Raises:
+        SourceError: unknown model, a factory that fails or does not return an ``nn.Module``.
+    """
+    if isinstance(spec, str):
+        spec = parse_spec(spec)
+    try:
+        if spec.namespace == "timm":
+            import timm
+
+            if not timm.is_model(spec.name.split(".")[0]):
+                raise SourceError(
+                    f"timm has no model {spec.name!r}{_near(spec.name, timm.list_models())}"
+                )
+            model = timm.create_model(spec.name, pretrained=False, **spec.kwargs)
+        elif spec.namespace == "torchvision":
+            import torchvision
+
+            names = torchvision.models.list_models()
+            if spec.name not in names:
+                raise SourceError(
+                    f"torchvision has no model {spec.name!r}{_near(spec.name, names)}"
+                )
+            model = torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
+        else:
+            try:
+                module = importlib.import_module(spec.namespace)
+            except ImportError as exc:
+                raise SourceError(f"cannot import {spec.namespace!r}: {exc}") from exc
+            factory = getattr(module, spec.name, None)
+            if not callable(factory):
+                raise SourceError(f"{spec.namespace!r} has no callable {spec.name!r}")
+            model = factory(**spec.kwargs)
+    except SourceError:
+        raise
+    except Exception as exc:
+        raise SourceError(f"building {spec} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise SourceError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def default_input_size(
+    spec: Spec | str | None, model: nn.Module | None = None
+) -> tuple[int, ...] | None:
+    """The per-sample input size a model expects, where it is known.
+
+    timm models carry it in ``pretrained_cfg``; torchvision image classifiers in their weights'
+    transforms. Anything else returns ``None`` (pass ``--input-size``).
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("input_size"):
+        return tuple(int(v) for v in cfg["input_size"])
+    if isinstance(spec, str):
+        spec = parse_spec(spec)
+    if spec is not None and spec.namespace == "torchvision":
+        try:
+            import torchvision
+
+            weights = torchvision.models.get_model_weights(spec.name).DEFAULT
+            transform = weights.transforms()
+        except Exception:
+            return None
+        if type(transform).__name__ == "ImageClassification":
+            crop = list(transform.crop_size)
+            return (3, crop[0], crop[-1])
+    return None
