@@ -26,13 +26,13 @@ __all__ = [
 
 _LAZY = {
     "BnSurgeryError": "bnsurgery.errors",
-    "FoldPlan": "bnsurgery.fold",
-    "FoldReport": "bnsurgery.fold",
-    "fold": "bnsurgery.fold",
-    "last_report": "bnsurgery.fold",
-    "plan_fold": "bnsurgery.fold",
-    "Survey": "bnsurgery.survey",
-    "survey": "bnsurgery.survey",
+    "FoldPlan": "bnsurgery.folding",
+    "FoldReport": "bnsurgery.folding",
+    "fold": "bnsurgery.folding",
+    "last_report": "bnsurgery.folding",
+    "plan_fold": "bnsurgery.folding",
+    "Survey": "bnsurgery.surveying",
+    "survey": "bnsurgery.surveying",
     "load": "bnsurgery.checkpoint",
     "save": "bnsurgery.checkpoint",
 }
@@ -40,8 +40,8 @@ _LAZY = {
 if TYPE_CHECKING:
     from .checkpoint import load, save
     from .errors import BnSurgeryError
-    from .fold import FoldPlan, FoldReport, fold, last_report, plan_fold
-    from .survey import Survey, survey
+    from .folding import FoldPlan, FoldReport, fold, last_report, plan_fold
+    from .surveying import Survey, survey
 
 
 def __getattr__(name: str) -> Any:

@@ -414,6 +414,9 @@ def atomic_write(out: Path, write: Callable[[str], None], *, force: bool = False
         raise OutputError(f"{out}: cannot write in {parent} ({exc.strerror or exc})") from exc
     os.close(fd)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())

@@ -1,0 +1,5 @@
+"""``python -m bnsurgery``."""
+
+from .cli import main
+
+raise SystemExit(main())

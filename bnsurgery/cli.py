@@ -1,0 +1,218 @@
+"""The command line: each command parses, makes one library call, saves and renders.
+
+Errors become exit codes here and only here (see README, "Exit codes"). Diagnostics go to
+stderr, data (tables, JSON) to stdout. torch is imported only when a command runs, so
+``bnsurgery --help`` is fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import BnSurgeryError, OutputError, UsageError
+
+__all__ = ["cli", "main"]
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+def _parse_size(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    parts = text.replace("x", ",").replace(" ", "").split(",")
+    try:
+        size = tuple(int(p) for p in parts if p)
+    except ValueError:
+        size = ()
+    if not size or any(s <= 0 for s in size):
+        raise UsageError(f"--input-size {text!r}: expected positive integers like 3,224,224")
+    return size
+
+
+def _source_options(func: Any) -> Any:
+    options = [
+        click.argument("source"),
+        click.option("--arch", help="Architecture spec for a state-dict file, e.g. timm:resnet18."),
+        click.option(
+            "--weights", type=click.Path(), help="State dict to load into a spec's model."
+        ),
+        click.option(
+            "--trust-pickle",
+            is_flag=True,
+            help="Allow unpickling a full model: this RUNS CODE from the file. Only for files "
+            "you trust.",
+        ),
+        click.option(
+            "--input-size",
+            help="Per-sample input size, e.g. 3,224,224 (default: from timm's config, or "
+            "torchvision's for image classifiers).",
+        ),
+        click.option("--batch-size", default=2, show_default=True, help="Example batch size."),
+        click.option("--seed", default=0, show_default=True, help="Seed of the example inputs."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _load(source: str, arch: str | None, weights: str | None, trust_pickle: bool):
+    from .checkpoint import load
+
+    return load(source, arch=arch, weights=weights, trust_pickle=trust_pickle)
+
+
+def _example_inputs(
+    model,
+    source: str,
+    arch: str | None,
+    size_text: str | None,
+    batch: int,
+    seed: int,
+    required: bool,
+):
+    """Seeded random inputs of the model's dtype, or None when the size is unknown."""
+    import torch
+
+    from .specs import default_input_size, is_spec
+
+    size = _parse_size(size_text)
+    if size is None:
+        spec = source if is_spec(source) and not Path(source).exists() else arch
+        size = default_input_size(spec, model)
+    if size is None:
+        if required:
+            raise UsageError(
+                "cannot tell the model's input size; pass --input-size (e.g. 3,224,224)"
+            )
+        return None
+    if batch < 1:
+        raise UsageError("--batch-size must be at least 1")
+    dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn((batch, *size), generator=generator).to(dtype)
+
+
+def _check_output(out: Path, source: str, fmt: str | None, force: bool) -> str:
+    from .checkpoint import output_format
+
+    chosen = output_format(out, fmt)
+    src = Path(source)
+    if src.exists() and out.resolve() == src.resolve():
+        raise OutputError(f"{out}: is the input; the input is never overwritten")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: already exists; pass --force to replace it")
+    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+        raise OutputError(f"{out}: folder {out.parent} does not exist")
+    return chosen
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bnsurgery")
+@click.option("--debug", is_flag=True, help="Show full tracebacks and warnings.")
+def cli(debug: bool) -> None:
+    """BatchNorm surgery on pretrained PyTorch networks.
+
+    SOURCE is an architecture spec (timm:NAME, torchvision:NAME, package.module:factory; random
+    init) or a checkpoint file (.safetensors, .pt, .pth, .bin, TorchScript).
+    """
+    if not debug:
+        warnings.filterwarnings("ignore")
+
+
+@cli.command("inspect")
+@_source_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def inspect_command(source, arch, weights, trust_pickle, input_size, batch_size, seed, as_json):
+    """Survey the BN layers of SOURCE: state, statistics health and the fold plan."""
+    import torch
+
+    from .report import survey_text, to_json
+    from .surveying import survey
+
+    model = _load(source, arch, weights, trust_pickle)
+    inputs = None
+    if not isinstance(model, torch.jit.ScriptModule):
+        inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=False)
+    result = survey(model, inputs)
+    click.echo(to_json(result) if as_json else survey_text(result))
+
+
+@cli.command("fold")
+@_source_options
+@click.option("-o", "--output", type=click.Path(), help="Output file (default: beside the input).")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["safetensors", "pickle", "torchscript"]),
+    help="Output format (default: from the output's suffix).",
+)
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--include", multiple=True, help="Only BN layers matching this glob (repeatable).")
+@click.option("--exclude", multiple=True, help="Skip BN layers matching this glob (repeatable).")
+@click.option("--tolerance", type=float, help="Max relative output error (default by dtype).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def fold_command(
+    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    output, fmt, force, include, exclude, tolerance, as_json,
+):  # fmt: skip
+    """Fold BN layers of SOURCE into neighbouring conv/linear layers, verified on example
+    inputs, and write the folded model."""
+    from .checkpoint import default_output, save
+    from .folding import fold, last_report
+    from .norms import iter_batchnorms
+    from .report import fold_text, to_json
+
+    out = Path(output) if output else default_output(source, "folded")
+    _check_output(out, source, fmt, force)
+    model = _load(source, arch, weights, trust_pickle)
+    if next(iter_batchnorms(model), None) is None:
+        click.echo(f"{source}: no BatchNorm layers; nothing to fold, nothing written", err=True)
+        return
+    inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=True)
+    fold(model, inputs, include=include or None, exclude=exclude or None, tolerance=tolerance)
+    report = last_report(model)
+    assert report is not None
+    click.echo(to_json(report) if as_json else fold_text(report))
+    if not report.folded:
+        click.echo("nothing folded; nothing written", err=True)
+        return
+    save(model, out, format=fmt, force=force, arch=arch, example_inputs=inputs)
+    click.echo(f"wrote {out}", err=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: run the CLI and map every failure to one line and an exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    try:
+        result = cli.main(args=args, prog_name="bnsurgery", standalone_mode=False)
+        return int(result) if isinstance(result, int) else 0
+    except click.exceptions.Abort:
+        click.echo("error: aborted", err=True)
+        return EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except BnSurgeryError as exc:
+        if debug:
+            raise
+        click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if debug:
+            raise
+        text = " ".join(str(exc).split())[:300]
+        click.echo(
+            f"internal error: {type(exc).__name__}: {text} (rerun with --debug for details)",
+            err=True,
+        )
+        return EXIT_INTERNAL

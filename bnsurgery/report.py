@@ -1,0 +1,99 @@
+"""Rendering reports as text tables for people and JSON for scripts. No printing here."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from .folding import FoldReport
+from .surveying import Survey
+
+__all__ = ["fold_text", "survey_text", "table", "to_json"]
+
+
+def to_json(data: Any) -> str:
+    """JSON text of a report (anything with ``to_dict``, or plain data)."""
+    if hasattr(data, "to_dict"):
+        data = data.to_dict()
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(data), indent=2)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 70) -> str:
+    """A plain aligned text table; long cells are cut with an ellipsis."""
+
+    def cell(value: Any) -> str:
+        text = "" if value is None else str(value)
+        return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def fold_text(report: FoldReport) -> str:
+    """A fold report for people: one line per BN, then a summary."""
+    rows: list[list[Any]] = []
+    for e in report.folded:
+        what = f"folded into {e.into} ({e.placement}, {e.layer}"
+        what += ", bias added" if e.adds_bias else ""
+        what += f", kept {e.keeps}" if e.keeps else ""
+        what += f", {e.sites} call sites" if e.sites > 1 else ""
+        rows.append([e.bn, what + ")" + ("; " + "; ".join(e.notes) if e.notes else "")])
+    rows += [[s.bn, f"left: {s.reason}"] for s in report.left]
+    lines = [table(["bn", "result"], rows, max_width=110)] if rows else []
+    summary = f"folded {len(report.folded)} of {report.bn_count} BN layers ({report.method} walk)"
+    if report.verified and report.max_rel_error is not None:
+        summary += f"; verified: max relative error {report.max_rel_error:.2e}"
+        summary += f" (tolerance {report.tolerance:.0e})"
+    lines.append(summary)
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def survey_text(result: Survey) -> str:
+    """A survey for people: one row per BN layer, then the totals and any notes."""
+    rows = [
+        [
+            info.name,
+            info.type,
+            info.channels,
+            f"{info.eps:g}" if info.eps is not None else "",
+            "" if info.momentum is None else f"{info.momentum:g}",
+            "train" if info.training else "eval",
+            "yes" if info.frozen else "no",
+            "ok" if info.healthy else "; ".join(info.health),
+            info.fold,
+        ]
+        for info in result.layers
+    ]
+    headers = ["name", "type", "C", "eps", "momentum", "mode", "frozen", "health", "fold"]
+    lines = [table(headers, rows, max_width=60)] if rows else []
+    unhealthy = sum(1 for i in result.layers if not i.healthy)
+    lines.append(
+        f"{len(result.layers)} BN layers, {result.foldable} foldable, {unhealthy} with "
+        f"statistics problems"
+        + (f" (fold plan from a {result.fold_method} walk)" if result.fold_method else "")
+    )
+    if result.fold_error:
+        lines.append(f"no fold plan: {result.fold_error}")
+    lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
