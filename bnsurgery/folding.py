@@ -231,6 +231,22 @@ def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
     )
 
 
+def _through_copy_padding(value: Value) -> tuple[Node, Value]:
+    """The single consumer of ``value`` and the value it reads, looking through an ``F.pad``
+    that copies real values (reflect, replicate, circular): a per-channel affine map commutes
+    with such padding, so a conv after it (padding nothing itself) can still absorb the BN."""
+    node = value.consumers[0]
+    if node.kind != "op" or node.name != "pad" or node.attrs.get("mode") == "constant":
+        return node, value
+    padded = node.outputs[0] if len(node.outputs) == 1 else None
+    if padded is None or len(padded.consumers) != 1 or padded.is_output:
+        return node, value
+    after = padded.consumers[0]
+    if after.kind == "conv" and after.data is padded and _is_zero_padding(after.attrs):
+        return after, padded
+    return node, value
+
+
 def _consumer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     if has_activation(bn):
         raise _Reject("an activation follows the norm inside the layer, so no layer after it can")
@@ -245,8 +261,8 @@ def _consumer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
         if len(out.consumers) != 1:
             users = ", ".join(_describe(c) for c in out.consumers[:3]) or "nothing"
             raise _Reject(f"its output goes to {users}, not to one conv or linear")
-        cons = out.consumers[0]
-        if cons.kind not in _LINEAR_KINDS or cons.data is not out:
+        cons, fed = _through_copy_padding(out)
+        if cons.kind not in _LINEAR_KINDS or cons.data is not fed:
             raise _Reject(f"its output goes to {_describe(cons)}, not to a conv or linear")
         if cons.kind == "conv_transpose":
             raise _Reject("a transposed conv after it cannot absorb it exactly")

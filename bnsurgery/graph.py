@@ -291,6 +291,9 @@ class _Recorder(TorchFunctionMode):
             node.data = self.value_of(data) if isinstance(data, torch.Tensor) else None
             node.weight, node.bias = bound.get("weight"), bound.get("bias")
             node.attrs = {k: bound[k] for k in names[3:] if k in bound}
+        if name == "pad":  # F.pad: the mode says whether padded values copy real ones
+            mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
+            node.attrs = {"mode": mode}
         for v in ins:
             v.consumers.append(node)
         for t in tensors:

@@ -1,0 +1,218 @@
+"""Test models: the four models of the article the project grew from (../shared/seeds),
+and small cases for each fold placement."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SimpleCNN(nn.Module):
+    """Seed model: conv -> BatchNorm2d -> ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn1(self.conv1(x)))
+
+
+class SimpleMLP(nn.Module):
+    """Seed model: Linear -> BatchNorm1d -> ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(10, 5)
+        self.bn = nn.BatchNorm1d(5)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.fc(x)))
+
+
+def sequential_model() -> nn.Sequential:
+    """Seed model: the article's nn.Sequential (expects 3x32x32)."""
+    return nn.Sequential(
+        nn.Conv2d(3, 64, kernel_size=3, padding=1),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, kernel_size=3, padding=1),
+        nn.BatchNorm2d(128),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(128 * 8 * 8, 512),
+        nn.BatchNorm1d(512),
+        nn.ReLU(inplace=True),
+        nn.Linear(512, 10),
+    )
+
+
+class CIFAR10Model(nn.Module):
+    """Seed model: the article's CIFAR-10 classifier (expects 3x32x32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(128 * 4 * 4, 512),
+            nn.BatchNorm1d(512),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.5),
+            nn.Linear(512, 10),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+#: name -> (factory, per-sample input size)
+SEEDS = {
+    "SimpleCNN": (SimpleCNN, (3, 32, 32)),
+    "SimpleMLP": (SimpleMLP, (10,)),
+    "Sequential": (sequential_model, (3, 32, 32)),
+    "CIFAR10Model": (CIFAR10Model, (3, 32, 32)),
+}
+
+
+def simple_cnn() -> nn.Module:
+    """Factory for CLI tests (``tests.models:simple_cnn``)."""
+    return SimpleCNN()
+
+
+class Residual(nn.Module):
+    """conv output used by BN and by the residual add: the BN must not fold into conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class SharedConvDifferentBN(nn.Module):
+    """One conv module called twice, each call followed by a different BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(4)
+        self.bn_b = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn_a(self.conv(x)) + self.bn_b(self.conv(x * 2))
+
+
+class SharedConvSameBN(nn.Module):
+    """One conv and one BN, both called twice in the same pair: foldable at both sites."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) - self.bn(self.conv(x.flip(-1)))
+
+
+class ReluBetween(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(F.relu(self.conv(x)))
+
+
+class InplaceAfterConv(nn.Module):
+    """The conv output is changed in place before the BN sees it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.relu_()
+        return self.bn(y)
+
+
+class MutatedThroughView(nn.Module):
+    """The conv output is changed through a view: only the version counter shows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y[:, :2].mul_(3.0)
+        return self.bn(y)
+
+
+class FunctionalConv(nn.Module):
+    """A conv written with F.conv2d on the module's own parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(6, 4, 3, 3) * 0.2)
+        self.bias = nn.Parameter(torch.randn(6) * 0.1)
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(F.conv2d(x, self.weight, self.bias, padding=1))
+
+
+class DictInOut(nn.Module):
+    """Dict input, tuple-with-dict output, ModuleList and ModuleDict containers."""
+
+    def __init__(self):
+        super().__init__()
+        self.convs = nn.ModuleList([nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)])
+        self.norms = nn.ModuleDict({"a": nn.BatchNorm2d(8), "b": nn.BatchNorm2d(8)})
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, batch):
+        x = self.norms["a"](self.convs[0](batch["image"]))
+        feat = self.norms["b"](self.convs[1](torch.relu(x)))
+        return self.head(feat.mean((2, 3))), {"feat": feat}
+
+
+class DataDependent(nn.Module):
+    """Data-dependent control flow: symbolic tracing fails, the runtime walk works."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:
+            return y * 2
+        return y

@@ -1,0 +1,271 @@
+"""fold: every placement, every "never" case, the seed models, rollback and dtypes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm.layers
+import torch
+import torchvision
+from torch import nn
+
+import bnsurgery
+from bnsurgery.errors import TraceError, UsageError, VerificationError
+from bnsurgery.norms import NormActRemainder, iter_batchnorms
+
+from . import models
+from .conftest import assert_same_function, output, prepared
+
+
+def fold_and_check(model, args, tol=1e-5):
+    """Fold a copy; check the function is kept; return (folded, report)."""
+    model = prepared(model)
+    folded = bnsurgery.fold(copy.deepcopy(model), args)
+    assert_same_function(model, folded, args if isinstance(args, tuple) else (args,), tol)
+    report = bnsurgery.last_report(folded)
+    left = {name for name, _ in iter_batchnorms(folded)}
+    assert left == {s.bn for s in report.left}, "every BN left in the model has a reason"
+    assert all(s.reason for s in report.left)
+    return folded, report
+
+
+def reasons(report):
+    return {s.bn: s.reason for s in report.left}
+
+
+# ---------------------------------------------------------------------------- seed models
+
+
+@pytest.mark.parametrize("name", list(models.SEEDS))
+def test_seed_models_fold_completely(name):
+    factory, size = models.SEEDS[name]
+    x = torch.randn(4, *size)
+    folded, report = fold_and_check(factory(), x)
+    assert report.left == [] and len(report.folded) == report.bn_count > 0
+    assert report.verified and report.max_rel_error < 1e-5
+
+
+@pytest.mark.parametrize("name", list(models.SEEDS))
+def test_seed_models_symbolic_walk_plans_the_same(name):
+    factory, size = models.SEEDS[name]
+    model = prepared(factory())
+    runtime = bnsurgery.plan_fold(model, torch.randn(2, *size))
+    symbolic = bnsurgery.plan_fold(model)
+    assert symbolic.method == "symbolic" and runtime.method == "runtime"
+    key = [(e.bn, e.into, e.placement) for e in runtime.edits]
+    assert key == [(e.bn, e.into, e.placement) for e in symbolic.edits]
+
+
+# ------------------------------------------------------------------- producer placements
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"groups": 1, "bias": True},
+        {"groups": 2, "bias": False, "dilation": 2},
+        {"groups": 4, "bias": True, "stride": 2, "padding": 1, "padding_mode": "reflect"},
+        {"groups": 1, "bias": False, "padding": 2, "padding_mode": "circular"},
+        {"groups": 2, "bias": True, "padding": 1, "padding_mode": "replicate"},
+    ],
+)
+def test_conv_into_producer(dims, kw):
+    conv = getattr(nn, f"Conv{dims}d")(4, 8, 3, **kw)
+    bn = getattr(nn, f"BatchNorm{dims}d")(8)
+    folded, report = fold_and_check(nn.Sequential(conv, bn), torch.randn(2, 4, *([9] * dims)))
+    (edit,) = report.folded
+    assert (edit.into, edit.placement, edit.adds_bias) == ("0", "producer", not kw["bias"])
+    assert isinstance(folded[1], nn.Identity) and folded[0].bias is not None
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv_transpose_into_producer(dims, groups, bias):
+    convt = getattr(nn, f"ConvTranspose{dims}d")(4, 6, 3, stride=2, groups=groups, bias=bias)
+    bn = getattr(nn, f"BatchNorm{dims}d")(6)
+    _, report = fold_and_check(nn.Sequential(convt, bn), torch.randn(2, 4, *([5] * dims)))
+    assert [(e.layer, e.placement) for e in report.folded] == [("conv_transpose", "producer")]
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_linear_bn1d_and_affine_false(affine):
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5, affine=affine), nn.ReLU())
+    _, report = fold_and_check(model, torch.randn(3, 6))
+    assert [(e.into, e.layer) for e in report.folded] == [("0", "linear")]
+
+
+def test_linear_on_sequence_is_not_folded():
+    # Linear on (N, L, C) feeds BN1d whose channel dim is L: folding per output unit is wrong.
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5))
+    _, report = fold_and_check(model, torch.randn(2, 5, 6))
+    assert "rank 3" in reasons(report)["1"]
+
+
+def test_timm_norm_act_keeps_activation_and_drop():
+    norm_act = timm.layers.BatchNormAct2d(8, act_layer=nn.SiLU, drop_layer=nn.Dropout)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), norm_act)
+    folded, report = fold_and_check(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(folded[1], NormActRemainder)
+    assert isinstance(folded[1].act, nn.SiLU) and isinstance(folded[1].drop, nn.Dropout)
+    assert "act=SiLU" in report.folded[0].keeps
+
+
+def test_sync_and_frozen_batchnorm_variants():
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.SyncBatchNorm(8),
+        nn.Conv2d(8, 8, 3),
+        torchvision.ops.misc.FrozenBatchNorm2d(8),
+        nn.Conv2d(8, 8, 3),
+        timm.layers.FrozenBatchNormAct2d(8, act_layer=nn.ReLU),
+    )
+    with torch.no_grad():
+        for m in (model[3], model[5]):
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.uniform_(0.5, 1.5)
+    _, report = fold_and_check(model, torch.randn(2, 3, 12, 12))
+    assert [e.bn for e in report.folded] == ["1", "3", "5"]
+
+
+# ------------------------------------------------------------------- consumer placements
+
+
+def test_bn_first_folds_into_following_linear():
+    model = nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 3))
+    _, report = fold_and_check(model, torch.randn(4, 6))
+    assert [(e.into, e.placement) for e in report.folded] == [("1", "consumer")]
+
+
+@pytest.mark.parametrize(
+    "conv_kw, folds",
+    [
+        ({"padding": 0}, True),
+        ({"padding": 0, "groups": 2, "bias": False}, True),
+        ({"padding": 1, "padding_mode": "reflect"}, True),
+        ({"padding": 1}, False),
+    ],
+)
+def test_bn_first_folds_into_following_conv_only_without_zero_padding(conv_kw, folds):
+    model = nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 3, **conv_kw))
+    _, report = fold_and_check(model, torch.randn(2, 4, 8, 8))
+    if folds:
+        assert [(e.into, e.placement) for e in report.folded] == [("1", "consumer")]
+    else:
+        assert "pads with zeros" in reasons(report)["0"]
+
+
+# -------------------------------------------------------------------------- never cases
+
+
+def test_track_running_stats_false_is_left():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    _, report = fold_and_check(model, torch.randn(2, 3, 8, 8))
+    assert "track_running_stats=False" in reasons(report)["1"]
+
+
+@pytest.mark.parametrize(
+    "cls, bn, expected",
+    [
+        (models.Residual, "bn", "also used by"),
+        (models.SharedConvDifferentBN, "bn_a", "also used by"),
+        (models.ReluBetween, "bn", "relu"),
+        (models.InplaceAfterConv, "bn", "relu_"),
+        (models.MutatedThroughView, "bn", "mutated in place"),
+    ],
+)
+def test_unsafe_producers_are_left_with_reason(cls, bn, expected):
+    _, report = fold_and_check(cls(), torch.randn(2, 4, 8, 8))
+    assert expected in reasons(report)[bn]
+
+
+def test_module_called_twice_with_the_same_bn_folds_at_both_sites():
+    _, report = fold_and_check(models.SharedConvSameBN(), torch.randn(2, 4, 8, 8))
+    (edit,) = report.folded
+    assert edit.sites == 2 and edit.into == "conv"
+
+
+def test_functional_conv_folds_into_the_owner_of_its_weight():
+    folded, report = fold_and_check(models.FunctionalConv(), torch.randn(2, 4, 8, 8))
+    assert [(e.bn, e.into) for e in report.folded] == [("bn", "")]
+
+
+def test_weight_standardised_conv_is_left():
+    model = nn.Sequential(timm.layers.StdConv2d(3, 8, 3), nn.BatchNorm2d(8))
+    _, report = fold_and_check(model, torch.randn(2, 3, 8, 8))
+    assert "computed at run time" in reasons(report)["1"]
+
+
+def test_dict_inputs_tuple_outputs_and_containers():
+    batch = {"image": torch.randn(2, 3, 8, 8)}
+    folded, report = fold_and_check(models.DictInOut(), (batch,))
+    # norms.b's output is also a model output, so only the producer placement works for it.
+    assert {(e.bn, e.into) for e in report.folded} == {
+        ("norms.a", "convs.0"),
+        ("norms.b", "convs.1"),
+    }
+
+
+def test_data_dependent_model_needs_example_inputs():
+    model = prepared(models.DataDependent())
+    with pytest.raises(TraceError, match="example_inputs"):
+        bnsurgery.fold(copy.deepcopy(model))
+    _, report = fold_and_check(models.DataDependent(), torch.randn(2, 3, 8, 8))
+    assert len(report.folded) == 1
+
+
+# ------------------------------------------------------------------ conventions & safety
+
+
+def test_in_place_returns_same_object_and_keeps_train_flags():
+    model = prepared(models.SimpleCNN()).train()
+    out = bnsurgery.fold(model, torch.randn(2, 3, 8, 8))
+    assert out is model and model.training and model.conv1.training
+    report = bnsurgery.last_report(model)
+    assert report.was_training and any("eval semantics" in n for n in report.notes)
+
+
+def test_failed_verification_leaves_the_model_unchanged():
+    model = prepared(models.CIFAR10Model())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    structure = repr(model)
+    with pytest.raises(VerificationError, match="left unchanged"):
+        bnsurgery.fold(model, torch.randn(2, 3, 32, 32), tolerance=-1.0)
+    assert repr(model) == structure
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_plan_fold_changes_nothing_and_include_exclude_select():
+    model = prepared(models.sequential_model())
+    before = copy.deepcopy(model.state_dict())
+    plan = bnsurgery.plan_fold(model, torch.randn(2, 3, 32, 32), exclude="5")
+    assert [e.bn for e in plan.edits] == ["1", "10"]
+    assert ("5", "not selected") in {(s.bn, s.reason) for s in plan.skipped}
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(UsageError, match="nearest BN names: bn1"):
+        bnsurgery.plan_fold(models.SimpleCNN(), include="bn")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_fold_is_as_accurate_as_the_original(dtype):
+    model = prepared(models.CIFAR10Model()).double()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    reference = output(model, x)
+    low = copy.deepcopy(model).to(dtype)
+    original_err = (output(low, x.to(dtype)).double() - reference).abs().max()
+    bnsurgery.fold(low, x.to(dtype))
+    folded_err = (output(low, x.to(dtype)).double() - reference).abs().max()
+    assert len(bnsurgery.last_report(low).folded) == 4
+    assert folded_err <= 2 * original_err + 1e-3 * reference.abs().max()
+
+
+def test_model_without_bn_is_a_clean_no_op():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    assert bnsurgery.fold(model, torch.randn(1, 3, 8, 8)) is model
+    report = bnsurgery.last_report(model)
+    assert report.bn_count == 0 and not report.verified
