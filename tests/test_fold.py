@@ -41,7 +41,7 @@ def reasons(report):
 def test_seed_models_fold_completely(name):
     factory, size = models.SEEDS[name]
     x = torch.randn(4, *size)
-    folded, report = fold_and_check(factory(), x)
+    _, report = fold_and_check(factory(), x)
     assert report.left == [] and len(report.folded) == report.bn_count > 0
     assert report.verified and report.max_rel_error < 1e-5
 
@@ -189,7 +189,7 @@ def test_module_called_twice_with_the_same_bn_folds_at_both_sites():
 
 
 def test_functional_conv_folds_into_the_owner_of_its_weight():
-    folded, report = fold_and_check(models.FunctionalConv(), torch.randn(2, 4, 8, 8))
+    _, report = fold_and_check(models.FunctionalConv(), torch.randn(2, 4, 8, 8))
     assert [(e.bn, e.into) for e in report.folded] == [("bn", "")]
 
 
@@ -201,7 +201,7 @@ def test_weight_standardised_conv_is_left():
 
 def test_dict_inputs_tuple_outputs_and_containers():
     batch = {"image": torch.randn(2, 3, 8, 8)}
-    folded, report = fold_and_check(models.DictInOut(), (batch,))
+    _, report = fold_and_check(models.DictInOut(), (batch,))
     # norms.b's output is also a model output, so only the producer placement works for it.
     assert {(e.bn, e.into) for e in report.folded} == {
         ("norms.a", "convs.0"),
