@@ -101,7 +101,7 @@ def test_pickled_payload_is_not_run_without_the_flag(tmp_path):
 
 def test_full_module_pickle_needs_trust(tmp_path):
     torch.save(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), tmp_path / "full.pt")
-    with pytest.raises(UnsafePickleError, match="torch.nn.modules"):
+    with pytest.raises(UnsafePickleError, match=r"torch\.nn\.modules"):
         bnsurgery.load(tmp_path / "full.pt")
     assert isinstance(bnsurgery.load(tmp_path / "full.pt", trust_pickle=True), nn.Sequential)
 
@@ -169,7 +169,7 @@ def test_read_only_folder(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
-    with pytest.raises(OutputError, match="cannot write .*Permission denied"):
+    with pytest.raises(OutputError, match=r"cannot write .*Permission denied"):
         bnsurgery.save(bnsurgery.load("timm:resnet18"), tmp_path / "m.safetensors")
     assert os.listdir(tmp_path) == []
 
