@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import inspect
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,7 +99,11 @@ def build(spec: Spec | str) -> nn.Module:
                 raise SourceError(
                     f"torchvision has no model {spec.name!r}{_near(spec.name, names)}"
                 )
-            model = torchvision.models.get_model(spec.name, weights=None, **spec.kwargs)
+            kwargs = dict(spec.kwargs)
+            builder = torchvision.models.get_model_builder(spec.name)
+            if "weights_backbone" in inspect.signature(builder).parameters:
+                kwargs.setdefault("weights_backbone", None)  # never download a backbone
+            model = builder(weights=None, **kwargs)
         else:
             try:
                 module = importlib.import_module(spec.namespace)
