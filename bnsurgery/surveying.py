@@ -109,8 +109,8 @@ def _health(module: nn.Module) -> tuple[str, ...]:
 def _is_frozen(module: nn.Module) -> bool:
     if is_frozen_batchnorm(module) or getattr(module, "_bnsurgery_frozen", False):
         return True
-    params = [p for p in module.parameters(recurse=False)]
-    return not module.training and not any(p.requires_grad for p in params)
+    params = list(module.parameters(recurse=False))
+    return bool(params) and not module.training and not any(p.requires_grad for p in params)
 
 
 def _info(name: str, module: nn.Module, fold: str) -> BNInfo:
