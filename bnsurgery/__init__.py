@@ -16,12 +16,16 @@ __all__ = [
     "FoldPlan",
     "FoldReport",
     "Survey",
+    "FrozenBatchNorm",
     "fold",
+    "freeze",
     "last_report",
     "load",
     "plan_fold",
     "save",
     "survey",
+    "trainable_parameters",
+    "unfreeze",
 ]
 
 _LAZY = {
@@ -29,7 +33,11 @@ _LAZY = {
     "FoldPlan": "bnsurgery.folding",
     "FoldReport": "bnsurgery.folding",
     "fold": "bnsurgery.folding",
-    "last_report": "bnsurgery.folding",
+    "last_report": "bnsurgery.provenance",
+    "FrozenBatchNorm": "bnsurgery.frozen",
+    "freeze": "bnsurgery.freezing",
+    "unfreeze": "bnsurgery.freezing",
+    "trainable_parameters": "bnsurgery.freezing",
     "plan_fold": "bnsurgery.folding",
     "Survey": "bnsurgery.surveying",
     "survey": "bnsurgery.surveying",
@@ -40,7 +48,10 @@ _LAZY = {
 if TYPE_CHECKING:
     from .checkpoint import load, save
     from .errors import BnSurgeryError
-    from .folding import FoldPlan, FoldReport, fold, last_report, plan_fold
+    from .folding import FoldPlan, FoldReport, fold, plan_fold
+    from .freezing import freeze, trainable_parameters, unfreeze
+    from .frozen import FrozenBatchNorm
+    from .provenance import last_report
     from .surveying import Survey, survey
 
 

@@ -164,8 +164,9 @@ def fold_command(
     """Fold BN layers of SOURCE into neighbouring conv/linear layers, verified on example
     inputs, and write the folded model."""
     from .checkpoint import default_output, save
-    from .folding import fold, last_report
+    from .folding import fold
     from .norms import iter_batchnorms
+    from .provenance import last_report
     from .report import fold_text, to_json
 
     out = Path(output) if output else default_output(source, "folded")
@@ -184,6 +185,91 @@ def fold_command(
         return
     save(model, out, format=fmt, force=force, arch=arch, example_inputs=inputs)
     click.echo(f"wrote {out}", err=True)
+
+
+def _write(model, source, output, fmt, force, arch, operation, inputs=None) -> None:
+    from .checkpoint import default_output, save
+
+    out = Path(output) if output else default_output(source, operation)
+    save(model, out, format=fmt, force=force, arch=arch, example_inputs=inputs)
+    click.echo(f"wrote {out}", err=True)
+
+
+def _output_options(func: Any) -> Any:
+    options = [
+        click.option(
+            "-o", "--output", type=click.Path(), help="Output file (default: beside the input)."
+        ),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(["safetensors", "pickle", "torchscript"]),
+            help="Output format (default: from the output's suffix).",
+        ),
+        click.option("--force", is_flag=True, help="Replace an existing output file."),
+        click.option(
+            "--include", multiple=True, help="Only BN layers matching this glob (repeatable)."
+        ),
+        click.option(
+            "--exclude", multiple=True, help="Skip BN layers matching this glob (repeatable)."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.command("freeze")
+@_source_options
+@_output_options
+@click.option(
+    "--stats-only", is_flag=True, help="Freeze statistics only; keep weight and bias trainable."
+)
+@click.option("--stages", type=int, help="Only BN layers in the first N stages (1 = the stem).")
+def freeze_command(
+    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    output, fmt, force, include, exclude, as_json, stats_only, stages,
+):  # fmt: skip
+    """Freeze BN layers of SOURCE (statistics, and affine unless --stats-only) and write a
+    checkpoint that loads back frozen."""
+    from .checkpoint import default_output
+    from .freezing import freeze
+    from .provenance import last_report
+    from .report import freeze_text, to_json
+
+    _check_output(Path(output) if output else default_output(source, "frozen"), source, fmt, force)
+    model = _load(source, arch, weights, trust_pickle)
+    freeze(model, include or None, exclude or None, stages=stages, train_affine=stats_only)
+    report = last_report(model)
+    click.echo(to_json(report) if as_json else freeze_text(report))
+    _write(model, source, output, fmt, force, arch, "frozen")
+
+
+@cli.command("unfreeze")
+@_source_options
+@_output_options
+def unfreeze_command(
+    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    output, fmt, force, include, exclude, as_json,
+):  # fmt: skip
+    """Undo a freeze: restore the original BN layers of SOURCE and write the model."""
+    from .checkpoint import default_output
+    from .freezing import unfreeze
+    from .provenance import last_report
+    from .report import freeze_text, to_json
+
+    _check_output(
+        Path(output) if output else default_output(source, "unfrozen"), source, fmt, force
+    )
+    model = _load(source, arch, weights, trust_pickle)
+    unfreeze(model, include or None, exclude or None)
+    report = last_report(model)
+    click.echo(to_json(report) if as_json else freeze_text(report))
+    if not report.changed:
+        click.echo("no layer frozen by bnsurgery; nothing written", err=True)
+        return
+    _write(model, source, output, fmt, force, arch, "unfrozen")
 
 
 def main(argv: list[str] | None = None) -> int:

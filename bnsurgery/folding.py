@@ -18,7 +18,6 @@ in train mode: the report says so in ``was_training`` and every module keeps its
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -41,7 +40,6 @@ __all__ = [
     "Skip",
     "apply_plan",
     "fold",
-    "last_report",
     "plan_fold",
 ]
 
@@ -113,14 +111,6 @@ class FoldReport:
             "folded": [asdict(e) for e in self.folded],
             "left": [asdict(s) for s in self.left],
         }
-
-
-_REPORTS: weakref.WeakKeyDictionary[nn.Module, FoldReport] = weakref.WeakKeyDictionary()
-
-
-def last_report(model: nn.Module) -> FoldReport | None:
-    """The report of the last :func:`fold` applied to this model object, if any."""
-    return _REPORTS.get(model)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -485,7 +475,7 @@ def fold(
         tolerance: allowed max relative error; default by output dtype (fp32: 1e-4).
 
     Returns:
-        The same model object, folded. :func:`last_report` gives the :class:`FoldReport`.
+        The same model object, folded. :func:`bnsurgery.last_report` gives the :class:`FoldReport`.
 
     Raises:
         VerificationError: outputs moved beyond ``tolerance``; the model was left unchanged.
@@ -494,7 +484,8 @@ def fold(
 
     >>> m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)).eval()
     >>> m = fold(m, torch.randn(1, 3, 8, 8))
-    >>> type(m[1]).__name__, last_report(m).bn_count, len(last_report(m).folded)
+    >>> report = provenance.last_report(m)
+    >>> type(m[1]).__name__, report.bn_count, len(report.folded)
     ('Identity', 1, 1)
     """
     if isinstance(model, torch.jit.ScriptModule):
@@ -537,7 +528,7 @@ def fold(
         was_training=was_training,
         notes=notes,
     )
-    _REPORTS[model] = report
+    provenance.set_report(model, report)
     step = {**_step(plan), "verified": checked, "max_rel_error": error}
     provenance.record_step(model, step, structure)
     return model

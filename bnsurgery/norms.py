@@ -46,7 +46,9 @@ def is_frozen_batchnorm(module: nn.Module) -> bool:
 
 def is_batchnorm(module: nn.Module) -> bool:
     """True for every BatchNorm-like module bnsurgery works on (see the module docstring)."""
-    return isinstance(module, _BatchNorm) or is_frozen_batchnorm(module)
+    from .frozen import FrozenBatchNorm
+
+    return isinstance(module, _BatchNorm | FrozenBatchNorm) or is_frozen_batchnorm(module)
 
 
 def iter_batchnorms(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -58,7 +60,7 @@ def iter_batchnorms(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 def num_features(module: nn.Module) -> int:
     """Channel count of a BN module (also for frozen variants without ``num_features``)."""
-    if isinstance(module, _BatchNorm):
+    if hasattr(module, "num_features"):
         return int(module.num_features)
     return int(module.running_mean.numel())
 

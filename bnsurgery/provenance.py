@@ -13,6 +13,7 @@ The record is a plain dict of builtins kept in the model's ``__dict__``, so it s
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any
 
 import torch
@@ -24,6 +25,8 @@ from .norms import NormActRemainder, remainder_of
 __all__ = [
     "add_zero_bias",
     "get_record",
+    "last_report",
+    "set_report",
     "record_step",
     "replace_module",
     "replay",
@@ -40,6 +43,19 @@ def get_record(model: nn.Module) -> dict[str, Any]:
         record = {"arch": None, "steps": [], "structure": []}
         model.__dict__[_ATTR] = record
     return record
+
+
+_REPORTS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
+
+
+def set_report(model: nn.Module, report: Any) -> None:
+    """Remember the report of the last surgery applied to this model object."""
+    _REPORTS[model] = report
+
+
+def last_report(model: nn.Module) -> Any:
+    """The report of the last surgery (fold, freeze, ...) applied to this model object."""
+    return _REPORTS.get(model)
 
 
 def set_arch(model: nn.Module, arch: str | None) -> None:
@@ -75,10 +91,17 @@ def add_zero_bias(module: nn.Module, channels: int, like: torch.Tensor) -> None:
     )
 
 
+def _frozen(old: nn.Module, edit: dict[str, Any]) -> nn.Module:
+    from .frozen import FrozenBatchNorm
+
+    return FrozenBatchNorm(old, train_affine=bool(edit.get("train_affine", False)))
+
+
 #: Structural edit kinds: how to build the replacement from the module being replaced.
 _BUILDERS = {
-    "identity": lambda old: nn.Identity(),
-    "norm_act_remainder": remainder_of,
+    "identity": lambda old, edit: nn.Identity(),
+    "norm_act_remainder": lambda old, edit: remainder_of(old),
+    "frozen": _frozen,
 }
 
 
@@ -103,7 +126,7 @@ def replay(model: nn.Module, structure: list[dict[str, Any]]) -> None:
                 name = edit["replace"]
                 parent, child = _parent(model, name)
                 old = parent._modules[child]
-                setattr(parent, child, _BUILDERS[edit["with"]](old))
+                setattr(parent, child, _BUILDERS[edit["with"]](old, edit))
             elif "add_bias" in edit:
                 module = model.get_submodule(edit["add_bias"])
                 add_zero_bias(module, int(edit["channels"]), module.weight)

@@ -8,9 +8,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from .folding import FoldReport
+from .freezing import FreezeReport
 from .surveying import Survey
 
-__all__ = ["fold_text", "survey_text", "table", "to_json"]
+__all__ = ["fold_text", "freeze_text", "survey_text", "table", "to_json"]
 
 
 def to_json(data: Any) -> str:
@@ -96,4 +97,15 @@ def survey_text(result: Survey) -> str:
     if result.fold_error:
         lines.append(f"no fold plan: {result.fold_error}")
     lines += [f"note: {n}" for n in result.notes]
+    return "\n".join(lines)
+
+
+def freeze_text(report: FreezeReport) -> str:
+    """A freeze or unfreeze report for people."""
+    verb = "froze" if report.operation == "freeze" else "unfroze"
+    rows = [[name, verb] for name in report.changed] + [[n, f"left: {r}"] for n, r in report.left]
+    lines = [table(["bn", "result"], rows, max_width=100)] if rows else []
+    what = " (statistics only; weight and bias stay trainable)" if report.train_affine else ""
+    lines.append(f"{verb} {len(report.changed)} BN layers{what}, left {len(report.left)}")
+    lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)

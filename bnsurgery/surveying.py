@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .errors import BnSurgeryError
+from .frozen import FrozenBatchNorm
 from .norms import has_activation, is_batchnorm, is_frozen_batchnorm
 
 __all__ = ["BNInfo", "Survey", "survey"]
@@ -106,8 +107,12 @@ def _health(module: nn.Module) -> tuple[str, ...]:
     return tuple(problems)
 
 
+def _always_eval(module: nn.Module) -> bool:
+    return isinstance(module, FrozenBatchNorm) or is_frozen_batchnorm(module)
+
+
 def _is_frozen(module: nn.Module) -> bool:
-    if is_frozen_batchnorm(module) or getattr(module, "_bnsurgery_frozen", False):
+    if is_frozen_batchnorm(module) or isinstance(module, FrozenBatchNorm):
         return True
     params = list(module.parameters(recurse=False))
     return bool(params) and not module.training and not any(p.requires_grad for p in params)
@@ -130,7 +135,7 @@ def _info(name: str, module: nn.Module, fold: str) -> BNInfo:
         momentum=float(momentum) if momentum is not None else None,
         affine=isinstance(weight, torch.Tensor) and isinstance(weight, nn.Parameter),
         track_running_stats=bool(getattr(module, "track_running_stats", mean is not None)),
-        training=module.training,
+        training=module.training and not _always_eval(module),
         frozen=_is_frozen(module),
         activation=type(module.act).__name__ if has_activation(module) else None,
         num_batches_tracked=int(tracked) if tracked is not None else None,

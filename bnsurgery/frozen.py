@@ -1,0 +1,110 @@
+"""The frozen BN module: always normalises with its running statistics.
+
+:class:`FrozenBatchNorm` wraps the very tensors of the BN it replaces under the same names
+(``weight``, ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``, and ``act``/
+``drop`` of timm norm-act layers), so state-dict keys do not change: a frozen checkpoint loads
+into the original architecture and back. It keeps the original module object aside (not
+registered), so :meth:`FrozenBatchNorm.restore` gives back exactly what was there.
+
+Its forward is one fused eval-mode ``batch_norm`` call whatever ``self.training`` says, so
+``model.train()`` cannot unfreeze it and batch size 1 works.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .errors import UsageError
+from .norms import bn_stats, has_activation
+
+__all__ = ["FrozenBatchNorm"]
+
+
+class FrozenBatchNorm(nn.Module):
+    """A BN layer frozen in eval mode: statistics fixed, affine fixed unless ``train_affine``.
+
+    Args:
+        bn: the ``_BatchNorm`` module to freeze (BatchNorm1d/2d/3d, SyncBatchNorm, subclasses
+            such as timm's ``BatchNormAct2d``). Its tensors are shared, not copied.
+        train_affine: keep ``weight`` and ``bias`` trainable (statistics stay frozen).
+
+    Raises:
+        UsageError: an uninitialised lazy BN, or a BN without running statistics.
+    """
+
+    def __init__(self, bn: nn.Module, train_affine: bool = False) -> None:
+        super().__init__()
+        if not isinstance(bn, _BatchNorm):
+            raise UsageError(f"cannot freeze a {type(bn).__name__}: not a BatchNorm module")
+        if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer) or isinstance(
+            bn.weight, nn.parameter.UninitializedParameter
+        ):
+            raise UsageError(
+                f"cannot freeze an uninitialised {type(bn).__name__}: run one forward pass first"
+            )
+        if bn_stats(bn) is None:
+            raise UsageError(
+                f"cannot freeze a {type(bn).__name__} without running statistics "
+                "(track_running_stats=False)"
+            )
+        self.num_features = int(bn.num_features)
+        self.eps = float(bn.eps)
+        self.train_affine = bool(train_affine)
+        self.has_act = has_activation(bn)
+        for name, param in bn._parameters.items():
+            self._parameters[name] = param
+        for name, buffer in bn._buffers.items():
+            self._buffers[name] = buffer
+        for name, child in bn._modules.items():
+            self._modules[name] = child
+        self.__dict__["_original"] = bn
+        self.__dict__["_original_flags"] = {
+            "training": bn.training,
+            "requires_grad": {
+                n: p.requires_grad for n, p in bn._parameters.items() if p is not None
+            },
+        }
+        for param in self._parameters.values():
+            if param is not None:
+                param.requires_grad_(self.train_affine and param.requires_grad)
+        self.training = bn.training
+
+    @property
+    def original_type(self) -> type[nn.Module]:
+        """The class of the BN this module froze."""
+        return type(self.__dict__["_original"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+        if self.has_act:
+            x = self.act(self.drop(x))
+        return x
+
+    def restore(self) -> nn.Module:
+        """Return the original BN module with this module's current tensors and the original
+        flags (training, requires_grad, momentum and everything else it had)."""
+        bn: nn.Module = self.__dict__["_original"]
+        flags: dict[str, Any] = self.__dict__["_original_flags"]
+        for name, param in self._parameters.items():
+            if param is not None:
+                param.requires_grad_(flags["requires_grad"].get(name, True))
+            bn._parameters[name] = param
+        for name, buffer in self._buffers.items():
+            bn._buffers[name] = buffer
+        for name, child in self._modules.items():
+            bn._modules[name] = child
+        bn.training = flags["training"]
+        return bn
+
+    def extra_repr(self) -> str:
+        kind = self.original_type.__name__
+        return (
+            f"{self.num_features}, eps={self.eps}, frozen {kind}, train_affine={self.train_affine}"
+        )
