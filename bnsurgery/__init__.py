@@ -22,6 +22,7 @@ __all__ = [
     "last_report",
     "load",
     "plan_fold",
+    "recalibrate",
     "save",
     "survey",
     "trainable_parameters",
@@ -39,6 +40,7 @@ _LAZY = {
     "unfreeze": "bnsurgery.freezing",
     "trainable_parameters": "bnsurgery.freezing",
     "plan_fold": "bnsurgery.folding",
+    "recalibrate": "bnsurgery.recalibration",
     "Survey": "bnsurgery.surveying",
     "survey": "bnsurgery.surveying",
     "load": "bnsurgery.checkpoint",
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
     from .freezing import freeze, trainable_parameters, unfreeze
     from .frozen import FrozenBatchNorm
     from .provenance import last_report
+    from .recalibration import recalibrate
     from .surveying import Survey, survey
 
 

@@ -1,0 +1,298 @@
+"""recalibrate: recompute BN running statistics exactly over data (precise BN, AdaBN).
+
+During the pass every module is in eval mode (dropout and stochastic depth off) and gradients
+are off. Each selected BN normalises with the statistics of the current batch, as in training,
+so the pass does not depend on the stale running statistics, and records the per-channel count,
+mean and sum of squared deviations of its input. Batches are merged with Chan's parallel
+algorithm in float64, so uneven batch sizes are weighted by element count, and the result is
+the exact population mean and the unbiased variance of each BN's input over all the data.
+Under ``torch.distributed`` the per-rank moments are gathered and merged in rank order on every
+rank, so all ranks end with identical statistics, equal to one process over the union of the
+shards.
+
+Every module's training flag and forward are restored afterwards, also when a batch raises;
+the running statistics are only written once the whole pass has succeeded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import types
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import provenance
+from .errors import UsageError
+from .graph import eval_mode
+from .norms import has_activation
+from .select import select_batchnorms
+
+__all__ = ["LayerDrift", "RecalibrationReport", "default_forward", "gaussian_kl", "recalibrate"]
+
+
+@dataclass(frozen=True)
+class LayerDrift:
+    """How far one BN's statistics moved: per-channel KL(old || new), averaged, and the
+    largest single-channel value."""
+
+    name: str
+    samples: int
+    mean_kl: float
+    max_kl: float
+
+
+@dataclass
+class RecalibrationReport:
+    """What :func:`recalibrate` did."""
+
+    mode: str
+    batches: int
+    layers: list[LayerDrift]
+    world_size: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "batches": self.batches,
+            "world_size": self.world_size,
+            "notes": list(self.notes),
+            "layers": [asdict(layer) for layer in self.layers],
+        }
+
+
+def gaussian_kl(
+    mean0: torch.Tensor, var0: torch.Tensor, mean1: torch.Tensor, var1: torch.Tensor
+) -> torch.Tensor:
+    """Per-channel KL divergence of N(mean0, var0) from N(mean1, var1), in float64."""
+    m0, m1 = mean0.double().cpu(), mean1.double().cpu()
+    v0, v1 = var0.double().cpu().clamp_min(1e-12), var1.double().cpu().clamp_min(1e-12)
+    return 0.5 * (torch.log(v1 / v0) + (v0 + (m0 - m1) ** 2) / v1 - 1.0)
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Feed a batch: a tensor as is, the first element of a tuple or list, a dict as keyword
+    arguments."""
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
+        return model(batch[0])
+    raise UsageError(f"cannot feed a batch of type {type(batch).__name__}; pass forward=")
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_to(v, device) for v in batch)
+    return batch
+
+
+class _Moments:
+    """Per-channel count, mean and M2 (sum of squared deviations), merged in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: torch.Tensor | None = None
+        self.m2: torch.Tensor | None = None
+        self.batches = 0
+
+    def add(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        mean, m2 = mean.double(), m2.double()
+        if self.mean is None or self.m2 is None:
+            self.count, self.mean, self.m2 = count, mean.clone(), m2.clone()
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean += delta * (count / total)
+        self.m2 += m2 + delta.square() * (self.count * count / total)
+        self.count = total
+
+
+def _collecting_forward(moments: _Moments) -> Callable[..., torch.Tensor]:
+    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        dims = [0, *range(2, x.dim())]
+        stats_input = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        var, mean = torch.var_mean(stats_input, dim=dims, correction=0)
+        count = x.numel() // max(x.shape[1], 1)
+        moments.add(count, mean.detach(), var.detach() * count)
+        moments.batches += 1
+        dtype = self.running_mean.dtype  # like the running statistics it stands in for
+        out = F.batch_norm(
+            x, mean.to(dtype), var.to(dtype), self.weight, self.bias, False, 0.0, self.eps
+        )
+        if has_activation(self):
+            out = self.act(self.drop(out))
+        return out
+
+    return forward
+
+
+def _gather(moments: _Moments, channels: int, device: torch.device) -> _Moments:
+    """Merge every rank's moments, in rank order, identically on all ranks."""
+    import torch.distributed as dist
+
+    local = torch.zeros(2 + 2 * channels, dtype=torch.float64, device=device)
+    if moments.mean is not None and moments.m2 is not None:
+        local[0], local[1] = moments.count, moments.batches
+        local[2 : 2 + channels] = moments.mean
+        local[2 + channels :] = moments.m2
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    merged = _Moments()
+    for part in parts:
+        part = part.cpu()
+        if part[0] > 0:
+            merged.add(int(part[0]), part[2 : 2 + channels], part[2 + channels :])
+            merged.batches += int(part[1])
+    return merged
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def recalibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    autocast: torch.dtype | None = None,
+    mode: str = "exact",
+    momentum: float | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> nn.Module:
+    """Recompute the running statistics of the selected BN layers over ``data``, in place.
+
+    Args:
+        model: the model; its parameters, flags and mode are left as they were.
+        data: an iterable or DataLoader of batches (tensors, tuples/lists, dicts).
+        include, exclude: glob patterns on BN names.
+        num_batches: stop after this many batches (per process).
+        device: where batches go (default: the model's parameters' device).
+        forward: ``forward(model, batch)``; default :func:`default_forward`.
+        autocast: run the pass under ``torch.autocast`` with this dtype.
+        mode: ``"exact"`` (population statistics) or ``"ema"`` (the usual momentum updates,
+            BN in train mode, everything else in eval mode).
+        momentum: for ``"ema"``: override each BN's momentum during the pass.
+        progress: called with the number of batches done after each batch.
+
+    Returns:
+        The model. :func:`bnsurgery.last_report` gives a :class:`RecalibrationReport`.
+
+    Raises:
+        UsageError: no data, an unknown mode, or a selection without BN layers with statistics.
+
+    >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
+    >>> batches = [torch.randn(4, 1, 8, 8), torch.randn(2, 1, 8, 8)]
+    >>> net = recalibrate(net, batches)
+    >>> provenance.last_report(net).batches
+    2
+    """
+    if mode not in ("exact", "ema"):
+        raise UsageError(f"unknown mode {mode!r}; valid: exact, ema")
+    chosen = [
+        (name, bn)
+        for name, bn in select_batchnorms(model, include, exclude)
+        if isinstance(getattr(bn, "running_mean", None), torch.Tensor)
+        and not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)
+    ]
+    if not chosen:
+        raise UsageError("no BatchNorm layer with running statistics to recalibrate")
+    feed = forward or default_forward
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+    moments = {name: _Moments() for name, _ in chosen}
+    old = {name: {k: b.clone() for k, b in bn.named_buffers(recurse=False)} for name, bn in chosen}
+    saved_momentum = {name: getattr(bn, "momentum", None) for name, bn in chosen}
+    batches = 0
+    cast = (
+        torch.autocast(device.type, dtype=autocast)
+        if autocast is not None
+        else contextlib.nullcontext()
+    )
+    with eval_mode(model), torch.no_grad():
+        try:
+            for name, bn in chosen:
+                if mode == "exact":
+                    bn.forward = types.MethodType(_collecting_forward(moments[name]), bn)
+                else:
+                    bn.train()
+                    if momentum is not None:
+                        bn.momentum = momentum
+            for batch in data:
+                if num_batches is not None and batches >= num_batches:
+                    break
+                with cast:
+                    feed(model, _to(batch, device))
+                batches += 1
+                if progress is not None:
+                    progress(batches)
+        except BaseException:
+            if mode == "ema":  # put back what the momentum updates changed
+                for name, bn in chosen:
+                    for key, buffer in bn.named_buffers(recurse=False):
+                        buffer.copy_(old[name][key])
+            raise
+        finally:
+            for name, bn in chosen:
+                bn.__dict__.pop("forward", None)
+                if mode == "ema":
+                    bn.momentum = saved_momentum[name]
+    if batches == 0:
+        raise UsageError("the data yielded no batch")
+    world = _world()
+    layers = []
+    for name, bn in chosen:
+        if mode == "exact":
+            stats = moments[name]
+            if world > 1:
+                stats = _gather(stats, bn.running_mean.numel(), bn.running_mean.device)
+            if stats.mean is None or stats.m2 is None or stats.count < 2:
+                raise UsageError(
+                    f"{name}: saw fewer than 2 values per channel; cannot estimate variance"
+                )
+            with torch.no_grad():
+                bn.running_mean.copy_(stats.mean.to(bn.running_mean))
+                bn.running_var.copy_((stats.m2 / (stats.count - 1)).to(bn.running_var))
+                tracked = getattr(bn, "num_batches_tracked", None)
+                if isinstance(tracked, torch.Tensor):
+                    tracked.fill_(stats.batches)
+            samples = stats.count
+        else:
+            samples = 0
+        before = old[name]
+        kl = gaussian_kl(
+            before["running_mean"], before["running_var"], bn.running_mean, bn.running_var
+        )
+        kl = kl[torch.isfinite(kl)]
+        layers.append(
+            LayerDrift(
+                name,
+                samples,
+                float(kl.mean()) if kl.numel() else math.nan,
+                float(kl.max()) if kl.numel() else math.nan,
+            )
+        )
+    report = RecalibrationReport(mode, batches, layers, world)
+    provenance.record_step(model, {"op": "recalibrate", "mode": mode, "batches": batches}, [])
+    provenance.set_report(model, report)
+    return model

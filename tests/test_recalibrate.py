@@ -1,0 +1,150 @@
+"""recalibrate against first-principles statistics, with restoration and two processes."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import bnsurgery
+from bnsurgery.errors import UsageError
+
+
+class DictNet(nn.Module):
+    """Takes keyword inputs, has dropout between its BN layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.drop = nn.Dropout(0.5)
+        self.conv2 = nn.Conv2d(4, 5, 1)
+        self.bn2 = nn.BatchNorm2d(5)
+
+    def forward(self, image, scale=1.0):
+        return self.bn2(self.conv2(self.drop(torch.relu(self.bn1(self.conv1(image * scale))))))
+
+
+def reference_stats(model, batches):
+    """Each BN's input over all batches, with BN normalising by batch statistics, dropout off."""
+    with torch.no_grad():
+        first, second = [], []
+        for b in batches:
+            y = model.conv1(b["image"] * b["scale"])
+            first.append(y)
+            y = F.batch_norm(y, None, None, model.bn1.weight, model.bn1.bias, True)
+            second.append(model.conv2(torch.relu(y)))
+    return [
+        (t.mean((0, 2, 3)), t.var((0, 2, 3), unbiased=True))
+        for t in (torch.cat(first), torch.cat(second))
+    ]
+
+
+def batches(seed=0, sizes=(7, 2, 5, 1)):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        {"image": torch.randn(n, 3, 9, 9, generator=g) * (i + 1) + i, "scale": 1.5}
+        for i, n in enumerate(sizes)
+    ]
+
+
+def test_exact_statistics_with_uneven_dict_batches_and_dropout():
+    torch.manual_seed(0)
+    model = DictNet().train()
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    data = batches()
+    bnsurgery.recalibrate(model, data)
+    for bn, (mean, var) in zip((model.bn1, model.bn2), reference_stats(model, data), strict=True):
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-5, atol=1e-6)
+        assert int(bn.num_batches_tracked) == 4
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(v, params[k]) for k, v in model.named_parameters())
+    assert "forward" not in model.bn1.__dict__
+    report = bnsurgery.last_report(model)
+    assert report.batches == 4 and [layer.name for layer in report.layers] == ["bn1", "bn2"]
+    assert all(layer.mean_kl > 0 for layer in report.layers)
+
+
+def test_failing_batch_restores_everything():
+    model = DictNet().eval()
+    model.bn1.train()
+    before = copy.deepcopy(model.state_dict())
+
+    def data():
+        yield from batches()[:2]
+        raise RuntimeError("disk went away")
+
+    with pytest.raises(RuntimeError, match="disk went away"):
+        bnsurgery.recalibrate(model, data())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert model.bn1.training and not model.bn2.training and not model.training
+    assert "forward" not in model.bn1.__dict__
+    with pytest.raises(RuntimeError):
+        bnsurgery.recalibrate(model, data(), mode="ema")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_ema_mode_matches_train_mode_updates_with_dropout_off():
+    torch.manual_seed(0)
+    model = DictNet()
+    data = batches()
+    expected = copy.deepcopy(model).eval()
+    expected.bn1.train()
+    expected.bn2.train()
+    for m in (expected.bn1, expected.bn2):
+        m.momentum = 0.5
+    with torch.no_grad():
+        for b in data:
+            expected(**b)
+    bnsurgery.recalibrate(model, data, mode="ema", momentum=0.5)
+    torch.testing.assert_close(model.state_dict(), expected.state_dict())
+    assert model.bn1.momentum == 0.1
+
+
+def test_num_batches_selection_tuples_and_errors():
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2)
+    )
+    old = model[3].running_mean.clone()
+    data = [(torch.randn(3, 1, 6, 6), torch.zeros(3)) for _ in range(4)]
+    bnsurgery.recalibrate(model, data, num_batches=2, include="1")
+    assert bnsurgery.last_report(model).batches == 2
+    assert torch.equal(model[3].running_mean, old)
+    with pytest.raises(UsageError, match="no batch"):
+        bnsurgery.recalibrate(model, [])
+    with pytest.raises(UsageError, match="unknown mode"):
+        bnsurgery.recalibrate(model, data, mode="fast")
+    bnsurgery.recalibrate(model, data, autocast=torch.bfloat16)
+    assert torch.isfinite(model[1].running_var).all()
+
+
+def _rank(rank, world, port, shards, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = DictNet()
+        bnsurgery.recalibrate(model, shards[rank])
+        torch.save(model.state_dict(), f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_equal_one_process_over_the_union(tmp_path):
+    data = batches(sizes=(7, 2, 5, 1, 3))
+    shards = [data[:3], data[3:]]
+    mp.spawn(_rank, args=(2, 29561, shards, str(tmp_path)), nprocs=2, join=True)
+    torch.manual_seed(0)
+    single = DictNet()
+    bnsurgery.recalibrate(single, data)
+    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key, value in states[0].items():
+        assert torch.equal(value, states[1][key]), f"ranks differ at {key}"
+    torch.testing.assert_close(states[0], single.state_dict(), rtol=1e-6, atol=1e-6)
