@@ -35,7 +35,7 @@ def _parse_size(text: str | None) -> tuple[int, ...] | None:
     return size
 
 
-def _source_options(func: Any) -> Any:
+def _source_options(func: Any, batch_default: int = 2) -> Any:
     options = [
         click.argument("source"),
         click.option("--arch", help="Architecture spec for a state-dict file, e.g. timm:resnet18."),
@@ -53,7 +53,7 @@ def _source_options(func: Any) -> Any:
             help="Per-sample input size, e.g. 3,224,224 (default: from timm's config, or "
             "torchvision's for image classifiers).",
         ),
-        click.option("--batch-size", default=2, show_default=True, help="Example batch size."),
+        click.option("--batch-size", default=batch_default, show_default=True, help="Batch size."),
         click.option("--seed", default=0, show_default=True, help="Seed of the example inputs."),
     ]
     for option in reversed(options):
@@ -270,6 +270,100 @@ def unfreeze_command(
         click.echo("no layer frozen by bnsurgery; nothing written", err=True)
         return
     _write(model, source, output, fmt, force, arch, "unfrozen")
+
+
+def _distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); return (rank, world)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+@cli.command("recalibrate")
+@(lambda f: _source_options(f, batch_default=32))
+@_output_options
+@click.option(
+    "--data",
+    "data_path",
+    required=True,
+    type=click.Path(),
+    help="Folder of images (class subfolders optional) or tensor file (.pt, .npy, .safetensors).",
+)
+@click.option("--batches", type=int, help="Use at most N batches (per process).")
+@click.option("--mode", type=click.Choice(["exact", "ema"]), default="exact", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--plot", type=click.Path(), help="Also write a PNG of the drift per layer.")
+def recalibrate_command(
+    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    output, fmt, force, include, exclude, as_json, data_path, batches, mode, quiet, plot,
+):  # fmt: skip
+    """Recompute BN running statistics of SOURCE over data (exact population statistics) and
+    write the model. Works under `torchrun --nproc-per-node N -m bnsurgery recalibrate ...`."""
+    from .checkpoint import default_output
+    from .datasets import batches_from_path
+    from .provenance import last_report
+    from .recalibration import recalibrate
+    from .report import drift_plot, recalibration_text, to_json
+
+    rank, world = _distributed()
+    if rank == 0:
+        _check_output(
+            Path(output) if output else default_output(source, "recalibrated"), source, fmt, force
+        )
+    if batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    model = _load(source, arch, weights, trust_pickle)
+    data, total = batches_from_path(
+        data_path,
+        model,
+        batch_size=batch_size,
+        input_size=_parse_size(input_size),
+        rank=rank,
+        world=world,
+    )
+    total = min(total, batches) if batches is not None else total
+    show = not quiet and rank == 0 and sys.stderr.isatty()
+    with (
+        click.progressbar(length=total, label="recalibrating", file=sys.stderr)
+        if show
+        else _NoBar() as bar
+    ):
+        recalibrate(
+            model,
+            data,
+            include=include or None,
+            exclude=exclude or None,
+            num_batches=batches,
+            mode=mode,
+            progress=lambda done: bar.update(1),
+        )
+    if rank != 0:
+        return
+    report = last_report(model)
+    click.echo(to_json(report) if as_json else recalibration_text(report))
+    if plot:
+        drift_plot(report, plot)
+        click.echo(f"wrote {plot}", err=True)
+    _write(model, source, output, fmt, force, arch, "recalibrated")
+
+
+class _NoBar:
+    def __enter__(self) -> _NoBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def update(self, n: int) -> None:
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

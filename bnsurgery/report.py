@@ -7,11 +7,21 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from .errors import UsageError
 from .folding import FoldReport
 from .freezing import FreezeReport
+from .recalibration import RecalibrationReport
 from .surveying import Survey
 
-__all__ = ["fold_text", "freeze_text", "survey_text", "table", "to_json"]
+__all__ = [
+    "drift_plot",
+    "fold_text",
+    "freeze_text",
+    "recalibration_text",
+    "survey_text",
+    "table",
+    "to_json",
+]
 
 
 def to_json(data: Any) -> str:
@@ -109,3 +119,43 @@ def freeze_text(report: FreezeReport) -> str:
     lines.append(f"{verb} {len(report.changed)} BN layers{what}, left {len(report.left)}")
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
+
+
+def recalibration_text(report: RecalibrationReport) -> str:
+    """Per layer: samples seen and how far the statistics moved (KL of old from new)."""
+    rows = [[d.name, d.samples, f"{d.mean_kl:.4g}", f"{d.max_kl:.4g}"] for d in report.layers]
+    lines = [table(["bn", "values per channel", "mean KL(old||new)", "max KL"], rows)]
+    where = f" on {report.world_size} processes" if report.world_size > 1 else ""
+    done = f"recalibrated {len(report.layers)} BN layers over {report.batches} batches"
+    lines.append(f"{done}{where} ({report.mode})")
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
+def drift_plot(report: RecalibrationReport, path: str) -> None:
+    """A PNG bar chart of the mean per-channel KL per layer (needs matplotlib).
+
+    Raises:
+        UsageError: matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib: pip install 'bnsurgery[plot]'") from exc
+    from .checkpoint import atomic_write
+
+    names = [d.name for d in report.layers]
+    fig, ax = plt.subplots(figsize=(max(6.0, len(names) * 0.25), 4.0))
+    ax.bar(range(len(names)), [d.mean_kl for d in report.layers])
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_ylabel("mean KL(old || new) per channel")
+    ax.set_title(f"BN statistics drift over {report.batches} batches")
+    fig.tight_layout()
+    from pathlib import Path
+
+    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120), force=True)
+    plt.close(fig)

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import SourceError, UsageError
@@ -75,13 +76,19 @@ def _near(name: str, names: list[str]) -> str:
 
 
 def build(spec: Spec | str) -> nn.Module:
-    """Build the randomly initialised model a spec names.
+    """Build the randomly initialised model a spec names (seeded: the same weights every time).
 
     Raises:
         SourceError: unknown model, a factory that fails or does not return an ``nn.Module``.
     """
     if isinstance(spec, str):
         spec = parse_spec(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the same random init in every process and every run
+        return _build(spec)
+
+
+def _build(spec: Spec) -> nn.Module:
     try:
         if spec.namespace == "timm":
             import timm

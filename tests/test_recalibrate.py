@@ -148,3 +148,36 @@ def test_two_gloo_processes_equal_one_process_over_the_union(tmp_path):
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), f"ranks differ at {key}"
     torch.testing.assert_close(states[0], single.state_dict(), rtol=1e-6, atol=1e-6)
+
+
+def test_cli_recalibrate_from_tensor_file_and_image_folder(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from bnsurgery.cli import main
+
+    np.save(
+        tmp_path / "calib.npy",
+        np.random.default_rng(0).normal(size=(10, 3, 16, 16)).astype("float32"),
+    )
+    for i in range(5):
+        folder = tmp_path / "images" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 255, size=(20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    for data, out in (
+        (tmp_path / "calib.npy", "a.safetensors"),
+        (tmp_path / "images", "b.safetensors"),
+    ):
+        code = main(
+            ["recalibrate", "timm:resnet18", "--data", str(data), "--batch-size", "4",
+             "--input-size", "3,16,16", "-o", str(tmp_path / out)]
+        )  # fmt: skip
+        captured = capsys.readouterr()
+        assert code == 0, captured.err
+        assert f"recalibrated 20 BN layers over {expected} batches" in captured.out
+        model = bnsurgery.load(tmp_path / out)
+        assert int(model.bn1.num_batches_tracked) == expected
+    code = main(["recalibrate", "timm:resnet18", "--data", str(tmp_path / "nothing")])
+    err = capsys.readouterr().err
+    assert code == 3 and err.count("\n") == 1 and "no such file or folder" in err
