@@ -165,9 +165,9 @@ def test_cli_recalibrate_from_tensor_file_and_image_folder(tmp_path, capsys):
         folder.mkdir(parents=True, exist_ok=True)
         pixels = np.random.default_rng(i).integers(0, 255, size=(20, 24, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i}.png")
-    for data, out in (
-        (tmp_path / "calib.npy", "a.safetensors"),
-        (tmp_path / "images", "b.safetensors"),
+    for data, out, expected in (
+        (tmp_path / "calib.npy", "a.safetensors", 3),
+        (tmp_path / "images", "b.safetensors", 2),
     ):
         code = main(
             ["recalibrate", "timm:resnet18", "--data", str(data), "--batch-size", "4",
