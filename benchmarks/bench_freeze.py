@@ -20,10 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -32,6 +29,7 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
+from _common import machine, peak_mb, rss_mb, run_child
 from torch import nn
 
 import bnsurgery
@@ -86,28 +84,22 @@ def make_step(model: nn.Module, args: argparse.Namespace):
 
 
 def peak_rss_mb(variant: str, args: argparse.Namespace) -> float:
-    """Run a few steps of one variant in a fresh process and return its peak RSS in MB."""
-    cmd = [
-        sys.executable, __file__, "--child", variant, "--model", args.model,
-        "--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads),
-    ]  # fmt: skip
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return float(out.strip().splitlines()[-1])
-
-
-def _rss_mb() -> float:
-    pages = int(Path("/proc/self/statm").read_text().split()[1])
-    return pages * resource.getpagesize() / 2**20
+    """Run two steps of one variant in a fresh process; its peak RSS growth in MB."""
+    return run_child(
+        __file__,
+        ["--child", variant, "--model", args.model, "--batch", str(args.batch),
+         "--size", str(args.size), "--threads", str(args.threads)],
+    )  # fmt: skip
 
 
 def child(args: argparse.Namespace) -> None:
     """Peak memory of two training steps above what the process held before them."""
     torch.set_num_threads(args.threads)
     step = make_step(build(args.child, args), args)
-    before = _rss_mb()
+    before = rss_mb()
     for _ in range(2):
         step()
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+    print(peak_mb() - before)
 
 
 def main() -> None:
@@ -148,8 +140,7 @@ def main() -> None:
             "# Frozen BN: training-step time and peak memory",
             "",
             f"`{command.strip()}` on {date.today()}: {args.model}, batch {args.batch}, "
-            f"{args.size} px, CPU ({platform.processor() or platform.machine()}), "
-            f"{args.threads} threads, torch {torch.__version__}, timm {timm.__version__}. "
+            f"{args.size} px, CPU: {machine(args.threads)}. "
             f"Median of {args.repeats} round-robin steps after {args.warmup} warm-up rounds; "
             "peak RSS growth of a fresh process over two steps.",
             "",

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import provenance
@@ -121,16 +120,19 @@ class _Moments:
 
 def _collecting_forward(moments: _Moments) -> Callable[..., torch.Tensor]:
     def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        dims = [0, *range(2, x.dim())]
-        stats_input = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        var, mean = torch.var_mean(stats_input, dim=dims, correction=0)
+        # One fused kernel normalises with the batch statistics and returns them.
+        out, mean, invstd = torch.native_batch_norm(
+            x, self.weight, self.bias, None, None, True, 0.0, self.eps
+        )
+        var = invstd.double().pow(-2) - self.eps
+        if bool((var < 100 * self.eps).any()):
+            # var + eps loses var's digits when var << eps: recompute it directly.
+            dims = [0, *range(2, x.dim())]
+            var64, mean = torch.var_mean(x.double(), dim=dims, correction=0)
+            var = var64
         count = x.numel() // max(x.shape[1], 1)
         moments.add(count, mean.detach(), var.detach() * count)
         moments.batches += 1
-        dtype = self.running_mean.dtype  # like the running statistics it stands in for
-        out = F.batch_norm(
-            x, mean.to(dtype), var.to(dtype), self.weight, self.bias, False, 0.0, self.eps
-        )
         if has_activation(self):
             out = self.act(self.drop(out))
         return out

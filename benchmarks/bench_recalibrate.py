@@ -1,0 +1,130 @@
+"""Recalibration throughput and peak memory against a plain no_grad forward and update_bn.
+
+All three walk the same batches of the same model (timm resnet50 by default, batches of 32 at
+160 px, CPU):
+
+* ``no_grad forward``: the model in eval mode under ``torch.no_grad`` (the target to match);
+* ``bnsurgery.recalibrate``: exact statistics (default mode);
+* ``torch update_bn``: ``torch.optim.swa_utils.update_bn``.
+
+Throughput: the variants take turns (round-robin) for each repetition and the median is
+reported. Peak memory: each variant runs once in a fresh subprocess; the growth of its peak
+resident set size over what it held before the pass.
+
+Run: python benchmarks/bench_recalibrate.py [--model resnet50 --batch 32 --size 160 --batches 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import timm
+import torch
+from _common import machine, peak_mb, rss_mb, run_child
+from torch.optim.swa_utils import update_bn
+
+import bnsurgery
+
+VARIANTS = ("no_grad forward", "bnsurgery.recalibrate", "torch update_bn")
+
+
+def setup(args: argparse.Namespace):
+    torch.manual_seed(0)
+    model = timm.create_model(args.model, pretrained=False).eval()
+    g = torch.Generator().manual_seed(1)
+    data = [
+        torch.randn(args.batch, 3, args.size, args.size, generator=g) for _ in range(args.batches)
+    ]
+    return model, data
+
+
+def run(variant: str, model, data) -> float:
+    start = time.perf_counter()
+    if variant == "no_grad forward":
+        with torch.no_grad():
+            for batch in data:
+                model(batch)
+    elif variant == "bnsurgery.recalibrate":
+        bnsurgery.recalibrate(model, data)
+    else:
+        update_bn(data, model)
+        model.eval()
+    return time.perf_counter() - start
+
+
+def child(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    model, data = setup(args)
+    before = rss_mb()
+    run(args.child, model, data)
+    print(peak_mb() - before)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--size", type=int, default=160)
+    parser.add_argument("--batches", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "recalibrate.md"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args)
+        return
+    torch.set_num_threads(args.threads)
+    model, data = setup(args)
+    run("no_grad forward", model, data[:1])  # warm up
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for _ in range(args.repeats):
+        for v in VARIANTS:
+            times[v].append(run(v, model, data))
+    images = args.batch * args.batches
+    rate = {v: images / statistics.median(t) for v, t in times.items()}
+    common = ["--model", args.model, "--batch", str(args.batch), "--size", str(args.size)]
+    common += ["--batches", str(args.batches), "--threads", str(args.threads)]
+    memory = {v: run_child(__file__, ["--child", v, *common]) for v in VARIANTS}
+    base_r, base_m = rate["no_grad forward"], memory["no_grad forward"]
+    rows = [
+        f"| {v} | {rate[v]:.1f} | {rate[v] / base_r:.3f} | {memory[v]:.0f} "
+        f"| {memory[v] / base_m:.3f} |"
+        for v in VARIANTS
+    ]
+    command = "python benchmarks/bench_recalibrate.py " + " ".join(sys.argv[1:])
+    ours_r = rate["bnsurgery.recalibrate"] / base_r
+    ours_m = memory["bnsurgery.recalibrate"] / base_m
+    text = "\n".join(
+        [
+            "# Recalibration: throughput and peak memory",
+            "",
+            f"`{command.strip()}` on {date.today()}: {args.model}, {args.batches} batches of "
+            f"{args.batch} at {args.size} px, CPU: {machine(args.threads)}. Median of "
+            f"{args.repeats} round-robin passes; peak RSS growth of a fresh process over one pass.",
+            "",
+            "| variant | images/s | vs forward | peak MB | vs forward |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"Targets: throughput at least 0.95 of the forward pass (ours: {ours_r:.3f}), peak "
+            f"memory at most 1.05 of it (ours: {ours_m:.3f}).",
+            "",
+        ]
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    data_out = {"args": vars(args), "seconds": times, "images_per_s": rate, "peak_mb": memory}
+    out.with_suffix(".json").write_text(json.dumps(data_out, indent=2))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
