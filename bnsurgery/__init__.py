@@ -25,6 +25,7 @@ __all__ = [
     "recalibrate",
     "save",
     "survey",
+    "swap",
     "trainable_parameters",
     "unfreeze",
 ]
@@ -41,6 +42,7 @@ _LAZY = {
     "trainable_parameters": "bnsurgery.freezing",
     "plan_fold": "bnsurgery.folding",
     "recalibrate": "bnsurgery.recalibration",
+    "swap": "bnsurgery.swapping",
     "Survey": "bnsurgery.surveying",
     "survey": "bnsurgery.surveying",
     "load": "bnsurgery.checkpoint",
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from .provenance import last_report
     from .recalibration import recalibrate
     from .surveying import Survey, survey
+    from .swapping import swap
 
 
 def __getattr__(name: str) -> Any:

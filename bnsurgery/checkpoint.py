@@ -356,6 +356,10 @@ def save(
                 "the safetensors format records the architecture, and this model's is unknown: "
                 "pass arch='timm:NAME' (or --arch), or save as .pt (pickle)"
             )
+        if any(e.get("with") == "custom" for e in record["structure"]):
+            raise UsageError(
+                "a swap to a custom callable cannot be rebuilt from metadata; save as .pt (pickle)"
+            )
         payload = {"version": 1, "arch": arch, **{k: record[k] for k in ("steps", "structure")}}
         metadata = {_META_KEY: json.dumps(payload), "format": "pt"}
 

@@ -126,7 +126,13 @@ def replay(model: nn.Module, structure: list[dict[str, Any]]) -> None:
                 name = edit["replace"]
                 parent, child = _parent(model, name)
                 old = parent._modules[child]
-                setattr(parent, child, _BUILDERS[edit["with"]](old, edit))
+                kind = edit["with"]
+                if kind.startswith("swap:"):
+                    from .swapping import rebuild
+
+                    setattr(parent, child, rebuild(old, kind[5:], edit.get("options", {})))
+                else:
+                    setattr(parent, child, _BUILDERS[kind](old, edit))
             elif "add_bias" in edit:
                 module = model.get_submodule(edit["add_bias"])
                 add_zero_bias(module, int(edit["channels"]), module.weight)
