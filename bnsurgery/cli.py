@@ -272,6 +272,66 @@ def unfreeze_command(
     _write(model, source, output, fmt, force, arch, "unfrozen")
 
 
+@cli.command("swap")
+@(lambda f: _source_options(f, batch_default=32))
+@_output_options
+@click.option(
+    "--to",
+    "target",
+    required=True,
+    help="groupnorm, layernorm, instancenorm, frozen, syncbatchnorm, batchnorm or identity.",
+)
+@click.option("--groups", type=int, help="GroupNorm group count (default: up to 32, dividing C).")
+@click.option("--group-size", type=int, help="GroupNorm channels per group.")
+@click.option(
+    "--dims", type=click.Choice(["1d", "2d", "3d"]), help="For --to batchnorm from SyncBatchNorm."
+)
+@click.option(
+    "--calibrate",
+    "calibrate_path",
+    type=click.Path(),
+    help="Fit each new norm's scale and shift to the BN's output on this data (images or tensors).",
+)
+@click.option("--batches", type=int, help="Use at most N calibration batches.")
+def swap_command(
+    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    output, fmt, force, include, exclude, as_json, target, groups, group_size, dims,
+    calibrate_path, batches,
+):  # fmt: skip
+    """Replace BN layers of SOURCE by another norm (keeping their scale and shift, activations
+    of norm-act layers, and optionally repairing the fit on data) and write the model."""
+    from .checkpoint import default_output
+    from .datasets import batches_from_path
+    from .provenance import last_report
+    from .report import swap_text, to_json
+    from .swapping import swap
+
+    _check_output(Path(output) if output else default_output(source, target), source, fmt, force)
+    model = _load(source, arch, weights, trust_pickle)
+    data = None
+    if calibrate_path:
+        data, _ = batches_from_path(
+            calibrate_path, model, batch_size=batch_size, input_size=_parse_size(input_size)
+        )
+    swap(
+        model,
+        target,
+        include or None,
+        exclude or None,
+        groups=groups,
+        group_size=group_size,
+        dims=dims,
+        calibrate=data,
+        calibrate_batches=batches,
+    )
+    report = last_report(model)
+    click.echo(to_json(report) if as_json else swap_text(report))
+    if not report.swapped:
+        click.echo("nothing swapped; nothing written", err=True)
+        return
+    _write(model, source, output, fmt, force, arch, target)
+
+
 def _distributed() -> tuple[int, int]:
     """Join the process group torchrun describes (WORLD_SIZE > 1); return (rank, world)."""
     import os

@@ -12,6 +12,7 @@ from .folding import FoldReport
 from .freezing import FreezeReport
 from .recalibration import RecalibrationReport
 from .surveying import Survey
+from .swapping import SwapReport
 
 __all__ = [
     "drift_plot",
@@ -19,6 +20,7 @@ __all__ = [
     "freeze_text",
     "recalibration_text",
     "survey_text",
+    "swap_text",
     "table",
     "to_json",
 ]
@@ -159,3 +161,23 @@ def drift_plot(report: RecalibrationReport, path: str) -> None:
 
     atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120), force=True)
     plt.close(fig)
+
+
+def swap_text(report: SwapReport) -> str:
+    """Each BN swapped into what (with the fit error when calibrated), and what was left."""
+
+    def fit(before: float | None, after: float | None) -> str:
+        return "" if after is None else f"fit error {before:.3g} -> {after:.3g}"
+
+    rows = [
+        [s.bn, f"{s.was} -> {s.now}", s.detail, fit(s.fit_error_before, s.fit_error_after)]
+        for s in report.swapped
+    ]
+    rows += [[n, "left", r, ""] for n, r in report.left]
+    lines = [table(["bn", "swap", "detail", "repair"], rows)] if rows else []
+    how = " and repaired on calibration data" if report.calibrated else ""
+    lines.append(
+        f"swapped {len(report.swapped)} BN layers to {report.target}{how}; left {len(report.left)}"
+    )
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)

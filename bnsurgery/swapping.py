@@ -62,13 +62,19 @@ class NormAct(nn.Module):
         return self.act(self.drop(self.norm(x)))
 
 
-def auto_groups(channels: int, preferred: int = 32) -> int:
-    """The largest group count at most ``preferred`` that divides ``channels``.
+def auto_groups(channels: int, preferred: int = 32, min_group_size: int = 1) -> int:
+    """The largest group count at most ``preferred`` that divides ``channels`` into groups of
+    at least ``min_group_size`` channels (1 group if none does).
 
-    >>> auto_groups(72), auto_groups(64), auto_groups(7)
-    (24, 32, 7)
+    >>> auto_groups(72), auto_groups(64), auto_groups(7), auto_groups(5, min_group_size=2)
+    (24, 32, 7, 1)
     """
-    return max(g for g in range(1, min(preferred, channels) + 1) if channels % g == 0)
+    fits = [
+        g
+        for g in range(1, min(preferred, channels) + 1)
+        if channels % g == 0 and channels // g >= min_group_size
+    ]
+    return max(fits, default=1)
 
 
 def _groups(bn: nn.Module, groups: int | None, group_size: int | None) -> int:
@@ -83,7 +89,8 @@ def _groups(bn: nn.Module, groups: int | None, group_size: int | None) -> int:
         if group_size < 1 or c % group_size:
             raise UsageError(f"group_size={group_size} does not divide {c} channels")
         return c // group_size
-    return auto_groups(c)
+    # BatchNorm1d often sees (N, C) vectors: a one-channel group there normalises one value.
+    return auto_groups(c, min_group_size=2 if isinstance(bn, nn.BatchNorm1d) else 1)
 
 
 def _carry(new: nn.Module, bn: nn.Module, affine: bool) -> nn.Module:
