@@ -89,8 +89,8 @@ def _groups(bn: nn.Module, groups: int | None, group_size: int | None) -> int:
         if group_size < 1 or c % group_size:
             raise UsageError(f"group_size={group_size} does not divide {c} channels")
         return c // group_size
-    # BatchNorm1d often sees (N, C) vectors: a one-channel group there normalises one value.
-    return auto_groups(c, min_group_size=2 if isinstance(bn, nn.BatchNorm1d) else 1)
+    # BatchNorm1d often sees (N, C) vectors: a group there must hold enough values to normalise.
+    return auto_groups(c, min_group_size=16 if isinstance(bn, nn.BatchNorm1d) else 1)
 
 
 def _carry(new: nn.Module, bn: nn.Module, affine: bool) -> nn.Module:
