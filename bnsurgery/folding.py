@@ -376,15 +376,6 @@ class _Transaction:
         self.undo.clear()
 
 
-def _parents(model: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    found = []
-    for name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in parent._modules.items():
-            if child is module:
-                found.append((parent, child_name, f"{name}.{child_name}" if name else child_name))
-    return found
-
-
 def _param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.to(dtype=like.dtype, device=like.device), like.requires_grad)
 
@@ -419,7 +410,7 @@ def _apply_edit(
         for module_name, attr in owners.of(bias):
             txn.set(model.get_submodule(module_name), attr, _param(new_b, bias))
     replacement = remainder_of(bn)
-    for parent, child_name, path in _parents(model, bn):
+    for parent, child_name, path in provenance.parents(model, bn):
         txn.set(parent, child_name, replacement)
         structure.append({"replace": path, "with": provenance.structure_kind(replacement)})
 
@@ -443,16 +434,20 @@ def apply_plan(model: nn.Module, plan: FoldPlan) -> nn.Module:
     return model
 
 
-def _site_outputs(
+def _record_calls(
     model: nn.Module, names: list[str], args: tuple[Any, ...]
-) -> dict[str, list[torch.Tensor]]:
-    """Every output of the named modules, per call, on one eval forward pass."""
-    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    handles = []
-    for name in names:
+) -> dict[str, list[tuple[Any, Any]]]:
+    """``(input, output)`` of every call of the named modules on one eval forward pass."""
+    seen: dict[str, list[tuple[Any, Any]]] = {name: [] for name in names}
 
-        def hook(module: nn.Module, inputs: Any, out: Any, name: str = name) -> None:
-            seen[name].append(out.detach().clone() if isinstance(out, torch.Tensor) else out)
+    def keep(value: Any) -> Any:
+        return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+    handles = []
+    for name in dict.fromkeys(names):
+
+        def hook(module: nn.Module, inputs: tuple, out: Any, name: str = name) -> None:
+            seen[name].append((keep(inputs[0]) if inputs else None, keep(out)))
 
         handles.append(model.get_submodule(name).register_forward_hook(hook))
     try:
@@ -465,19 +460,38 @@ def _site_outputs(
 
 
 def _site_error(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> float:
-    """The largest relative change, over every folded layer, of the tensor each fold must
-    keep: a producer fold keeps what the BN (now its remainder) returns, a consumer fold what
-    the consumer layer returns. The model must be unfolded on entry and is so on exit."""
-    names = [e.bn if e.placement == "producer" else e.into for e in plan.edits]
-    names = [n for n in dict.fromkeys(names) if n]
-    before = _site_outputs(model, names, args)
+    """The largest relative change of any folded unit, each checked on its own recorded input.
+
+    A producer fold turns ``bn(layer(x))`` into ``remainder(layer'(x))``; a consumer fold turns
+    ``layer(bn(x))`` into ``layer'(x)``. Each unit is recomputed after folding on the very
+    inputs it saw before, so data-dependent parts elsewhere in the model (proposal selection,
+    NMS) cannot make the comparison differ. The model must be unfolded on entry and is so on
+    exit.
+    """
+    if not all(isinstance(model.get_submodule(e.into), _ConvNd | nn.Linear) for e in plan.edits):
+        return math.inf  # a functional layer: no module to recompute on its own
+    names = [n for e in plan.edits for n in (e.bn, e.into)]
+    before = _record_calls(model, names, args)
     txn, _ = _apply(model, plan)
+    worst = 0.0
     try:
-        after = _site_outputs(model, names, args)
+        with eval_mode(model), torch.no_grad():
+            for e in plan.edits:
+                layer, bn = model.get_submodule(e.into), model.get_submodule(e.bn)
+                layer_calls, bn_calls = before[e.into], before[e.bn]
+                if len(layer_calls) != len(bn_calls) or not bn_calls:
+                    return math.inf
+                for (layer_in, layer_out), (bn_in, bn_out) in zip(
+                    layer_calls, bn_calls, strict=True
+                ):
+                    if e.placement == "producer":
+                        expected, got = bn_out, bn(layer(layer_in))
+                    else:
+                        expected, got = layer_out, layer(bn(bn_in))
+                    worst = max(worst, max_relative_error(expected, got))
     finally:
         txn.rollback()
-    errors = [max_relative_error(before[n], after[n]) for n in names]
-    return max(errors, default=math.inf)
+    return worst
 
 
 def _step(plan: FoldPlan) -> dict[str, Any]:
@@ -557,9 +571,9 @@ def fold(
                 )
             txn, structure = _apply(model, plan)
             notes.append(
-                f"the model's final output moved by {error:.3g}, but every folded layer's output "
-                f"matches within {local:.3g}: discrete post-processing (NMS, top-k, thresholds) "
-                "flips on float rounding noise"
+                f"the final output moved by {error:.3g} (float rounding amplified by the network, "
+                "or flipped by discrete post-processing such as NMS or top-k); every folded layer, "
+                f"recomputed on the very input it saw, matches within {local:.3g}"
             )
             error = local
     elif plan.edits and example_inputs is None:

@@ -11,7 +11,7 @@ Like every bnsurgery surgery it works in place and returns the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -76,13 +76,6 @@ def _in_stages(model: nn.Module, stages: int) -> set[str]:
     }
 
 
-def _parents(model: nn.Module, module: nn.Module) -> Iterator[tuple[nn.Module, str, str]]:
-    for name, parent in model.named_modules(remove_duplicate=False):
-        for child_name, child in list(parent._modules.items()):
-            if child is module:
-                yield parent, child_name, f"{name}.{child_name}" if name else child_name
-
-
 def freeze(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
@@ -138,7 +131,7 @@ def freeze(
             left.append((name, "no running statistics (track_running_stats=False) to freeze"))
             continue
         frozen = FrozenBatchNorm(bn, train_affine=train_affine)
-        parents = list(_parents(model, bn))
+        parents = list(provenance.parents(model, bn))
         if not parents:
             left.append((name, "the model itself is the BN; use FrozenBatchNorm(model)"))
             continue
@@ -173,7 +166,7 @@ def unfreeze(
     paths: set[str] = set()
     for name, module in frozen:
         original = module.restore()
-        for parent, child_name, path in list(_parents(model, module)):
+        for parent, child_name, path in list(provenance.parents(model, module)):
             setattr(parent, child_name, original)
             paths.add(path)
         changed.append(name)

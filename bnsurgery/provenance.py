@@ -26,6 +26,7 @@ __all__ = [
     "add_zero_bias",
     "get_record",
     "last_report",
+    "parents",
     "set_report",
     "record_step",
     "replace_module",
@@ -73,6 +74,19 @@ def record_step(model: nn.Module, step: dict[str, Any], structure: list[dict[str
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return model.get_submodule(parent_name) if parent_name else model, child
+
+
+def parents(model: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str, str]]:
+    """Every place ``module`` is registered in ``model``: ``(parent, attribute, path)``.
+
+    A module shared under several names is found under each of them.
+    """
+    return [
+        (parent, child_name, f"{name}.{child_name}" if name else child_name)
+        for name, parent in model.named_modules(remove_duplicate=False)
+        for child_name, child in list(parent._modules.items())
+        if child is module
+    ]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -284,15 +284,6 @@ class SwapReport:
         }
 
 
-def _parents(model: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    return [
-        (parent, child_name, f"{name}.{child_name}" if name else child_name)
-        for name, parent in model.named_modules(remove_duplicate=False)
-        for child_name, child in list(parent._modules.items())
-        if child is module
-    ]
-
-
 def _normalized(new: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The new norm's output before its affine map (and before any activation)."""
     norm = new.norm if isinstance(new, NormAct) else new
@@ -477,7 +468,7 @@ def swap(
             continue
         if not isinstance(new, nn.Module):
             raise UsageError(f"the swap callable returned a {type(new).__name__} for {name}")
-        parents = _parents(model, bn)
+        parents = provenance.parents(model, bn)
         if not parents:
             left.append((name, "the model itself is the BN"))
             continue

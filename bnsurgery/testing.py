@@ -16,8 +16,9 @@ def randomize_bn(model: nn.Module, seed: int = 0, spread: float = 0.5) -> nn.Mod
 
     Freshly built models have mean 0, variance 1, weight 1 and bias 0 in every BN, which makes
     BN the identity and hides a wrong fold. Values are drawn so the function stays well scaled:
-    mean ~ N(0, spread), var ~ U(0.5, 1.5), weight ~ U(0.5, 1.5) with random sign is avoided,
-    bias ~ N(0, spread). ``num_batches_tracked`` is set to 1 (trained).
+    mean ~ N(0, spread), var ~ U(0.5, 1.5), weight ~ U(0.5, 1.5) (U(0, 0.2) where the model
+    zero-initialises it, as timm does for the last BN of residual blocks), bias ~ N(0, spread).
+    ``num_batches_tracked`` is set to 1 (trained).
     """
     g = torch.Generator().manual_seed(seed)
 
@@ -40,7 +41,11 @@ def randomize_bn(model: nn.Module, seed: int = 0, spread: float = 0.5) -> nn.Mod
         if isinstance(weight, torch.Tensor) and not isinstance(
             weight, nn.parameter.UninitializedParameter
         ):
-            draw(weight, 0.5, 1.5)
+            zero_init = bool((weight == 0).all())
+            # A zero-initialised residual BN stays small, as after training, so random-init
+            # networks do not blow up (and float32 rounding with them).
+            low, high = (0.0, 0.2) if zero_init else (0.5, 1.5)
+            draw(weight, low, high)
             draw(bias, spread)
         tracked = getattr(bn, "num_batches_tracked", None)
         if isinstance(tracked, torch.Tensor):

@@ -1,0 +1,928 @@
+#!/usr/bin/env python
+"""Sweep bnsurgery's fold over every BatchNorm model in timm and torchvision.
+
+Every architecture in ``timm.list_models()`` and ``torchvision.models.list_models()`` (names
+prefixed ``timm:`` / ``torchvision:``; nothing deduplicated) is built with random weights
+(nothing is downloaded). Models without a BN module are recognised from a build on the meta
+device and skipped before anything runs; they are not counted. Every other model gets random BN
+statistics (``bnsurgery.testing.randomize_bn``), eval mode and a small batch of 2, and then:
+
+* the reference output; a deep copy folded with ``bnsurgery.fold`` on the same inputs, timed;
+* the max relative error ``max|a - b| / max|a|`` over float outputs, computed here rather than
+  taken from the fold report;
+* where our fold raised a ``VerificationError`` or the error exceeds 1e-5: the fold again
+  without verification (to measure the float32 error), and the whole check in float64. An
+  exact fold is ~1e-12 in float64; a large float64 error points at a fold bug, a small one at
+  float32 rounding amplified by the random-init network or at discrete post-processing
+  (detection NMS) flipping on rounding noise;
+* how many BN layers ``torch.fx.experimental.optimization.fuse`` folds (or "untraceable");
+* the reasons for every BN left, aggregated with counts.
+
+Inputs: timm models at their ``pretrained_cfg`` input size scaled down to a shorter side of 96
+(or the model's minimum), falling back to the native size when a small input fails (fixed-size
+models go straight to it); torchvision classifiers at 96x96, else their native crop; detection
+models a list of two 3xHxW images (R-CNN/RetinaNet/FCOS built with a 256 pixel transform);
+video models N,3,T,H,W; RAFT two images and 2 flow updates.
+
+Each model runs in a worker process with a time limit and a memory limit; a hang, a crash or a
+memory blow-up kills that worker and is recorded for that model alone, then a fresh worker goes
+on. Workers are also replaced every ``--recycle`` models so memory stays bounded. Results are
+appended to a JSONL side file after every model (``--resume`` skips the models in it) and the
+Markdown report is rewritten from it after every model.
+
+Examples::
+
+    python scripts/sweep_zoo.py --limit 15
+    python scripts/sweep_zoo.py --filter 'timm:mobilenet*' --filter 'torchvision:*rcnn*'
+    python scripts/sweep_zoo.py --resume                  # the full sweep, hours; restartable
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import fnmatch
+import gc
+import json
+import math
+import os
+import re
+import select
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "zoo_sweep.md"
+TOLERANCE = 1e-5
+SMALL_SIDE = 96
+
+# statuses: "ok" and "over_tolerance" are about our fold; "fold_error" means it raised;
+# "setup_error" means the model itself could not be built or run (not a fold problem)
+STATUSES = (
+    "ok",
+    "over_tolerance",
+    "fold_error",
+    "setup_error",
+    "timeout",
+    "crashed",
+    "memory",
+)
+
+
+# =============================================================================== worker
+
+
+def _is_bn(module: Any) -> bool:
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    name = type(module).__name__
+    return isinstance(module, _BatchNorm) or (name.startswith("Frozen") and "BatchNorm" in name)
+
+
+def _bn_count(model: Any) -> int:
+    return sum(1 for m in model.modules() if _is_bn(m))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _leaves(value: Any) -> list[Any]:
+    """Tensors and scalars of a nested output in a fixed order, with its structure."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [("key", k) for k in value] + [x for k in value for x in _leaves(value[k])]
+    if isinstance(value, list | tuple):
+        return [("len", len(value))] + [x for v in value for x in _leaves(v)]
+    return [value]
+
+
+def max_rel_error(reference: Any, candidate: Any) -> float:
+    """max |a - b| / max |a| over floating tensors (each by its own scale); inf on any
+    structural difference, NaN/inf placement difference, or unequal integer tensors."""
+    import torch
+
+    ref, cand = _leaves(reference), _leaves(candidate)
+    if len(ref) != len(cand):
+        return math.inf
+    worst = 0.0
+    for a, b in zip(ref, cand, strict=True):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            if a != b:
+                return math.inf
+            continue
+        if a.shape != b.shape or a.dtype != b.dtype:
+            return math.inf
+        if not a.dtype.is_floating_point:
+            if not torch.equal(a, b):
+                return math.inf
+            continue
+        a64, b64 = a.detach().double(), b.detach().double()
+        finite = torch.isfinite(a64)
+        if not torch.equal(finite, torch.isfinite(b64)):
+            return math.inf
+        if not torch.equal(a64[~finite].nan_to_num(), b64[~finite].nan_to_num()):
+            return math.inf
+        a64, b64 = a64[finite], b64[finite]
+        if a64.numel() == 0:
+            continue
+        scale = max(a64.abs().max().item(), 1e-30)
+        worst = max(worst, (a64 - b64).abs().max().item() / scale)
+    return worst
+
+
+def _rows(ref: dict[str, Any], d: dict[str, Any], keys: list[str], count: int) -> Any:
+    """One row per detection: the given keys, each scaled by its largest value in ``ref``."""
+    import torch
+
+    cols = []
+    for k in keys:
+        scale = max(ref[k].double().abs().max().item(), 1e-30)
+        cols.append(d[k].double().reshape(count, -1) / scale)
+    return torch.cat(cols, dim=1)
+
+
+def detection_error(reference: Any, candidate: Any) -> float:
+    """Like :func:`max_rel_error` for detection outputs (a list of dicts of per-detection
+    tensors), but blind to the order of detections: every detection is matched to its nearest
+    one on the other side (boxes, scores, labels, keypoints, each scaled by its own largest
+    value), both ways, and the error of matched pairs is measured per key as usual.
+
+    Random-init detectors give many near-tied scores (1e-17 apart), so top-k and NMS permute
+    equal detections on rounding noise even in float64; the set of detections is what must
+    match. A different number of detections is inf.
+    """
+    import torch
+
+    if not (isinstance(reference, list) and isinstance(candidate, list)):
+        return max_rel_error(reference, candidate)
+    if len(reference) != len(candidate):
+        return math.inf
+    worst = 0.0
+    for a, b in zip(reference, candidate, strict=True):
+        if not (isinstance(a, dict) and isinstance(b, dict)) or a.keys() != b.keys():
+            return math.inf
+        if any(a[k].shape != b[k].shape for k in a):
+            return math.inf
+        count = len(a["scores"]) if "scores" in a else 0
+        if count == 0:
+            continue
+        match_keys = [k for k in ("boxes", "scores", "labels", "keypoints") if k in a]
+
+        ra, rb = _rows(a, a, match_keys, count), _rows(a, b, match_keys, count)
+        ab = torch.cdist(ra, rb, p=math.inf).argmin(dim=1)  # a's nearest in b
+        ba = torch.cdist(rb, ra, p=math.inf).argmin(dim=1)  # b's nearest in a
+        for k in a:
+            if not a[k].dtype.is_floating_point:
+                if not (torch.equal(a[k], b[k][ab]) and torch.equal(b[k], a[k][ba])):
+                    return math.inf
+                continue
+            x, y = a[k].double(), b[k].double()
+            scale = max(x.abs().max().item(), 1e-30)
+            diff = max((x - y[ab]).abs().max().item(), (y - x[ba]).abs().max().item())
+            worst = max(worst, diff / scale)
+    return worst
+
+
+def _float_numel(value: Any) -> int:
+    return sum(
+        x.numel()
+        for x in _leaves(value)
+        if hasattr(x, "dtype") and getattr(x.dtype, "is_floating_point", False)
+    )
+
+
+class _Categories:
+    """Which torchvision models are detection, segmentation, video or optical flow."""
+
+    def __init__(self) -> None:
+        import torchvision.models as tvm
+
+        def names(module: Any) -> set[str]:
+            return set(tvm.list_models(module=module))
+
+        self.detection = names(tvm.detection)
+        self.segmentation = names(tvm.segmentation)
+        self.video = names(tvm.video)
+        self.flow = names(tvm.optical_flow)
+
+    def of(self, name: str) -> str:
+        ns, _, bare = name.partition(":")
+        if ns == "timm":
+            return "timm"
+        for category in ("detection", "segmentation", "video", "flow"):
+            if bare in getattr(self, category):
+                return category
+        return "classification"
+
+
+def _build(name: str, category: str, extra: dict[str, Any]) -> Any:
+    ns, _, bare = name.partition(":")
+    if ns == "timm":
+        import timm
+
+        return timm.create_model(bare, pretrained=False, **extra)
+    import inspect
+
+    import torchvision
+
+    builder = torchvision.models.get_model_builder(bare)
+    kwargs = dict(extra)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        kwargs["weights_backbone"] = None  # never download a backbone
+    return builder(weights=None, **kwargs)
+
+
+def _build_kwargs(name: str, category: str) -> list[dict[str, Any]]:
+    """Model kwargs to try in order (smaller detection transforms keep CPU time down)."""
+    bare = name.partition(":")[2]
+    if category != "detection":
+        return [{}]
+    # score thresholds 0: a random-init detector keeps no box at the default thresholds,
+    # and comparing two empty outputs proves nothing
+    if bare.startswith("ssd"):
+        return [{"score_thresh": 0.0}, {}]
+    if "rcnn" in bare:
+        keep: dict[str, Any] = {"box_score_thresh": 0.0}
+    else:
+        keep = {"score_thresh": 0.0}
+    return [{"min_size": 256, "max_size": 256, **keep}, keep, {}]
+
+
+def _round32(value: float) -> int:
+    return max(32, math.ceil(value / 32.0) * 32)
+
+
+def _input_candidates(name: str, category: str, model: Any) -> list[tuple[str, Any]]:
+    """(description, factory(dtype) -> positional args) to try in order."""
+    import torch
+
+    def images(c: int, h: int, w: int) -> tuple[str, Any]:
+        def make(dtype: torch.dtype) -> tuple[Any, ...]:
+            g = torch.Generator().manual_seed(0)
+            return (torch.randn(2, c, h, w, generator=g).to(dtype),)
+
+        return f"2x{c}x{h}x{w}", make
+
+    def image_list(h: int, w: int) -> tuple[str, Any]:
+        def make(dtype: torch.dtype) -> tuple[Any, ...]:
+            g = torch.Generator().manual_seed(0)
+            return ([torch.rand(3, h, w, generator=g).to(dtype) for _ in range(2)],)
+
+        return f"[3x{h}x{w}]*2", make
+
+    def video(t: int, s: int) -> tuple[str, Any]:
+        def make(dtype: torch.dtype) -> tuple[Any, ...]:
+            g = torch.Generator().manual_seed(0)
+            return (torch.randn(2, 3, t, s, s, generator=g).to(dtype),)
+
+        return f"2x3x{t}x{s}x{s}", make
+
+    def image_pair(s: int) -> tuple[str, Any]:
+        def make(dtype: torch.dtype) -> tuple[Any, ...]:
+            g = torch.Generator().manual_seed(0)
+            a, b = (torch.rand(2, 3, s, s, generator=g).to(dtype) * 2 - 1 for _ in range(2))
+            return (a, b, 2)  # RAFT: image1, image2, num_flow_updates
+
+        return f"2x3x{s}x{s} pair, 2 updates", make
+
+    if category == "timm":
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        try:
+            from timm.data import resolve_data_config
+
+            native = tuple(resolve_data_config({}, model=model)["input_size"])
+        except Exception:
+            native = tuple(cfg.get("input_size") or (3, 224, 224))
+        c, h, w = (int(v) for v in native)
+        found = [images(c, h, w)]
+        if not cfg.get("fixed_input_size", False):
+            side = SMALL_SIDE
+            minimum = cfg.get("min_input_size")
+            if minimum:
+                side = max(side, *(int(v) for v in minimum[1:]))
+            scale = side / min(h, w)
+            if scale < 1:
+                found.insert(0, images(c, _round32(h * scale), _round32(w * scale)))
+        return found
+    if category == "detection":
+        return [image_list(160, 160), image_list(320, 320)]
+    if category == "segmentation":
+        return [images(3, SMALL_SIDE, SMALL_SIDE), images(3, 224, 224)]
+    if category == "video":
+        return [video(4, 64), video(16, 112), video(16, 224)]
+    if category == "flow":
+        return [image_pair(128), image_pair(224)]
+    found = [images(3, SMALL_SIDE, SMALL_SIDE)]
+    try:
+        import torchvision
+
+        weights = torchvision.models.get_model_weights(name.partition(":")[2]).DEFAULT
+        crop = list(weights.transforms().crop_size)
+        found.append(images(3, int(crop[0]), int(crop[-1])))
+    except Exception:
+        pass
+    found.append(images(3, 224, 224))
+    return found
+
+
+_NAMED = re.compile(r"`[^`]*`")
+_CALL = re.compile(r"\b[\w.]+\.(\w+)\(\)")  # module path calls: features.3.conv() -> conv()
+
+
+def short_reason(reason: str) -> str:
+    """A reason without module names, so equal reasons aggregate across layers."""
+    text = _NAMED.sub("`…`", reason)
+    text = _CALL.sub(r"\1()", text)
+    return re.sub(r"\b\d+\b", "N", text)
+
+
+def _fx_folded(model: Any, args: tuple[Any, ...], reference: Any) -> tuple[Any, Any]:
+    """(BN layers torch.fx's fuse folds, its max relative error), or ("untraceable", None)."""
+    import torch
+    from torch import fx
+    from torch.fx.experimental.optimization import fuse
+
+    def bn_targets(gm: Any) -> set[str]:
+        modules = dict(gm.named_modules())
+        return {
+            str(n.target)
+            for n in gm.graph.nodes
+            if n.op == "call_module" and _is_bn(modules.get(str(n.target)))
+        }
+
+    try:
+        traced = fx.symbolic_trace(copy.deepcopy(model))
+    except Exception:
+        return "untraceable", None
+    before = bn_targets(traced)
+    try:
+        fused = fuse(traced, inplace=True, no_trace=True)
+    except Exception as exc:
+        return f"fuse failed: {_one_line(exc)}", None
+    folded = len(before - bn_targets(fused))
+    try:
+        with torch.no_grad():
+            error = max_rel_error(reference, fused(*args))
+    except Exception:
+        error = None
+    return folded, error
+
+
+def _as_float64(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.double() if value.dtype.is_floating_point else value
+    if isinstance(value, dict):
+        return {k: _as_float64(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_as_float64(v) for v in value)
+    return value
+
+
+def _float64_check(model: Any, make_args: Any, reference32: Any, compare: Any) -> dict[str, Any]:
+    """Fold in float64 and measure the error (~1e-12 when the fold itself is exact), and
+    the unfolded model's own float32 rounding noise (its float32 output against float64).
+
+    Changes ``model`` (to float64, folded) to keep memory at one copy of the model.
+    """
+    import torch
+
+    import bnsurgery
+
+    out: dict[str, Any] = {}
+    try:
+        model.double()
+        args = make_args(torch.float64)
+        with torch.no_grad():
+            reference = model(*args)
+        out["noise32"] = compare(reference, _as_float64(reference32))
+        bnsurgery.fold(model, args, verify=False)
+        with torch.no_grad():
+            out["f64_err"] = compare(reference, model(*args))
+    except Exception as exc:
+        out["f64_error"] = _one_line(exc)
+    return out
+
+
+def run_one(name: str, category: str, send: Any) -> dict[str, Any]:
+    """Everything for one model; ``send`` reports progress (phase and partial results)."""
+    import torch
+
+    import bnsurgery
+    from bnsurgery.errors import VerificationError
+    from bnsurgery.testing import randomize_bn
+
+    record: dict[str, Any] = {"name": name, "category": category}
+
+    def phase(text: str) -> None:
+        send({"phase": text})
+
+    # 1. BN present? Build on the meta device first: nothing is allocated or initialised.
+    phase("meta build")
+    meta_count = None
+    for extra in _build_kwargs(name, category):
+        try:
+            with torch.device("meta"):
+                meta_count = _bn_count(_build(name, category, extra))
+            break
+        except Exception:
+            continue
+    if meta_count == 0:
+        return {**record, "status": "no_bn"}
+
+    # 2. Real build with random init, random BN statistics, eval mode.
+    phase("build")
+    model, build_error = None, None
+    for extra in _build_kwargs(name, category):
+        try:
+            torch.manual_seed(0)
+            model = _build(name, category, extra)
+            if extra:
+                record["kwargs"] = extra
+            break
+        except Exception as exc:
+            build_error = _one_line(exc)
+    if model is None:
+        return {**record, "status": "setup_error", "error": f"build: {build_error}"}
+    record["bn"] = _bn_count(model)
+    record["params"] = sum(p.numel() for p in model.parameters())
+    if record["bn"] == 0:
+        return {**record, "status": "no_bn"}
+    randomize_bn(model, 0)
+    model.eval()
+    send({"update": record})
+
+    # 3. The first input the model runs on.
+    phase("reference forward")
+    make_args = reference = None
+    failures = []
+    for description, make in _input_candidates(name, category, model):
+        try:
+            args = make(torch.float32)
+            with torch.no_grad():
+                reference = model(*args)
+            make_args, record["input"] = make, description
+            break
+        except Exception as exc:
+            failures.append(f"{description}: {_one_line(exc)}")
+            gc.collect()
+    if make_args is None:
+        return {**record, "status": "setup_error", "error": "forward: " + " | ".join(failures)}
+    args = make_args(torch.float32)
+    send({"update": record})
+
+    # 4. Our fold, on a copy.
+    phase("fold")
+    work = copy.deepcopy(model)
+    start = time.perf_counter()
+    try:
+        bnsurgery.fold(work, args)
+        record["fold_s"] = round(time.perf_counter() - start, 3)
+    except Exception as exc:
+        record["fold_s"] = round(time.perf_counter() - start, 3)
+        record["error"] = _one_line(exc)
+        record["status"] = "fold_error"
+        if not isinstance(exc, VerificationError):
+            record["traceback"] = traceback.format_exc()[-2000:]
+            return record
+        phase("fold without verification")
+        work = copy.deepcopy(model)
+        try:
+            bnsurgery.fold(work, args, verify=False)
+        except Exception as again:
+            record["error"] += f"; without verification: {_one_line(again)}"
+            return record
+    report = bnsurgery.last_report(work)
+    if report is not None:
+        record["folded"] = len(report.folded)
+        record["left"] = len(report.left)
+        record["left_in_model"] = _bn_count(work)
+        reasons = Counter(short_reason(s.reason) for s in report.left)
+        record["reasons"] = dict(reasons.most_common())
+        if report.notes:
+            record["fold_notes"] = list(report.notes)
+    phase("compare")
+    compare = detection_error if category == "detection" else max_rel_error
+    with torch.no_grad():
+        record["err"] = compare(reference, work(*args))
+    if _float_numel(reference) == 0:
+        record["note"] = "the output has no floating values: the comparison proves nothing"
+    record.setdefault("status", "ok" if record["err"] <= TOLERANCE else "over_tolerance")
+    del work
+    gc.collect()
+    send({"update": record})
+
+    # 5. Baseline: torch.fx conv-BN fusion.
+    phase("fx fuse")
+    record["fx"], record["fx_err"] = _fx_folded(model, args, reference)
+    send({"update": record})
+
+    # 6. Float64 diagnosis of anything that failed verification or exceeded the tolerance.
+    if record["status"] != "ok":
+        phase("float64 check")
+        record.update(_float64_check(model, make_args, reference, compare))
+    return record
+
+
+def worker_main(threads: int) -> None:
+    """Read model names on stdin, write JSON messages on the original stdout."""
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything a model prints goes to stderr, not into the protocol
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(threads)
+    categories = _Categories()
+
+    def send(message: dict[str, Any]) -> None:
+        proto.write(json.dumps(message, default=str) + "\n")
+        proto.flush()
+
+    send({"ready": True})
+    for line in sys.stdin:
+        name = line.strip()
+        if not name:
+            continue
+        try:
+            result = run_one(name, categories.of(name), send)
+        except Exception as exc:
+            result = {
+                "name": name,
+                "status": "setup_error",
+                "error": f"sweep: {_one_line(exc)}",
+                "traceback": traceback.format_exc()[-2000:],
+            }
+        gc.collect()
+        send({"result": result, "rss_mb": _rss_mb(os.getpid())})
+
+
+# =============================================================================== parent
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Worker:
+    """One worker process; ``run`` one model with a time and memory limit."""
+
+    def __init__(self, threads: int, verbose: bool) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(threads)]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None if verbose else subprocess.DEVNULL,
+            cwd=ROOT,
+            text=False,
+        )
+        self.buffer = b""
+        self.done = 0
+        self._wait_for(lambda m: m.get("ready"), timeout=300, max_rss_mb=math.inf)
+
+    def _messages(self, timeout: float) -> list[dict[str, Any]] | None:
+        """Messages that arrive within ``timeout``; None at end of file."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            return []
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return None
+        self.buffer += chunk
+        *lines, self.buffer = self.buffer.split(b"\n")
+        out = []
+        for line in lines:
+            with contextlib.suppress(json.JSONDecodeError):
+                out.append(json.loads(line))
+        return out
+
+    def _wait_for(self, done: Any, timeout: float, max_rss_mb: float, on: Any = None) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _Limit("timeout", f"over the {timeout:g}s limit")
+            messages = self._messages(min(1.0, remaining))
+            if messages is None:
+                code = self.proc.wait()
+                raise _Limit("crashed", f"worker died with exit code {code}")
+            for message in messages:
+                if done(message):
+                    return message
+                if on is not None:
+                    on(message)
+            rss = _rss_mb(self.proc.pid)
+            if rss > max_rss_mb:
+                raise _Limit("memory", f"worker RSS {rss / 1024:.1f} GiB over the limit")
+
+    def run(self, name: str, timeout: float, max_rss_mb: float) -> tuple[dict[str, Any], float]:
+        assert self.proc.stdin is not None
+        self.done += 1
+        partial: dict[str, Any] = {"name": name}
+        current = {"phase": "start"}
+
+        def on(message: dict[str, Any]) -> None:
+            if "phase" in message:
+                current["phase"] = message["phase"]
+            if "update" in message:
+                partial.update(message["update"])
+
+        self.proc.stdin.write(name.encode() + b"\n")
+        self.proc.stdin.flush()
+        try:
+            message = self._wait_for(lambda m: "result" in m, timeout, max_rss_mb, on)
+        except _Limit as limit:
+            self.kill()
+            detail = f"{limit.status}: {limit.detail} (during {current['phase']})"
+            if "status" in partial:  # the fold itself finished; a later step hit the limit
+                partial["limit"] = detail
+            else:
+                partial.update(status=limit.status, error=detail)
+            return partial, math.inf
+        return message["result"], float(message.get("rss_mb", 0.0))
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # our own child, by its handle
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+class _Limit(Exception):
+    def __init__(self, status: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+def all_models() -> list[str]:
+    import timm
+    import torchvision
+
+    names = [f"timm:{n}" for n in timm.list_models()]
+    return names + [f"torchvision:{n}" for n in torchvision.models.list_models()]
+
+
+def selected(names: list[str], patterns: list[str] | None) -> list[str]:
+    """Names matching any glob, tried on ``ns:name`` and on the bare name."""
+    if not patterns:
+        return names
+    return [
+        n
+        for n in names
+        if any(
+            fnmatch.fnmatchcase(n, p) or fnmatch.fnmatchcase(n.partition(":")[2], p)
+            for p in patterns
+        )
+    ]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records: list[dict[str, Any]] = []
+    if not path.exists():
+        return records
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+# ----------------------------------------------------------------------------- Markdown
+
+
+def _fmt_err(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    return "inf" if math.isinf(value) else f"{value:.1e}"
+
+
+def _cell(text: Any, width: int = 0) -> str:
+    text = "" if text is None else str(text)
+    if width and len(text) > width:
+        text = text[: width - 1] + "…"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _fx_more(r: dict[str, Any]) -> bool:
+    return isinstance(r.get("fx"), int) and r["fx"] > r.get("folded", 0)
+
+
+def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    swept = [r for r in records if r.get("status") != "no_bn"]
+    skipped = len(records) - len(swept)
+    by = Counter(r.get("status") for r in swept)
+    measured = [r for r in swept if isinstance(r.get("err"), int | float)]
+    worst = max(measured, key=lambda r: r["err"], default=None)
+    fold_errors = [r for r in swept if r.get("status") == "fold_error"]
+    over = [r for r in swept if r.get("status") == "over_tolerance"]
+    fx_more = [r for r in swept if _fx_more(r)]
+    exact64 = [
+        r
+        for r in fold_errors + over
+        if isinstance(r.get("f64_err"), float) and r["f64_err"] <= TOLERANCE
+    ]
+    lines = [
+        "# bnsurgery fold: zoo sweep",
+        "",
+        f"Generated {meta['when']} with torch {meta['torch']}, timm {meta['timm']}, "
+        f"torchvision {meta['torchvision']}; random init, `randomize_bn(seed=0)`, eval, batch 2, "
+        f"float32, {meta['threads']} thread(s). Command: `{meta['command']}`.",
+        "",
+        f"- models with BN swept: **{len(swept)}** "
+        f"(timm {sum(r['name'].startswith('timm:') for r in swept)}, torchvision "
+        f"{sum(r['name'].startswith('torchvision:') for r in swept)}); skipped without BN: "
+        f"{skipped}",
+        "- status: " + ", ".join(f"{s} {by[s]}" for s in STATUSES if by[s]),
+        f"- our fold raised: **{len(fold_errors)}**"
+        + (f" ({', '.join(r['name'] for r in fold_errors)})" if fold_errors else ""),
+        f"- over {TOLERANCE:g} without raising: **{len(over)}**"
+        + (f" ({', '.join(r['name'] for r in over)})" if over else ""),
+        f"- of those two, passing the same {TOLERANCE:g} check in float64: {len(exact64)} "
+        f"(float32 rounding amplified by the random-init network, compare *f32 noise*, or "
+        f"discrete post-processing flipping on it; a wrong fold is off by far more)",
+        "- max relative error overall: **"
+        + (f"{_fmt_err(worst['err'])}** ({worst['name']})" if worst else "n/a**"),
+        f"- models where fx fuse folds more BN than bnsurgery: **{len(fx_more)}**"
+        + (f" ({', '.join(r['name'] for r in fx_more)})" if fx_more else ""),
+        "",
+        "Columns: *err* is max\\|a-b\\|/max\\|a\\| over float outputs measured by the sweep "
+        "(for a fold that failed verification, of the fold redone without verification; for "
+        "detection models blind to the order of detections, see `detection_error`); "
+        "*f64 err* the same check in float64 and *f32 noise* the unfolded model's own float32 "
+        "output against its float64 output, both only when *err* > 1e-5 or the fold raised; "
+        "*fx* the BN count `torch.fx.experimental.optimization.fuse` folds.",
+        "",
+        "| model | status | input | BN | folded | left | err | f64 err | f32 noise | fx "
+        "| fold s | left: reasons | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in swept:
+        reasons = "; ".join(f"{n}x {_cell(k, 160)}" for k, n in (r.get("reasons") or {}).items())
+        f64 = _fmt_err(r.get("f64_err")) or _cell(r.get("f64_error"), 60)
+        notes = [str(r[k]) for k in ("error", "limit", "note") if r.get(k)]
+        notes += [f"fold note: {n}" for n in r.get("fold_notes") or []]
+        error = "; ".join(notes)
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    _cell(r["name"]),
+                    _cell(r.get("status")),
+                    _cell(r.get("input")),
+                    _cell(r.get("bn")),
+                    _cell(r.get("folded")),
+                    _cell(r.get("left")),
+                    _fmt_err(r.get("err")),
+                    f64,
+                    _fmt_err(r.get("noise32")),
+                    _cell(r.get("fx"), 40),
+                    _cell(r.get("fold_s")),
+                    _cell(reasons, 400),
+                    _cell(error, 240),
+                ]
+            )
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--filter",
+        action="append",
+        metavar="GLOB",
+        help="only models matching this glob (on 'ns:name' or the bare name); repeatable",
+    )
+    parser.add_argument("--limit", type=int, help="stop after N models with BN")
+    parser.add_argument(
+        "--timeout-per-model", type=float, default=300.0, help="seconds (default 300)"
+    )
+    parser.add_argument(
+        "--max-rss-gb", type=float, default=12.0, help="worker memory limit (default 12)"
+    )
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Markdown report path")
+    parser.add_argument("--jsonl", type=Path, help="side file (default: --out with .jsonl)")
+    parser.add_argument(
+        "--resume", action="store_true", help="append, skipping models in the side file"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument("--recycle", type=int, default=25, help="new worker after this many models")
+    parser.add_argument("--verbose", action="store_true", help="show worker stderr")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        worker_main(args.threads)
+        return 0
+    warnings.filterwarnings("ignore")
+    import timm
+    import torch
+    import torchvision
+
+    out: Path = args.out
+    jsonl: Path = args.jsonl or out.with_suffix(".jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    jsonl.parent.mkdir(parents=True, exist_ok=True)
+    records = read_jsonl(jsonl) if args.resume else []
+    if not args.resume:
+        jsonl.write_text("")
+    seen = {r.get("name") for r in records}
+    todo = [n for n in selected(all_models(), args.filter) if n not in seen]
+    meta = {
+        "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torchvision": torchvision.__version__,
+        "threads": args.threads,
+        "command": " ".join(["scripts/sweep_zoo.py", *(argv or sys.argv[1:])]),
+    }
+    print(f"{len(todo)} candidate models ({len(seen)} already in {jsonl})", flush=True)
+    max_rss_mb = args.max_rss_gb * 1024
+    worker: Worker | None = None
+    counted = 0
+    try:
+        for name in todo:
+            if args.limit is not None and counted >= args.limit:
+                break
+            if worker is None or worker.proc.poll() is not None or worker.done >= args.recycle:
+                if worker is not None:
+                    worker.close()
+                worker = Worker(args.threads, args.verbose)
+            start = time.monotonic()
+            record, rss = worker.run(name, args.timeout_per_model, max_rss_mb)
+            record["total_s"] = round(time.monotonic() - start, 1)
+            if rss > max_rss_mb / 2:
+                worker.close()  # memory kept by the allocator: start the next one fresh
+                worker = None
+            with jsonl.open("a") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+            records.append(record)
+            if record.get("status") == "no_bn":
+                continue
+            counted += 1
+            print(
+                f"[{counted}] {name}: {record.get('status')} bn={record.get('bn')} "
+                f"folded={record.get('folded')} err={_fmt_err(record.get('err'))} "
+                f"fx={record.get('fx')} {record['total_s']}s"
+                + (f" -- {record['error'][:160]}" if record.get("error") else ""),
+                flush=True,
+            )
+            write_atomic(out, render(records, meta))
+    except KeyboardInterrupt:
+        print("interrupted; rerun with --resume to go on", file=sys.stderr)
+        return 130
+    finally:
+        if worker is not None:
+            worker.kill()
+        write_atomic(out, render(records, meta))
+    print(f"wrote {out} and {jsonl}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
