@@ -149,6 +149,12 @@ def _layernorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
 
 
 def _instancenorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
+    if isinstance(bn, nn.BatchNorm1d) and opts.get("dims") != "1d":
+        # On (N, C) vectors InstanceNorm1d would read C as the length: silently wrong.
+        raise _Leave(
+            "a BatchNorm1d may see (N, C) vectors, which instance norm cannot take; "
+            "pass dims='1d' if it sees (N, C, L)"
+        )
     dims = {nn.BatchNorm1d: 1, nn.BatchNorm3d: 3}
     d = next((v for cls, v in dims.items() if isinstance(bn, cls)), 2)
     cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[d]
@@ -414,7 +420,8 @@ def swap(
         include, exclude: glob patterns on BN names.
         groups, group_size: for ``groupnorm``: a group count, or channels per group; default
             the largest count up to 32 that divides the channels.
-        dims: for ``batchnorm`` from SyncBatchNorm built elsewhere: ``"1d"``, ``"2d"``, ``"3d"``.
+        dims: for ``batchnorm`` from SyncBatchNorm built elsewhere: ``"1d"``, ``"2d"``, ``"3d"``;
+            for ``instancenorm``, ``"1d"`` says BatchNorm1d layers see (N, C, L) inputs.
         calibrate: batches (as for :func:`bnsurgery.recalibrate`); fit each new norm's scale
             and shift to the replaced BN's eval output, layer by layer in forward order.
         calibrate_batches: use at most this many calibration batches.

@@ -159,3 +159,42 @@ def test_cli_swap(tmp_path, capsys):
     assert (
         main(["swap", "timm:resnet18", "--to", "nope", "-o", str(tmp_path / "x.safetensors")]) == 2
     )
+
+
+PLACEMENTS = {
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(3, 8, 3), nn.BatchNorm1d(8), nn.ReLU()), (3, 12)),
+    "conv3d": (lambda: nn.Sequential(nn.Conv3d(3, 8, 3), nn.BatchNorm3d(8)), (3, 6, 6, 6)),
+    "convtranspose": (
+        lambda: nn.Sequential(nn.ConvTranspose2d(3, 8, 3, stride=2), nn.BatchNorm2d(8)),
+        (3, 5, 5),
+    ),
+    "linear": (lambda: nn.Sequential(nn.Linear(6, 32), nn.BatchNorm1d(32), nn.ReLU()), (6,)),
+    "affine_false": (
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False)),
+        (3, 6, 6),
+    ),
+    "norm_act": (
+        lambda: nn.Sequential(nn.Conv2d(3, 8, 3), timm.layers.BatchNormAct2d(8, act_layer=nn.SiLU)),
+        (3, 6, 6),
+    ),
+}
+
+
+@pytest.mark.parametrize("to", ["groupnorm", "layernorm", "instancenorm", "identity", "frozen"])
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_placements_for_every_target(placement, to):
+    factory, size = PLACEMENTS[placement]
+    model = prepared(factory())
+    x = torch.randn(2, *size)
+    shape = output(model, x).shape
+    sees_sequences = to == "instancenorm" and placement == "conv1d"
+    bnsurgery.swap(model, to, dims="1d" if sees_sequences else None)
+    report = bnsurgery.last_report(model)
+    if to == "instancenorm" and placement == "linear":
+        assert "(N, C) vectors" in report.left[0][1]
+        return
+    assert len(report.swapped) == 1 and not report.left
+    assert output(model.eval(), x).shape == shape
+    out = model.train()(x[:1])
+    if out.requires_grad:
+        out.mean().backward()
