@@ -125,11 +125,13 @@ def _collecting_forward(moments: _Moments) -> Callable[..., torch.Tensor]:
             x, self.weight, self.bias, None, None, True, 0.0, self.eps
         )
         var = invstd.double().pow(-2) - self.eps
-        if bool((var < 100 * self.eps).any()):
-            # var + eps loses var's digits when var << eps: recompute it directly.
+        mean = mean.double()
+        small = var < 100 * self.eps
+        if bool(small.any()):
+            # var + eps loses var's digits when var << eps: recompute those channels directly.
             dims = [0, *range(2, x.dim())]
-            var64, mean = torch.var_mean(x.double(), dim=dims, correction=0)
-            var = var64
+            exact_var, exact_mean = torch.var_mean(x[:, small].double(), dim=dims, correction=0)
+            var[small], mean[small] = exact_var, exact_mean
         count = x.numel() // max(x.shape[1], 1)
         moments.add(count, mean.detach(), var.detach() * count)
         moments.batches += 1
