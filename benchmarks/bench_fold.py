@@ -1,0 +1,667 @@
+"""Benchmark ``bnsurgery.fold``: CPU inference latency after folding, and the cost of folding.
+
+Two parts, run together so their figures come from the same conditions:
+
+latency
+    For each model and batch size, three variants of the same random-init timm model (BN
+    statistics randomised with :func:`bnsurgery.testing.randomize_bn`), eval mode,
+    ``torch.no_grad``, float32, 224x224:
+
+    * ``original``: the model as built;
+    * ``folded``: ``bnsurgery.fold`` on a deepcopy;
+    * ``identity``: the lower bound, a deepcopy with every BN module replaced by what fold
+      leaves in its place (``bnsurgery.norms.remainder_of``: ``nn.Identity``, or the activation
+      and drop of a timm norm-act layer). It computes a different function; it is the fastest
+      any BN folding could make the model.
+
+    After a warm-up, the variants run round-robin (one forward each per round, the starting
+    variant rotating), so drift on a shared machine hits all three alike. Per variant the
+    median time is reported; the ratios are medians of the per-round ratios (paired), with
+    their interquartile range as a noise figure.
+
+fold-time
+    ``bnsurgery.fold(model, x)`` (x: batch 1 at 224, trace + fold + verification) against
+    ``torch.fx.experimental.optimization.fuse`` on the same model, each on a fresh deepcopy
+    (the copy is not timed), median of a few runs, and how many BN each removes.
+
+Writes ``fold.md`` and ``fold.json`` in ``--out`` (default ``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
+
+import bnsurgery
+from bnsurgery.errors import VerificationError
+from bnsurgery.norms import is_batchnorm, remainder_of
+from bnsurgery.testing import randomize_bn
+from bnsurgery.verify import max_relative_error
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = (
+    "resnet50",
+    "mobilenetv3_large_100",
+    "efficientnet_b0",
+    "regnety_016",
+    "densenet121",
+)
+VARIANTS = ("original", "folded", "identity")
+TARGET = 1.01  # folded / identity bound
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in _csv(text)]
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(values),
+        "p25": _quantile(values, 0.25),
+        "p75": _quantile(values, 0.75),
+        "min": min(values),
+        "n": len(values),
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+    except OSError:
+        return None
+
+
+def _command() -> str:
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script_text = str(script.relative_to(ROOT))
+    except ValueError:
+        script_text = str(script)
+    python = Path(sys.executable)
+    try:
+        python_text = str(python.relative_to(ROOT))
+    except ValueError:
+        python_text = "python"
+    return shlex.join([python_text, script_text, *sys.argv[1:]])
+
+
+def build(name: str, seed: int) -> nn.Module:
+    """A random-init timm model with randomised BN statistics, in eval mode."""
+    torch.manual_seed(seed)
+    model = timm.create_model(name, pretrained=False)
+    randomize_bn(model, seed)
+    return model.eval()
+
+
+def identity_bound(model: nn.Module) -> nn.Module:
+    """A deepcopy with every BN module replaced by what a fold leaves in its place."""
+    bound = copy.deepcopy(model)
+    slots = [
+        (parent, child_name, child)
+        for _, parent in bound.named_modules(remove_duplicate=False)
+        for child_name, child in parent._modules.items()
+        if child is not None and is_batchnorm(child)
+    ]
+    for parent, child_name, child in slots:
+        setattr(parent, child_name, remainder_of(child))
+    return bound
+
+
+def _bn_modules(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if is_batchnorm(m))
+
+
+def _type_counts(model: nn.Module) -> Counter[str]:
+    return Counter(type(m).__name__ for m in model.modules())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _reason_kind(reason: str) -> str:
+    """Condense a fold skip reason to its producer clause, for grouping."""
+    first = reason.split(";")[0]
+    return first.removeprefix("producer: ")
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def fold_copy(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
+    """Fold a deepcopy, verified in float32.
+
+    Some random-init models are so ill-conditioned in float32 that the unchanged model does not
+    reproduce its own output to 1e-4 (regnety_016: batch 1 vs batch 2, or float32 vs float64,
+    differ by ~0.1). Then float32 verification cannot pass whatever the fold does, so the fold
+    is done on a float64 copy, verified there (tolerance 1e-9), and cast back to float32: the
+    fold maths is float64 either way, so the float32 weights are the same.
+    """
+    info: dict[str, Any] = {"verified_in": "float32"}
+    try:
+        folded = bnsurgery.fold(copy.deepcopy(model), x)
+    except VerificationError as exc:
+        reference64 = copy.deepcopy(model).double()
+        with torch.no_grad():
+            noise = max_relative_error(reference64(x.double()), model(x))
+        folded = bnsurgery.fold(reference64, x.double())
+        info = {
+            "verified_in": "float64",
+            "float32_failure": _first_line(exc),
+            "float32_vs_float64_unfolded": noise,
+        }
+    report = bnsurgery.last_report(folded)
+    folded = folded.float()  # no-op for a float32 fold
+    left = Counter(_reason_kind(s.reason) for s in report.left)
+    info.update(
+        bn_count=report.bn_count,
+        bn_folded=len(report.folded),
+        bn_left=len(report.left),
+        bias_added=sum(1 for e in report.folded if e.adds_bias),
+        max_rel_error=report.max_rel_error,
+        left_reasons=dict(left.most_common()),
+    )
+    return folded, info
+
+
+def structure_diff(folded: nn.Module, bound: nn.Module) -> dict[str, int]:
+    """Module types that differ in count between the folded model and the identity bound."""
+    a, b = _type_counts(folded), _type_counts(bound)
+    return {k: a[k] - b[k] for k in sorted(set(a) | set(b)) if a[k] != b[k]}
+
+
+@torch.no_grad()
+def time_round_robin(
+    models: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds per forward, ``repeats`` samples per variant, variants interleaved."""
+    names = list(models)
+    for _ in range(warmup):
+        for name in names:
+            models[name](x)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for name in order:
+                start = time.perf_counter()
+                models[name](x)
+                times[name].append(time.perf_counter() - start)
+    finally:
+        gc.enable()
+    return times
+
+
+def bench_latency(
+    name: str, batches: list[int], warmup: int, repeats: int, seed: int
+) -> list[dict[str, Any]]:
+    model = build(name, seed)
+    x1 = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    folded, info = fold_copy(model, x1)
+    bound = identity_bound(model)
+    diff = structure_diff(folded, bound)
+    variants = {"original": model, "folded": folded, "identity": bound}
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed + batch))
+        load_before = _loadavg()
+        times = time_round_robin(variants, x, warmup, repeats)
+        load_after = _loadavg()
+        per_round = {
+            f"folded/{other}": [f / o for f, o in zip(times["folded"], times[other], strict=True)]
+            for other in ("original", "identity")
+        }
+        row = {
+            "model": name,
+            "batch": batch,
+            "ms": {v: {k: s * 1e3 for k, s in _summary(times[v]).items()} for v in VARIANTS},
+            "ratios": {k: _summary(v) for k, v in per_round.items()},
+            "bn": info,
+            "structure_diff_folded_minus_identity": diff,
+            "load1_before_after": [v[0] if v else None for v in (load_before, load_after)],
+        }
+        row["ratios_of_minima"] = {
+            f"folded/{other}": min(times["folded"]) / min(times[other])
+            for other in ("original", "identity")
+        }
+        for v in row["ms"].values():
+            v["n"] = int(v["n"])
+        for v in row["ratios"].values():
+            v["n"] = int(v["n"])
+        rows.append(row)
+        fi = row["ratios"]["folded/identity"]["median"]
+        fo = row["ratios"]["folded/original"]["median"]
+        med = {v: row["ms"][v]["median"] for v in VARIANTS}
+        print(
+            f"  {name:<24} b{batch:<3} original {med['original']:8.1f} ms  folded "
+            f"{med['folded']:8.1f} ms  identity {med['identity']:8.1f} ms  "
+            f"folded/original {fo:.3f}  folded/identity {fi:.3f}",
+            flush=True,
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- fold time
+
+
+_BN_FUNCTIONS = (F.batch_norm, torch.batch_norm)
+
+
+def _bn_ops(gm: torch.fx.GraphModule) -> int:
+    """BN operations in an fx graph: calls of BN modules and functional batch_norm calls."""
+    modules = dict(gm.named_modules())
+    count = 0
+    for node in gm.graph.nodes:
+        is_module = node.op == "call_module" and is_batchnorm(modules[node.target])
+        is_function = node.op == "call_function" and node.target in _BN_FUNCTIONS
+        count += is_module or is_function
+    return count
+
+
+def bench_fold_time(name: str, runs: int, seed: int) -> dict[str, Any]:
+    model = build(name, seed)
+    x1 = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        reference = model(x1)
+    row: dict[str, Any] = {"model": name, "bn_modules": _bn_modules(model), "dtype": "float32"}
+    try:  # untimed first run: first-call overheads, and does float32 verification pass?
+        bnsurgery.fold(copy.deepcopy(model), x1)
+    except VerificationError as exc:  # see fold_copy: time both methods in float64 instead
+        model, x1 = model.double(), x1.double()
+        with torch.no_grad():
+            reference = model(x1)
+        row.update(dtype="float64", float32_failure=_first_line(exc))
+
+    ours: list[float] = []
+    report = None
+    for _ in range(runs):
+        work = copy.deepcopy(model)
+        gc.collect()
+        start = time.perf_counter()
+        bnsurgery.fold(work, x1)
+        ours.append(time.perf_counter() - start)
+        report = bnsurgery.last_report(work)
+    assert report is not None
+    row["bnsurgery"] = {
+        "seconds": _summary(ours),
+        "bn_total": report.bn_count,
+        "bn_removed": len(report.folded),
+        "max_rel_error": report.max_rel_error,
+        "verified": report.verified,
+    }
+
+    fx_row: dict[str, Any]
+    try:
+        bn_before = _bn_ops(torch.fx.symbolic_trace(copy.deepcopy(model)))
+    except Exception as exc:  # fx cannot trace every model
+        fx_row = {"status": "untraceable", "error": _first_line(exc)}
+    else:
+        fx_times: list[float] = []
+        fused = None
+        try:
+            fx_fuse(copy.deepcopy(model), inplace=True)  # untimed first run
+            for _ in range(runs):
+                work = copy.deepcopy(model)
+                gc.collect()
+                start = time.perf_counter()
+                fused = fx_fuse(work, inplace=True)
+                fx_times.append(time.perf_counter() - start)
+            assert fused is not None
+            with torch.no_grad():
+                error = max_relative_error(reference, fused(x1))
+            fx_row = {
+                "status": "ok",
+                "seconds": _summary(fx_times),
+                "bn_total": bn_before,
+                "bn_removed": bn_before - _bn_ops(fused),
+                "max_rel_error": error,
+            }
+        except Exception as exc:
+            fx_row = {"status": "failed", "error": _first_line(exc)}
+    row["fx_fuse"] = fx_row
+    ours_s = row["bnsurgery"]["seconds"]["median"]
+    fx_text = (
+        f"{fx_row['seconds']['median']:.3f} s, {fx_row['bn_removed']}/{fx_row['bn_total']}"
+        if fx_row["status"] == "ok"
+        else fx_row["status"]
+    )
+    print(
+        f"  {name:<24} bnsurgery {ours_s:.3f} s, {len(report.folded)}/"
+        f"{report.bn_count}   fx fuse {fx_text}",
+        flush=True,
+    )
+    return row
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _fmt_err(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1e}"
+
+
+def _secs(summary: dict[str, float]) -> str:
+    return f"{summary['median']:.3f} ({summary['min']:.3f})"
+
+
+def _iqr(summary: dict[str, float], digits: int = 3) -> str:
+    return f"{summary['p25']:.{digits}f} to {summary['p75']:.{digits}f}"
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    meta = result["meta"]
+    lines = [
+        "# bnsurgery fold benchmark",
+        "",
+        "Generated by `benchmarks/bench_fold.py` (see `benchmarks/README.md`) with:",
+        "",
+        "```bash",
+        meta["command"],
+        "```",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| date | {meta['date']} |",
+        f"| torch / timm | {meta['torch']} / {meta['timm']} |",
+        f"| python | {meta['python']} |",
+        f"| CPU | {meta['cpu']} ({meta['logical_cpus']} logical CPUs) |",
+        f"| torch threads | {meta['threads']} |",
+        f"| OpenMP/MKL environment | {meta['omp_env'] or 'none set'} |",
+        f"| load average at start / end | {meta['loadavg_start']} / {meta['loadavg_end']} |",
+        f"| wall time | {meta['wall_seconds']:.0f} s |",
+        "",
+        "Models are timm architectures with random weights (no download) and randomised BN "
+        "statistics, eval mode, `torch.no_grad`, float32, 224x224.",
+        "",
+    ]
+    loads = [v[0] for v in (meta["loadavg_start"], meta["loadavg_end"]) if v]
+    if loads and max(loads) > meta["threads"] + 0.5:
+        lines += [
+            f"**Noise warning**: the 1-minute load average reached {max(loads):.1f} on "
+            f"{meta['logical_cpus']} logical CPUs, so other processes competed for the CPU; "
+            "compare the IQRs below before trusting differences of a few percent.",
+            "",
+        ]
+    latency = result.get("latency", [])
+    if latency:
+        settings = result["settings"]
+        lines += [
+            "## Inference latency (CPU)",
+            "",
+            f"ms per batch: median of {settings['repeats']} round-robin rounds after "
+            f"{settings['warmup']} warm-up rounds. Ratios: median of the per-round ratios, "
+            "with their interquartile range (IQR) as a noise figure. 'Same from minima': "
+            "folded/original and folded/identity from each variant's fastest round, a "
+            "cross-check robust to interference from other processes. `identity` is the lower "
+            "bound: every BN replaced by `nn.Identity` (or the activation/drop a timm norm-act "
+            f"layer keeps). Target: folded/identity ≤ {TARGET:.2f}.",
+            "",
+            "| model | batch | original ms | folded ms | identity ms | folded/original (IQR) "
+            "| folded/identity (IQR) | same from minima | BN folded/total |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in latency:
+            ms = row["ms"]
+            fo, fi = row["ratios"]["folded/original"], row["ratios"]["folded/identity"]
+            mins = row["ratios_of_minima"]
+            lines.append(
+                f"| {row['model']} | {row['batch']} | {ms['original']['median']:.1f} "
+                f"| {ms['folded']['median']:.1f} | {ms['identity']['median']:.1f} "
+                f"| {fo['median']:.3f} ({_iqr(fo)}) | {fi['median']:.3f} ({_iqr(fi)}) "
+                f"| {mins['folded/original']:.3f}, {mins['folded/identity']:.3f} "
+                f"| {row['bn']['bn_folded']}/{row['bn']['bn_count']} |"
+            )
+        lines += [
+            "",
+            "Per-variant spread (ms, 25th to 75th percentile), a second noise figure:",
+            "",
+            "| model | batch | original | folded | identity | load avg before / after |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in latency:
+            ms = row["ms"]
+            loads = " / ".join("?" if v is None else f"{v:.2f}" for v in row["load1_before_after"])
+            lines.append(
+                f"| {row['model']} | {row['batch']} | "
+                + " | ".join(_iqr(ms[v], 1) for v in VARIANTS)
+                + f" | {loads} |"
+            )
+        lines += ["", "### Folded model vs identity bound: what differs", ""]
+        seen = set()
+        for row in latency:
+            if row["model"] in seen:
+                continue
+            seen.add(row["model"])
+            bn = row["bn"]
+            diff = row["structure_diff_folded_minus_identity"]
+            diff_text = ", ".join(f"{k} {v:+d}" for k, v in diff.items()) or "none"
+            text = (
+                f"- **{row['model']}**: {bn['bn_folded']}/{bn['bn_count']} BN folded "
+                f"(max rel. error {_fmt_err(bn['max_rel_error'])}), {bn['bias_added']} conv "
+                f"biases added; module types, folded minus identity: {diff_text}."
+            )
+            if bn["verified_in"] != "float32":
+                text += (
+                    f" Verified in float64: the float32 fold failed verification "
+                    f"({bn['float32_failure']}), but the unfolded model itself differs from its "
+                    f"float64 copy by {bn['float32_vs_float64_unfolded']:.2g} in float32 "
+                    "(random-init ill-conditioning, not the fold)."
+                )
+            if bn["left_reasons"]:
+                reasons = "; ".join(f"{n} x {r}" for r, n in bn["left_reasons"].items())
+                text += f" BN left: {reasons}."
+            lines.append(text)
+        lines.append("")
+    fold_time = result.get("fold_time", [])
+    if fold_time:
+        settings = result["settings"]
+        lines += [
+            "## Fold time",
+            "",
+            f"Seconds per fold, median (and minimum) of {settings['fold_runs']} runs after one "
+            "untimed run, each on a fresh deepcopy "
+            "(copy not timed). `bnsurgery.fold(model, x)` with x of batch 1 at 224: a traced "
+            "forward pass, the fold, and a verifying forward pass. "
+            "`torch.fx.experimental.optimization.fuse(model, inplace=True)`: symbolic trace and "
+            "fusion of `nn.Conv/Linear` + `nn.BatchNorm` module pairs, no verification. "
+            "BN removed counts BN modules for bnsurgery and BN operations in the fx graph for "
+            "fx (timm norm-act layers are traced through, so fx sees `F.batch_norm` calls it "
+            "does not fuse). Max rel. error is against the original on x.",
+            "",
+            "| model | dtype | bnsurgery s (min) | BN removed | max rel. error | fx fuse s (min) "
+            "| BN removed | max rel. error |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in fold_time:
+            ours, fx = row["bnsurgery"], row["fx_fuse"]
+            if fx["status"] == "ok":
+                fx_cells = (
+                    f"{_secs(fx['seconds'])} | {fx['bn_removed']}/{fx['bn_total']} "
+                    f"| {_fmt_err(fx['max_rel_error'])}"
+                )
+            else:
+                fx_cells = f"{fx['status']} | - | -"
+            lines.append(
+                f"| {row['model']} | {row['dtype']} | {_secs(ours['seconds'])} "
+                f"| {ours['bn_removed']}/{ours['bn_total']} | {_fmt_err(ours['max_rel_error'])} "
+                f"| {fx_cells} |"
+            )
+        f64 = [row["model"] for row in fold_time if row["dtype"] != "float32"]
+        if f64:
+            lines += [
+                "",
+                f"float64 rows ({', '.join(f64)}): float32 verification fails because the "
+                "random-init float32 model is ill-conditioned (see the latency notes), so both "
+                "methods were timed on a float64 copy.",
+            ]
+        errors = [
+            f"- {row['model']}: {row['fx_fuse']['error']}"
+            for row in fold_time
+            if row["fx_fuse"]["status"] != "ok"
+        ]
+        if errors:
+            lines += ["", "fx failures:", "", *errors]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        type=_csv,
+        default=list(DEFAULT_MODELS),
+        help="comma-separated timm model names (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batches", type=_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=40, help="timed round-robin rounds per model and batch"
+    )
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    parser.add_argument(
+        "--fold-runs", type=int, default=5, help="fold-time runs per model and method (default 5)"
+    )
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument(
+        "--parts",
+        type=_csv,
+        default=["latency", "fold-time"],
+        help="which parts to run: latency, fold-time (default both)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results",
+        help="directory for fold.md and fold.json (default benchmarks/results)",
+    )
+    args = parser.parse_args(argv)
+    unknown = set(args.parts) - {"latency", "fold-time"}
+    if unknown:
+        parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    if args.repeats < 1 or args.fold_runs < 1 or args.threads < 1:
+        parser.error("--repeats, --fold-runs and --threads must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    meta: dict[str, Any] = {
+        "command": _command(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "bnsurgery": bnsurgery.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "KMP_"))},
+        "loadavg_start": _loadavg(),
+    }
+    print(
+        f"torch {meta['torch']}, timm {meta['timm']}, {meta['cpu']}, "
+        f"{meta['threads']} threads, load {meta['loadavg_start']}",
+        flush=True,
+    )
+    result: dict[str, Any] = {
+        "meta": meta,
+        "settings": {
+            "models": args.models,
+            "batches": args.batches,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "fold_runs": args.fold_runs,
+            "seed": args.seed,
+            "parts": args.parts,
+        },
+        "latency": [],
+        "fold_time": [],
+        "errors": [],
+    }
+    if "latency" in args.parts:
+        print("latency (ms per batch, medians)", flush=True)
+        for name in args.models:
+            try:
+                result["latency"] += bench_latency(
+                    name, args.batches, args.warmup, args.repeats, args.seed
+                )
+            except Exception as exc:
+                traceback.print_exc()
+                result["errors"].append({"part": "latency", "model": name, "error": repr(exc)})
+    if "fold-time" in args.parts:
+        print("fold time (median seconds, BN removed/total)", flush=True)
+        for name in args.models:
+            try:
+                result["fold_time"].append(bench_fold_time(name, args.fold_runs, args.seed))
+            except Exception as exc:
+                traceback.print_exc()
+                result["errors"].append({"part": "fold-time", "model": name, "error": repr(exc)})
+    meta["loadavg_end"] = _loadavg()
+    meta["wall_seconds"] = time.perf_counter() - started
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "fold.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "fold.md").write_text(render_markdown(result))
+    print(f"wrote {args.out / 'fold.md'} and {args.out / 'fold.json'}", flush=True)
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
