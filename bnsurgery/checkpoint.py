@@ -418,10 +418,10 @@ def atomic_write(out: Path, write: Callable[[str], None], *, force: bool = False
         raise OutputError(f"{out}: cannot write in {parent} ({exc.strerror or exc})") from exc
     os.close(fd)
     try:
+        write(tmp)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        write(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and some writers) create 0600: the usual mode
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, out)

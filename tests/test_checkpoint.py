@@ -198,3 +198,12 @@ def test_torchscript_and_pickle_outputs(tmp_path):
     reference = output(model, x)
     assert torch.allclose(output(scripted, x), reference, atol=1e-5)
     assert torch.equal(output(pickled.eval(), x), reference)
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        path = bnsurgery.save(bnsurgery.load("timm:resnet18"), tmp_path / "m.safetensors")
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
