@@ -125,6 +125,31 @@ def cli(debug: bool) -> None:
         warnings.filterwarnings("ignore")
 
 
+def _output_options(func: Any) -> Any:
+    options = [
+        click.option(
+            "-o", "--output", type=click.Path(), help="Output file (default: beside the input)."
+        ),
+        click.option(
+            "--format",
+            "fmt",
+            type=click.Choice(["safetensors", "pickle", "torchscript"]),
+            help="Output format (default: from the output's suffix).",
+        ),
+        click.option("--force", is_flag=True, help="Replace an existing output file."),
+        click.option(
+            "--include", multiple=True, help="Only BN layers matching this glob (repeatable)."
+        ),
+        click.option(
+            "--exclude", multiple=True, help="Skip BN layers matching this glob (repeatable)."
+        ),
+        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @cli.command("inspect")
 @_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -145,18 +170,8 @@ def inspect_command(source, arch, weights, trust_pickle, input_size, batch_size,
 
 @cli.command("fold")
 @_source_options
-@click.option("-o", "--output", type=click.Path(), help="Output file (default: beside the input).")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["safetensors", "pickle", "torchscript"]),
-    help="Output format (default: from the output's suffix).",
-)
-@click.option("--force", is_flag=True, help="Replace an existing output file.")
-@click.option("--include", multiple=True, help="Only BN layers matching this glob (repeatable).")
-@click.option("--exclude", multiple=True, help="Skip BN layers matching this glob (repeatable).")
+@_output_options
 @click.option("--tolerance", type=float, help="Max relative output error (default by dtype).")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def fold_command(
     source, arch, weights, trust_pickle, input_size, batch_size, seed,
     output, fmt, force, include, exclude, tolerance, as_json,
@@ -193,31 +208,6 @@ def _write(model, source, output, fmt, force, arch, operation, inputs=None) -> N
     out = Path(output) if output else default_output(source, operation)
     save(model, out, format=fmt, force=force, arch=arch, example_inputs=inputs)
     click.echo(f"wrote {out}", err=True)
-
-
-def _output_options(func: Any) -> Any:
-    options = [
-        click.option(
-            "-o", "--output", type=click.Path(), help="Output file (default: beside the input)."
-        ),
-        click.option(
-            "--format",
-            "fmt",
-            type=click.Choice(["safetensors", "pickle", "torchscript"]),
-            help="Output format (default: from the output's suffix).",
-        ),
-        click.option("--force", is_flag=True, help="Replace an existing output file."),
-        click.option(
-            "--include", multiple=True, help="Only BN layers matching this glob (repeatable)."
-        ),
-        click.option(
-            "--exclude", multiple=True, help="Skip BN layers matching this glob (repeatable)."
-        ),
-        click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
 
 
 @cli.command("freeze")
