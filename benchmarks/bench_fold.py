@@ -3,7 +3,7 @@
 Two parts, run together so their figures come from the same conditions:
 
 latency
-    For each model and batch size, three variants of the same random-init timm model (BN
+    For each model and batch size, four variants of the same random-init timm model (BN
     statistics randomised with :func:`bnsurgery.testing.randomize_bn`), eval mode,
     ``torch.no_grad``, float32, 224x224:
 
@@ -12,10 +12,17 @@ latency
     * ``identity``: the lower bound, a deepcopy with every BN module replaced by what fold
       leaves in its place (``bnsurgery.norms.remainder_of``: ``nn.Identity``, or the activation
       and drop of a timm norm-act layer). It computes a different function; it is the fastest
-      any BN folding could make the model.
+      any BN folding could make the model;
+    * ``identity+bias``: the identity bound plus the bias that the fold gives each conv that
+      had none (timm convs before a BN have ``bias=False``). A fold must apply the BN's shift
+      somewhere, so this is the bound for a fold that leaves no other overhead: the folded
+      model differs from it only in weight values (and in any BN the fold left).
 
-    After a warm-up, the variants run round-robin (one forward each per round, the starting
-    variant rotating), so drift on a shared machine hits all three alike. Per variant the
+    The variants run interleaved, one forward each per round, in orders where each variant
+    follows every other equally often (so drift on a shared machine, and the slowdown a model
+    sees right after a different model ran, hit all of them alike); the rounds are split into
+    blocks, each on fresh deepcopies after a warm-up (so no variant is stuck with an unlucky
+    memory layout). Per variant the
     median time is reported; the ratios are medians of the per-round ratios (paired), with
     their interquartile range as a noise figure.
 
@@ -65,7 +72,8 @@ DEFAULT_MODELS = (
     "regnety_016",
     "densenet121",
 )
-VARIANTS = ("original", "folded", "identity")
+VARIANTS = ("original", "folded", "identity", "identity+bias")
+COMPARED = ("original", "identity", "identity+bias")  # folded / each of these
 TARGET = 1.01  # folded / identity bound
 
 
@@ -151,6 +159,24 @@ def identity_bound(model: nn.Module) -> nn.Module:
     return bound
 
 
+def bias_bound(bound: nn.Module, folded: nn.Module) -> nn.Module:
+    """The identity bound plus a copy of every bias the fold added (where the bound has none)."""
+    out = copy.deepcopy(bound)
+    folded_modules = dict(folded.named_modules())
+    for name, module in out.named_modules():
+        source = folded_modules.get(name)
+        if (
+            isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear)
+            and module.bias is None
+            and source is not None
+            and isinstance(getattr(source, "bias", None), torch.Tensor)
+        ):
+            module.bias = nn.Parameter(
+                source.bias.detach().clone(), requires_grad=source.bias.requires_grad
+            )
+    return out
+
+
 def _bn_modules(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if is_batchnorm(m))
 
@@ -164,23 +190,18 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
-def _reason_kind(reason: str) -> str:
-    """Condense a fold skip reason to its producer clause, for grouping."""
-    first = reason.split(";")[0]
-    return first.removeprefix("producer: ")
-
-
 # ----------------------------------------------------------------------------- latency
 
 
 def fold_copy(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, dict[str, Any]]:
     """Fold a deepcopy, verified in float32.
 
-    Some random-init models are so ill-conditioned in float32 that the unchanged model does not
-    reproduce its own output to 1e-4 (regnety_016: batch 1 vs batch 2, or float32 vs float64,
-    differ by ~0.1). Then float32 verification cannot pass whatever the fold does, so the fold
-    is done on a float64 copy, verified there (tolerance 1e-9), and cast back to float32: the
-    fold maths is float64 either way, so the float32 weights are the same.
+    A random-init model can be so ill-conditioned in float32 that the unchanged model does not
+    reproduce its own output to 1e-4 (regnety_016 did, float32 vs float64 differing by ~0.2,
+    before ``randomize_bn`` kept zero-initialised residual BN small). Float32 verification then
+    cannot pass whatever the fold does, so the fold is done on a float64 copy, verified there
+    (tolerance 1e-9), and cast back to float32: the fold maths is float64 either way, so the
+    float32 weights are the same. The result says when this happened.
     """
     info: dict[str, Any] = {"verified_in": "float32"}
     try:
@@ -197,7 +218,7 @@ def fold_copy(model: nn.Module, x: torch.Tensor) -> tuple[nn.Module, dict[str, A
         }
     report = bnsurgery.last_report(folded)
     folded = folded.float()  # no-op for a float32 fold
-    left = Counter(_reason_kind(s.reason) for s in report.left)
+    left = Counter(s.reason for s in report.left)
     info.update(
         bn_count=report.bn_count,
         bn_folded=len(report.folded),
@@ -215,22 +236,46 @@ def structure_diff(folded: nn.Module, bound: nn.Module) -> dict[str, int]:
     return {k: a[k] - b[k] for k in sorted(set(a) | set(b)) if a[k] != b[k]}
 
 
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` variants in which each variant runs right after every other equally often
+    (a Williams design: ``n`` orders for even ``n``, ``2n`` for odd).
+
+    The order matters: a model runs measurably slower right after another model than right after
+    itself or a similar one (caches, allocator state). With a plain rotation every variant always
+    follows the same one (mobilenetv3 batch 1: folded, always run after the original, measured 3%
+    slower than the identity bound; 0.3% with balanced orders).
+    """
+    first: list[int] = []
+    low, high = 0, n - 1
+    for i in range(n):
+        if i % 2 == 0:
+            first.append(low)
+            low += 1
+        else:
+            first.append(high)
+            high -= 1
+    rows = [[(v + shift) % n for v in first] for shift in range(n)]
+    if n % 2:
+        rows += [row[::-1] for row in rows]
+    return rows
+
+
 @torch.no_grad()
 def time_round_robin(
     models: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int
 ) -> dict[str, list[float]]:
-    """Seconds per forward, ``repeats`` samples per variant, variants interleaved."""
+    """Seconds per forward, ``repeats`` samples per variant, interleaved in balanced orders."""
     names = list(models)
-    for _ in range(warmup):
-        for name in names:
+    orders = [[names[i] for i in row] for row in balanced_orders(len(names))]
+    for r in range(warmup):
+        for name in orders[r % len(orders)]:
             models[name](x)
     times: dict[str, list[float]] = {name: [] for name in names}
     gc.collect()
     gc.disable()
     try:
         for r in range(repeats):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
+            for name in orders[r % len(orders)]:
                 start = time.perf_counter()
                 models[name](x)
                 times[name].append(time.perf_counter() - start)
@@ -239,52 +284,79 @@ def time_round_robin(
     return times
 
 
+def _paired(times: dict[str, list[float]], other: str) -> list[float]:
+    return [f / o for f, o in zip(times["folded"], times[other], strict=True)]
+
+
+def time_in_blocks(
+    variants: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int, blocks: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Split the rounds into blocks, each on fresh deepcopies of every variant.
+
+    A given copy of a model can run a percent or two faster or slower than another copy of the
+    same model (where its tensors landed in memory), which no interleaving averages out; fresh
+    copies per block do. Returns all samples and, per ratio, the median of each block.
+    """
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    per_block: dict[str, list[float]] = {f"folded/{o}": [] for o in COMPARED}
+    sizes = [repeats // blocks + (1 if i < repeats % blocks else 0) for i in range(blocks)]
+    for size in sizes:
+        if size == 0:
+            continue
+        copies = {k: copy.deepcopy(v) for k, v in variants.items()} if blocks > 1 else variants
+        block = time_round_robin(copies, x, warmup, size)
+        del copies
+        for name, values in block.items():
+            times[name] += values
+        for other in COMPARED:
+            per_block[f"folded/{other}"].append(statistics.median(_paired(block, other)))
+    return times, per_block
+
+
 def bench_latency(
-    name: str, batches: list[int], warmup: int, repeats: int, seed: int
+    name: str, batches: list[int], warmup: int, repeats: int, blocks: int, seed: int
 ) -> list[dict[str, Any]]:
     model = build(name, seed)
     x1 = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     folded, info = fold_copy(model, x1)
     bound = identity_bound(model)
     diff = structure_diff(folded, bound)
-    variants = {"original": model, "folded": folded, "identity": bound}
+    variants = {
+        "original": model,
+        "folded": folded,
+        "identity": bound,
+        "identity+bias": bias_bound(bound, folded),
+    }
     rows = []
     for batch in batches:
         x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed + batch))
         load_before = _loadavg()
-        times = time_round_robin(variants, x, warmup, repeats)
+        times, per_block = time_in_blocks(variants, x, warmup, repeats, blocks)
         load_after = _loadavg()
-        per_round = {
-            f"folded/{other}": [f / o for f, o in zip(times["folded"], times[other], strict=True)]
-            for other in ("original", "identity")
-        }
+        per_round = {f"folded/{other}": _paired(times, other) for other in COMPARED}
         row = {
             "model": name,
             "batch": batch,
             "ms": {v: {k: s * 1e3 for k, s in _summary(times[v]).items()} for v in VARIANTS},
             "ratios": {k: _summary(v) for k, v in per_round.items()},
+            "ratios_per_block": per_block,
             "bn": info,
             "structure_diff_folded_minus_identity": diff,
             "load1_before_after": [v[0] if v else None for v in (load_before, load_after)],
         }
         row["ratios_of_minima"] = {
-            f"folded/{other}": min(times["folded"]) / min(times[other])
-            for other in ("original", "identity")
+            f"folded/{other}": min(times["folded"]) / min(times[other]) for other in COMPARED
         }
         for v in row["ms"].values():
             v["n"] = int(v["n"])
         for v in row["ratios"].values():
             v["n"] = int(v["n"])
         rows.append(row)
-        fi = row["ratios"]["folded/identity"]["median"]
-        fo = row["ratios"]["folded/original"]["median"]
-        med = {v: row["ms"][v]["median"] for v in VARIANTS}
-        print(
-            f"  {name:<24} b{batch:<3} original {med['original']:8.1f} ms  folded "
-            f"{med['folded']:8.1f} ms  identity {med['identity']:8.1f} ms  "
-            f"folded/original {fo:.3f}  folded/identity {fi:.3f}",
-            flush=True,
+        times_text = "  ".join(f"{v} {row['ms'][v]['median']:.1f}" for v in VARIANTS)
+        ratio_text = "  ".join(
+            f"/{o} {row['ratios'][f'folded/{o}']['median']:.3f}" for o in COMPARED
         )
+        print(f"  {name:<22} b{batch:<2} ms: {times_text}   folded: {ratio_text}", flush=True)
     return rows
 
 
@@ -395,6 +467,16 @@ def _iqr(summary: dict[str, float], digits: int = 3) -> str:
     return f"{summary['p25']:.{digits}f} to {summary['p75']:.{digits}f}"
 
 
+def _target(row: dict[str, Any]) -> str:
+    if row["ratios"]["folded/identity"]["median"] <= TARGET:
+        return "met"
+    if row["bn"]["bn_left"]:
+        return "BN left"
+    if row["ratios"]["folded/identity+bias"]["median"] <= TARGET:
+        return "bias"
+    return "MISSED"
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     meta = result["meta"]
     lines = [
@@ -435,43 +517,58 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [
             "## Inference latency (CPU)",
             "",
-            f"ms per batch: median of {settings['repeats']} round-robin rounds after "
-            f"{settings['warmup']} warm-up rounds. Ratios: median of the per-round ratios, "
-            "with their interquartile range (IQR) as a noise figure. 'Same from minima': "
-            "folded/original and folded/identity from each variant's fastest round, a "
-            "cross-check robust to interference from other processes. `identity` is the lower "
-            "bound: every BN replaced by `nn.Identity` (or the activation/drop a timm norm-act "
-            f"layer keeps). Target: folded/identity ≤ {TARGET:.2f}.",
+            f"ms per batch: median of {settings['repeats']} rounds in {settings['blocks']} "
+            "blocks, each block on fresh deepcopies of every variant and starting with "
+            f"{settings['warmup']} untimed rounds; each round runs every variant once, in "
+            "orders where each variant follows every other equally often. `identity` is the "
+            "lower bound: every BN replaced by `nn.Identity` (or the activation/drop a timm "
+            "norm-act layer keeps). "
+            "`identity+bias` is that bound plus the conv biases the fold adds (the BN shift has "
+            "to go somewhere): the bound for a fold with no other overhead. Ratios: median of "
+            "the per-round (paired) ratios, with their interquartile range (IQR) as a noise "
+            "figure. 'From minima': the same three ratios from each variant's fastest round, a "
+            "cross-check robust to interference from other processes. "
+            f"Target: folded/identity ≤ {TARGET:.2f}. Column 'target': `met`; `bias` when "
+            "missed but folded/(identity+bias) meets it, i.e. the gap is the conv biases a fold "
+            "must add; `BN left` when some BN cannot be folded, so the bound is out of reach; "
+            "`MISSED` otherwise.",
             "",
-            "| model | batch | original ms | folded ms | identity ms | folded/original (IQR) "
-            "| folded/identity (IQR) | same from minima | BN folded/total |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| model | batch | original ms | folded ms | identity ms | identity+bias ms "
+            "| folded/original (IQR) | folded/identity (IQR) | folded/(identity+bias) (IQR) "
+            "| from minima: f/o, f/i, f/(i+b) | BN folded/total | target |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for row in latency:
-            ms = row["ms"]
-            fo, fi = row["ratios"]["folded/original"], row["ratios"]["folded/identity"]
-            mins = row["ratios_of_minima"]
-            lines.append(
-                f"| {row['model']} | {row['batch']} | {ms['original']['median']:.1f} "
-                f"| {ms['folded']['median']:.1f} | {ms['identity']['median']:.1f} "
-                f"| {fo['median']:.3f} ({_iqr(fo)}) | {fi['median']:.3f} ({_iqr(fi)}) "
-                f"| {mins['folded/original']:.3f}, {mins['folded/identity']:.3f} "
-                f"| {row['bn']['bn_folded']}/{row['bn']['bn_count']} |"
-            )
+            ms, ratios, mins = row["ms"], row["ratios"], row["ratios_of_minima"]
+            cells = [row["model"], str(row["batch"])]
+            cells += [f"{ms[v]['median']:.1f}" for v in VARIANTS]
+            cells += [
+                f"{ratios[f'folded/{o}']['median']:.3f} ({_iqr(ratios[f'folded/{o}'])})"
+                for o in COMPARED
+            ]
+            cells.append(", ".join(f"{mins[f'folded/{o}']:.3f}" for o in COMPARED))
+            cells.append(f"{row['bn']['bn_folded']}/{row['bn']['bn_count']}")
+            cells.append(_target(row))
+            lines.append("| " + " | ".join(cells) + " |")
         lines += [
             "",
-            "Per-variant spread (ms, 25th to 75th percentile), a second noise figure:",
+            "Noise figures: each variant's spread (ms, 25th to 75th percentile), the range of "
+            "folded/identity over the blocks (each block's median), and the 1-minute load "
+            "average before and after each measurement:",
             "",
-            "| model | batch | original | folded | identity | load avg before / after |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| model | batch | "
+            + " | ".join(VARIANTS)
+            + " | folded/identity per block | load avg before / after |",
+            "|---|---:|" + "---:|" * len(VARIANTS) + "---:|---:|",
         ]
         for row in latency:
             ms = row["ms"]
+            blocks = row["ratios_per_block"]["folded/identity"]
             loads = " / ".join("?" if v is None else f"{v:.2f}" for v in row["load1_before_after"])
             lines.append(
                 f"| {row['model']} | {row['batch']} | "
                 + " | ".join(_iqr(ms[v], 1) for v in VARIANTS)
-                + f" | {loads} |"
+                + f" | {min(blocks):.3f} to {max(blocks):.3f} | {loads} |"
             )
         lines += ["", "### Folded model vs identity bound: what differs", ""]
         seen = set()
@@ -569,9 +666,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--batches", type=_ints, default=[1, 8], help="comma-separated batch sizes (default 1,8)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=40, help="timed round-robin rounds per model and batch"
+        "--repeats",
+        type=int,
+        default=48,
+        help="timed rounds per model and batch, each running every variant once (default 48)",
     )
-    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds first (default 3)")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=4,
+        help="split the rounds into this many blocks, each on fresh deepcopies (default 4)",
+    )
+    parser.add_argument(
+        "--warmup", type=int, default=2, help="untimed rounds starting each block (default 2)"
+    )
     parser.add_argument(
         "--fold-runs", type=int, default=5, help="fold-time runs per model and method (default 5)"
     )
@@ -593,8 +701,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.parts) - {"latency", "fold-time"}
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
-    if args.repeats < 1 or args.fold_runs < 1 or args.threads < 1:
-        parser.error("--repeats, --fold-runs and --threads must be at least 1")
+    if min(args.repeats, args.blocks, args.fold_runs, args.threads) < 1:
+        parser.error("--repeats, --blocks, --fold-runs and --threads must be at least 1")
     return args
 
 
@@ -627,6 +735,7 @@ def main(argv: list[str] | None = None) -> int:
             "batches": args.batches,
             "repeats": args.repeats,
             "warmup": args.warmup,
+            "blocks": args.blocks,
             "fold_runs": args.fold_runs,
             "seed": args.seed,
             "parts": args.parts,
@@ -640,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models:
             try:
                 result["latency"] += bench_latency(
-                    name, args.batches, args.warmup, args.repeats, args.seed
+                    name, args.batches, args.warmup, args.repeats, args.blocks, args.seed
                 )
             except Exception as exc:
                 traceback.print_exc()
