@@ -788,7 +788,7 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "| fold s | left: reasons | error |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in swept:
+    for r in sorted(swept, key=lambda r: r["name"]):
         reasons = "; ".join(f"{n}x {_cell(k, 160)}" for k, n in (r.get("reasons") or {}).items())
         f64 = _fmt_err(r.get("f64_err")) or _cell(r.get("f64_error"), 60)
         notes = [str(r[k]) for k in ("error", "limit", "note") if r.get(k)]
@@ -819,7 +819,7 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # shards write the same report
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -848,6 +848,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--resume", action="store_true", help="append, skipping models in the side file"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    parser.add_argument(
+        "--shard",
+        default="0/1",
+        help="K/N: take every N-th model from the K-th (0-based), so N processes sharing one "
+        "--out (and side file) split the sweep between them (default 0/1)",
+    )
     parser.add_argument("--recycle", type=int, default=25, help="new worker after this many models")
     parser.add_argument("--verbose", action="store_true", help="show worker stderr")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -868,11 +874,23 @@ def main(argv: list[str] | None = None) -> int:
     jsonl: Path = args.jsonl or out.with_suffix(".jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
     jsonl.parent.mkdir(parents=True, exist_ok=True)
+    match = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+    if not match or not int(match[1]) < int(match[2]):
+        print(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}", file=sys.stderr)
+        return 2
+    shard, shards = int(match[1]), int(match[2])
+    if shards > 1 and not args.resume:
+        print("--shard needs --resume (shards share the side file)", file=sys.stderr)
+        return 2
     records = read_jsonl(jsonl) if args.resume else []
     if not args.resume:
         jsonl.write_text("")
     seen = {r.get("name") for r in records}
-    todo = [n for n in selected(all_models(), args.filter) if n not in seen]
+    todo = [
+        n
+        for i, n in enumerate(selected(all_models(), args.filter))
+        if i % shards == shard and n not in seen
+    ]
     meta = {
         "when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "torch": torch.__version__,
@@ -899,9 +917,9 @@ def main(argv: list[str] | None = None) -> int:
             if rss > max_rss_mb / 2:
                 worker.close()  # memory kept by the allocator: start the next one fresh
                 worker = None
-            with jsonl.open("a") as f:
+            with jsonl.open("a") as f:  # one short append per record: shards interleave lines
                 f.write(json.dumps(record, default=str) + "\n")
-            records.append(record)
+            records = read_jsonl(jsonl) if shards > 1 else [*records, record]
             if record.get("status") == "no_bn":
                 continue
             counted += 1
@@ -919,7 +937,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if worker is not None:
             worker.kill()
-        write_atomic(out, render(records, meta))
+        write_atomic(out, render(read_jsonl(jsonl), meta))
     print(f"wrote {out} and {jsonl}", flush=True)
     return 0
 
