@@ -93,7 +93,7 @@ def load(
     """
     text = os.fspath(source)
     path = Path(text)
-    if not path.exists() and is_spec(text):
+    if not exists(path) and is_spec(text):
         model = build(parse_spec(text))
         provenance.set_arch(model, str(parse_spec(text)))
         if weights is not None:
@@ -135,9 +135,9 @@ def _short(exc: BaseException) -> str:
 
 
 def _check_readable(path: Path) -> None:
-    if not path.exists():
+    if not exists(path):
         raise SourceError(f"{path}: no such file (nor a timm:/torchvision:/module: spec)")
-    if path.is_dir():
+    if is_dir(path):
         raise SourceError(f"{path}: is a directory, not a checkpoint file")
     if path.stat().st_size == 0:
         raise SourceError(f"{path}: is empty")
@@ -313,7 +313,7 @@ def default_output(source: str, operation: str) -> Path:
     """``<input stem>.<operation>.safetensors`` beside the input, or in the current folder
     for a spec."""
     path = Path(source)
-    if path.exists() or not is_spec(source):
+    if exists(path) or not is_spec(source):
         stem = path.name.split(".")[0] if path.name else "model"
         return path.with_name(f"{stem}.{operation}.safetensors")
     name = parse_spec(source).name.replace("/", "_")
@@ -398,6 +398,23 @@ def _to_torchscript(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptMo
         return torch.jit.trace(model, as_args(example_inputs), check_trace=False)
 
 
+def exists(path: Path) -> bool:
+    """``path.exists()``, but ``False`` where the name cannot even be looked up (too long, a
+    file used as a folder), instead of an ``OSError``."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
+
+
+def is_dir(path: Path) -> bool:
+    """``path.is_dir()``, ``False`` on any ``OSError``."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
 def atomic_write(out: Path, write: Callable[[str], None], *, force: bool = False) -> Path:
     """Call ``write(tmp_path)`` then move the result to ``out`` in one rename.
 
@@ -406,11 +423,11 @@ def atomic_write(out: Path, write: Callable[[str], None], *, force: bool = False
             not writable, or the write failed; no partial file is left.
     """
     parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
+    if not is_dir(parent):
         raise OutputError(f"{out}: folder {parent} does not exist")
-    if out.is_dir():
+    if is_dir(out):
         raise OutputError(f"{out}: is a directory")
-    if out.exists() and not force:
+    if exists(out) and not force:
         raise OutputError(f"{out}: already exists; pass --force to replace it")
     try:
         fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")

@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .errors import BnSurgeryError, OutputError, UsageError
+from .errors import BnSurgeryError, NothingToDoError, OutputError, UsageError
 
 __all__ = ["cli", "main"]
 
@@ -79,11 +79,12 @@ def _example_inputs(
     """Seeded random inputs of the model's dtype, or None when the size is unknown."""
     import torch
 
+    from .checkpoint import exists
     from .specs import default_input_size, is_spec
 
     size = _parse_size(size_text)
     if size is None:
-        spec = source if is_spec(source) and not Path(source).exists() else arch
+        spec = source if is_spec(source) and not exists(Path(source)) else arch
         size = default_input_size(spec, model)
     if size is None:
         if required:
@@ -99,15 +100,15 @@ def _example_inputs(
 
 
 def _check_output(out: Path, source: str, fmt: str | None, force: bool) -> str:
-    from .checkpoint import output_format
+    from .checkpoint import exists, is_dir, output_format
 
     chosen = output_format(out, fmt)
     src = Path(source)
-    if src.exists() and out.resolve() == src.resolve():
+    if exists(src) and out.resolve() == src.resolve():
         raise OutputError(f"{out}: is the input; the input is never overwritten")
-    if out.exists() and not force:
+    if exists(out) and not force:
         raise OutputError(f"{out}: already exists; pass --force to replace it")
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
+    if not is_dir(out.parent if str(out.parent) else Path(".")):
         raise OutputError(f"{out}: folder {out.parent} does not exist")
     return chosen
 
@@ -180,26 +181,31 @@ def fold_command(
     inputs, and write the folded model."""
     from .checkpoint import default_output, save
     from .folding import fold
-    from .norms import iter_batchnorms
     from .provenance import last_report
     from .report import fold_text, to_json
 
     out = Path(output) if output else default_output(source, "folded")
     _check_output(out, source, fmt, force)
     model = _load(source, arch, weights, trust_pickle)
-    if next(iter_batchnorms(model), None) is None:
-        click.echo(f"{source}: no BatchNorm layers; nothing to fold, nothing written", err=True)
-        return
+    _require_batchnorm(model, source, "fold")
     inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=True)
     fold(model, inputs, include=include or None, exclude=exclude or None, tolerance=tolerance)
     report = last_report(model)
     assert report is not None
     click.echo(to_json(report) if as_json else fold_text(report))
     if not report.folded:
-        click.echo("nothing folded; nothing written", err=True)
-        return
+        raise NothingToDoError("no BN layer can be folded (reasons above); nothing written")
     save(model, out, format=fmt, force=force, arch=arch, example_inputs=inputs)
     click.echo(f"wrote {out}", err=True)
+
+
+def _require_batchnorm(model: Any, source: str, verb: str) -> None:
+    from .norms import iter_batchnorms
+
+    if next(iter_batchnorms(model), None) is None:
+        raise NothingToDoError(
+            f"{source} has no BatchNorm layer; nothing to {verb}, nothing written"
+        )
 
 
 def _write(model, source, output, fmt, force, arch, operation, inputs=None) -> None:
@@ -230,9 +236,12 @@ def freeze_command(
 
     _check_output(Path(output) if output else default_output(source, "frozen"), source, fmt, force)
     model = _load(source, arch, weights, trust_pickle)
+    _require_batchnorm(model, source, "freeze")
     freeze(model, include or None, exclude or None, stages=stages, train_affine=stats_only)
     report = last_report(model)
     click.echo(to_json(report) if as_json else freeze_text(report))
+    if not report.changed:
+        raise NothingToDoError("no BN layer to freeze (reasons above); nothing written")
     _write(model, source, output, fmt, force, arch, "frozen")
 
 
@@ -253,12 +262,12 @@ def unfreeze_command(
         Path(output) if output else default_output(source, "unfrozen"), source, fmt, force
     )
     model = _load(source, arch, weights, trust_pickle)
+    _require_batchnorm(model, source, "unfreeze")
     unfreeze(model, include or None, exclude or None)
     report = last_report(model)
-    click.echo(to_json(report) if as_json else freeze_text(report))
     if not report.changed:
-        click.echo("no layer frozen by bnsurgery; nothing written", err=True)
-        return
+        raise NothingToDoError("no layer frozen by bnsurgery; nothing to unfreeze, nothing written")
+    click.echo(to_json(report) if as_json else freeze_text(report))
     _write(model, source, output, fmt, force, arch, "unfrozen")
 
 
@@ -298,6 +307,7 @@ def swap_command(
 
     _check_output(Path(output) if output else default_output(source, target), source, fmt, force)
     model = _load(source, arch, weights, trust_pickle)
+    _require_batchnorm(model, source, "swap")
     data = None
     if calibrate_path:
         data, _ = batches_from_path(
@@ -317,8 +327,7 @@ def swap_command(
     report = last_report(model)
     click.echo(to_json(report) if as_json else swap_text(report))
     if not report.swapped:
-        click.echo("nothing swapped; nothing written", err=True)
-        return
+        raise NothingToDoError("no BN layer swapped (reasons above); nothing written")
     _write(model, source, output, fmt, force, arch, target)
 
 
@@ -371,6 +380,7 @@ def recalibrate_command(
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     model = _load(source, arch, weights, trust_pickle)
+    _require_batchnorm(model, source, "recalibrate")
     data, total = batches_from_path(
         data_path,
         model,
@@ -428,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except NothingToDoError as exc:
+        click.echo(f"nothing to do: {' '.join(str(exc).split())}", err=True)
         return exc.exit_code
     except BnSurgeryError as exc:
         if debug:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import exists, is_dir
 from .errors import SourceError
 
 __all__ = ["IMAGE_SUFFIXES", "batches_from_path"]
@@ -95,10 +96,10 @@ def batches_from_path(
         SourceError: missing path, no images, unreadable tensors.
     """
     p = Path(path)
-    if not p.exists():
+    if not exists(p):
         raise SourceError(f"{p}: no such file or folder")
     dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
-    if p.is_dir():
+    if is_dir(p):
         files = _image_files(p)
         transform = _image_transform(model, input_size)
         starts = list(range(0, len(files), batch_size))[rank::world]

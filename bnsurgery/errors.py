@@ -16,6 +16,8 @@ __all__ = [
     "TraceError",
     "VerificationError",
     "UnsupportedModelError",
+    "NothingToDoError",
+    "StatisticsError",
 ]
 
 
@@ -66,3 +68,17 @@ class UnsupportedModelError(BnSurgeryError):
     """The model is of a kind this operation cannot work on (for example TorchScript)."""
 
     exit_code = 8
+
+
+class NothingToDoError(BnSurgeryError):
+    """The command has nothing to do (no BatchNorm layer, nothing foldable, nothing frozen), so
+    nothing was written. Raised by the command line; the library returns an empty report."""
+
+    exit_code = 9
+
+
+class StatisticsError(BnSurgeryError):
+    """BN running statistics are not finite (NaN or infinite): folding or freezing them would
+    ship a broken model. Recalibrate those layers first."""
+
+    exit_code = 10

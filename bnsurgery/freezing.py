@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import provenance
 from .errors import UsageError
 from .frozen import FrozenBatchNorm
-from .norms import bn_stats, is_batchnorm
+from .norms import bn_stats, check_finite, is_batchnorm
 from .select import select_batchnorms
 
 __all__ = ["FreezeReport", "freeze", "stage_names", "trainable_parameters", "unfreeze"]
@@ -103,6 +103,7 @@ def freeze(
     Raises:
         UsageError: a pattern that selects nothing (nearest names suggested), an uninitialised
             lazy BN, or a selection with no BN at all.
+        StatisticsError: a BN to freeze has NaN/infinite statistics; nothing was changed.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
     >>> net = freeze(net).train()
@@ -115,6 +116,16 @@ def freeze(
         chosen = [(n, m) for n, m in chosen if n in allowed]
     if not chosen:
         raise UsageError("no BatchNorm layer selected to freeze")
+    check_finite(
+        (
+            (n, m)
+            for n, m in chosen
+            if isinstance(m, _BatchNorm)
+            and not isinstance(m, FrozenBatchNorm)
+            and bn_stats(m) is not None
+        ),
+        "freeze",
+    )
     changed: list[str] = []
     left: list[tuple[str, str]] = []
     structure: list[dict[str, Any]] = []

@@ -9,7 +9,7 @@ statistics as buffers (torchvision's and timm's ``FrozenBatchNorm2d``, timm's
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +20,7 @@ __all__ = [
     "BNStats",
     "NormActRemainder",
     "bn_stats",
+    "check_finite",
     "has_activation",
     "is_batchnorm",
     "is_frozen_batchnorm",
@@ -122,6 +123,42 @@ def bn_stats(module: nn.Module) -> BNStats | None:
         bias=as64(getattr(module, "bias", None), 0.0),
         eps=float(module.eps),
     )
+
+
+def _bad_statistics(module: nn.Module) -> str | None:
+    """What is wrong with a BN's running statistics, or ``None``."""
+    for key in ("running_mean", "running_var", "weight", "bias"):
+        t = getattr(module, key, None)
+        if not isinstance(t, torch.Tensor) or isinstance(t, nn.parameter.UninitializedBuffer):
+            continue
+        if isinstance(t, nn.parameter.UninitializedParameter) or not t.is_floating_point():
+            continue
+        bad = ~torch.isfinite(t.detach())
+        if bool(bad.any()):
+            kinds = [k for k, f in (("NaN", torch.isnan), ("inf", torch.isinf)) if bool(f(t).any())]
+            return f"{key} is {'/'.join(kinds)} in {int(bad.sum())} of {t.numel()} channels"
+        if key == "running_var" and bool((t < 0).any()):
+            return f"running_var is negative in {int((t < 0).sum())} of {t.numel()} channels"
+    return None
+
+
+def check_finite(named: Iterable[tuple[str, nn.Module]], operation: str) -> None:
+    """Refuse BN layers whose statistics or affine values are NaN, infinite or (variance)
+    negative: an operation built on them would turn a broken layer into a broken model.
+
+    Raises:
+        StatisticsError: naming the first such layer and how many there are.
+    """
+    from .errors import StatisticsError
+
+    bad = [(name, problem) for name, m in named if (problem := _bad_statistics(m)) is not None]
+    if bad:
+        name, problem = bad[0]
+        more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
+        raise StatisticsError(
+            f"cannot {operation}: {name}: {problem}{more}; recalibrate them first "
+            "(bnsurgery.recalibrate, or `bnsurgery recalibrate`)"
+        )
 
 
 class NormActRemainder(nn.Module):

@@ -28,7 +28,15 @@ from . import provenance
 from .errors import UsageError
 from .frozen import FrozenBatchNorm
 from .graph import eval_mode
-from .norms import has_activation, is_batchnorm, is_frozen_batchnorm, num_features, remainder_of
+from .norms import (
+    bn_stats,
+    check_finite,
+    has_activation,
+    is_batchnorm,
+    is_frozen_batchnorm,
+    num_features,
+    remainder_of,
+)
 from .recalibration import _to, default_forward
 from .select import select_batchnorms
 
@@ -166,6 +174,8 @@ def _instancenorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
 def _frozen(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
     if isinstance(bn, FrozenBatchNorm) or is_frozen_batchnorm(bn):
         raise _Leave("already frozen")
+    if bn_stats(bn) is None:
+        raise _Leave("no running statistics (track_running_stats=False) to freeze")
     return FrozenBatchNorm(bn)
 
 
@@ -458,6 +468,8 @@ def swap(
         raise UsageError(f"calibration fits scale and shift; valid with: {', '.join(_FITTABLE)}")
     opts = {"groups": groups, "group_size": group_size, "dims": dims, "force_affine": fit}
     chosen = select_batchnorms(model, include, exclude)
+    if fit or target_name in _KEEPS_STATISTICS:  # these carry the statistics into the model
+        check_finite(chosen, "swap to " + target_name + (" with calibration" if fit else ""))
     swapped: list[Swapped] = []
     left: list[tuple[str, str]] = []
     placed: list[tuple[str, nn.Module, nn.Module]] = []
@@ -509,6 +521,9 @@ def swap(
     )
     provenance.set_report(model, report)
     return model
+
+
+_KEEPS_STATISTICS = ("frozen",)
 
 
 def _replay_opts(new: nn.Module, opts: dict[str, Any]) -> dict[str, Any]:

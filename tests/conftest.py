@@ -1,12 +1,65 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from bnsurgery.testing import randomize_bn
 from bnsurgery.verify import max_relative_error
+
+from . import tally
+
+# Property tests: a fixed number of derandomised examples in CI (a red run reproduces);
+# HYPOTHESIS_PROFILE=explore draws new ones, BNSURGERY_EXAMPLES sets how many.
+# 20% more examples than the minimum of distinct architectures: different draws can describe
+# the same architecture, and the summary counts architectures, not draws.
+_EXAMPLES = int(os.environ.get("BNSURGERY_EXAMPLES", tally.MINIMUM_GENERATED * 6 // 5))
+_COMMON = dict(
+    max_examples=_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.register_profile("ci", derandomize=True, database=None, **_COMMON)
+settings.register_profile("explore", **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The robustness counts: what the generated and hostile suites checked in this run."""
+    counts = tally.counts
+    if not counts:
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("bnsurgery robustness counts")
+    for surgery in tally.SURGERIES:
+        key = f"generated: {surgery}"
+        if key in counts:
+            write(f"generated architectures checked, {surgery}: {counts[key]}")
+    folded = counts.get("generated: fold (with a BN folded)")
+    if folded is not None:
+        write(f"  of which fold folded at least one BN: {folded}")
+    for key in sorted(k for k in counts if k.startswith("hostile")):
+        write(f"{key}: {counts[key]}")
+    for key in tally.FAILURES:
+        write(f"{key}: {counts.get(key, 0)}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A property test that ran to the end must have checked its share of architectures."""
+    if _EXAMPLES < tally.MINIMUM_GENERATED:
+        return
+    short = [
+        s
+        for s in tally.SURGERIES
+        if 0 < tally.counts.get(f"generated: {s}", 0) < tally.MINIMUM_GENERATED
+    ]
+    if short and session.exitstatus == 0:
+        session.exitstatus = 1
+        print(f"\ngenerated architectures below {tally.MINIMUM_GENERATED} for: {short}")
 
 
 def prepared(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -14,7 +14,13 @@ from torch import nn
 
 import bnsurgery
 from bnsurgery.cli import main
-from bnsurgery.errors import OutputError, SourceError, UnsafePickleError, UsageError
+from bnsurgery.errors import (
+    NothingToDoError,
+    OutputError,
+    SourceError,
+    UnsafePickleError,
+    UsageError,
+)
 
 from .conftest import output
 
@@ -84,7 +90,8 @@ def test_inspect_table_and_json(capsys):
 
 def test_model_without_bn_is_a_clean_no_op(tmp_path, capsys):
     code, _, err = run(capsys, "fold", "torch.nn:Identity", "-o", tmp_path / "x.safetensors")
-    assert code == 0 and "no BatchNorm layers" in err
+    assert code == NothingToDoError.exit_code and err.startswith("nothing to do: ")
+    assert "no BatchNorm layer" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.safetensors").exists()
 
 

@@ -1,0 +1,341 @@
+"""Every surgery on generated architectures (hypothesis): the invariants that must always hold.
+
+Architectures come from :func:`tests.archgen.architectures`: DAGs of convs (1d/2d/3d, functional,
+transposed), linears, every BN flavour, activations, residual adds, concatenations, reshapes,
+in-place ops, reused modules and shared BNs, in float32, float64 and bfloat16, with BN variances
+from 1e-8 to 1e4. The checks are plain functions, so ``test_generated_regressions.py`` runs the
+same ones on the examples hypothesis has found.
+
+Examples per test: 200 by default (``BNSURGERY_EXAMPLES`` changes it); CI runs are
+derandomised, so a red run reproduces. ``HYPOTHESIS_PROFILE=explore`` draws fresh examples.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+import bnsurgery
+from bnsurgery.errors import UsageError
+from bnsurgery.frozen import FrozenBatchNorm
+from bnsurgery.verify import default_tolerance, max_relative_error
+
+from . import tally
+from .archgen import DTYPES, architectures, bn_modules, build, describe, extras, inputs
+
+pytestmark = pytest.mark.generated
+
+
+def run(model: nn.Module, x: torch.Tensor) -> Any:
+    with torch.no_grad():
+        return model(x.clone())  # a fresh input: in-place ops never touch the caller's
+
+
+def leaves(output: Any) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+
+
+def own_noise(model: nn.Module, x: torch.Tensor, out: Any) -> float:
+    """How far the model's own output in its dtype is from the same model in float64."""
+    if x.dtype == torch.float64:
+        return 0.0
+    return max_relative_error(run(copy.deepcopy(model).double(), x.double()), out)
+
+
+# ------------------------------------------------------------------------------------ fold
+
+
+def check_fold(arch: dict[str, Any]) -> None:
+    model = build(arch)
+    x = inputs(arch)
+    state = copy.deepcopy(model.state_dict())
+    reference = run(model, x)
+    folded = bnsurgery.fold(copy.deepcopy(model), x)
+    report = bnsurgery.last_report(folded)
+    for key, value in model.state_dict().items():  # the original is untouched
+        assert torch.equal(value, state[key]), key
+
+    # every BN is accounted for: folded, or left with a reason
+    names = set(bn_modules(model))
+    done = {e.bn for e in report.folded}
+    left = {s.bn: s.reason for s in report.left}
+    assert done | set(left) == names and not done & set(left), (done, left, names)
+    assert all(reason.strip() for reason in left.values()), left
+    assert set(bn_modules(folded)) == set(left)
+
+    # same function: within the dtype's tolerance, or within what the dtype's own rounding
+    # does to this model (a random network can amplify it), which a wrong fold exceeds
+    after = run(folded, x)
+    error = max_relative_error(reference, after)
+    allowed = max(default_tolerance(reference), 4 * own_noise(model, x, reference))
+    assert error <= allowed, f"fold error {error:.3g} > {allowed:.3g}\n{describe(arch)}"
+
+    # the same architecture in float64, where rounding cannot hide a wrong fold
+    if arch["dtype"] != "float64":
+        model64 = build(dict(arch, dtype="float64"))
+        x64 = inputs(dict(arch, dtype="float64"))
+        reference64 = run(model64, x64)
+        error64 = max_relative_error(reference64, run(bnsurgery.fold(model64, x64), x64))
+        assert error64 <= 1e-9, f"float64 fold error {error64:.3g}\n{describe(arch)}"
+    tally.add_unique("generated: fold", arch)
+    if done:
+        tally.add_unique("generated: fold (with a BN folded)", arch)
+
+
+@given(architectures())
+def test_fold_keeps_the_function_or_says_why(arch):
+    check_fold(arch)
+
+
+# ---------------------------------------------------------------------------------- freeze
+
+
+def _sgd_step(model: nn.Module, x: torch.Tensor) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    optimizer = torch.optim.SGD(params, lr=0.1, momentum=0.9, weight_decay=1e-2)
+    loss = sum(t.float().pow(2).mean() for t in leaves(model(x.clone())))
+    if not loss.requires_grad:  # the output does not depend on any trainable parameter
+        return
+    loss.backward()
+    optimizer.step()
+
+
+def check_freeze(arch: dict[str, Any], train_affine: bool = False) -> None:
+    model = build(arch)
+    original = copy.deepcopy(model)
+    frozen = bnsurgery.freeze(model, train_affine=train_affine)
+    report = bnsurgery.last_report(frozen)
+    names = set(bn_modules(original))
+    assert set(report.changed) | {n for n, _ in report.left} == names
+    assert all(reason.strip() for _, reason in report.left)
+
+    # a train step: frozen statistics and (unless train_affine) affine stay; the rest moves
+    keep = {}
+    for name in report.changed:
+        bn = frozen.get_submodule(name)
+        assert isinstance(bn, FrozenBatchNorm)
+        for key, value in bn.state_dict().items():
+            if train_affine and key in ("weight", "bias"):
+                continue
+            keep[f"{name}.{key}"] = value.clone()
+    # batch size 1 works once BN is frozen; a BN left unfrozen still needs two values per channel
+    batch = 2 if report.left else 1
+    x = inputs(arch, batch=batch)
+    frozen.train()
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}
+    _sgd_step(frozen, x)
+    after = frozen.state_dict()
+    for key, value in keep.items():
+        assert torch.equal(after[key], value), f"{key} moved\n{describe(arch)}"
+    moved = [k for k in before if k not in keep and not torch.equal(before[k], after[k])]
+    trainable = [p for p in frozen.parameters() if p.requires_grad and p.grad is not None]
+    if any(bool(p.grad.abs().sum() > 0) for p in trainable):
+        assert moved, "nothing trained"
+    assert frozen.training and all(m.training for m in frozen.modules())
+
+    # the frozen layers compute in train mode what they compute in eval mode
+    with torch.no_grad():
+        train_out = frozen.train()(x.clone())
+        eval_out = frozen.eval()(x.clone())
+    for a, b in zip(leaves(train_out), leaves(eval_out), strict=True):
+        assert torch.equal(a, b), describe(arch)
+
+    # unfreeze gives back exactly the original
+    if report.changed:
+        again = bnsurgery.freeze(copy.deepcopy(original), train_affine=train_affine)
+        _assert_identical(original, bnsurgery.unfreeze(again))
+    tally.add_unique("generated: freeze", arch)
+
+
+def _assert_identical(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+    for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules(), strict=True):
+        assert na == nb and type(ma) is type(mb), (na, type(ma), type(mb))
+        assert ma.training == mb.training, na
+        for attr in ("eps", "momentum", "affine", "track_running_stats", "num_features"):
+            assert getattr(ma, attr, None) == getattr(mb, attr, None), (na, attr)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb and pa.requires_grad == pb.requires_grad, na
+
+
+@given(architectures())
+def test_freeze_holds_through_a_train_step_and_unfreezes_exactly(arch):
+    check_freeze(arch, train_affine=extras(arch).random() < 0.3)
+
+
+# ------------------------------------------------------------------------------------ swap
+
+
+def check_swap(arch: dict[str, Any]) -> None:
+    model = build(arch)
+    x = inputs(arch)
+    reference = run(model, x)
+    swapped = bnsurgery.swap(copy.deepcopy(model), to="frozen")
+    for a, b in zip(leaves(reference), leaves(run(swapped, x)), strict=True):
+        assert torch.equal(a, b), f"swap to frozen changed the output\n{describe(arch)}"
+    tally.add_unique("generated: swap", arch)
+
+
+@given(architectures())
+def test_swap_to_frozen_is_exact(arch):
+    check_swap(arch)
+
+
+# ----------------------------------------------------------------------------- recalibrate
+
+
+def reference_statistics(
+    model: nn.Module, names: list[str], batches: list[torch.Tensor], kernel: bool
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each named BN's input over all batches: its mean and unbiased variance over the
+    concatenation of everything it saw, in float64.
+
+    While collecting, each named BN normalises with its batch's own mean and biased variance
+    and everything else runs in eval mode. ``kernel=False`` normalises by the formula in
+    float64 (a first-principles check of what recalibration computes); ``kernel=True`` with
+    PyTorch's batch-norm kernel in the model's dtype, so that in float32 and bfloat16 every BN
+    sees bit for bit the inputs it sees during recalibration and the statistics can be
+    compared tightly (rounding in an upstream normalisation is not what is being tested).
+    """
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    handles = []
+
+    def collect(name):
+        def pre(module, args):
+            x = args[0]
+            c = x.shape[1]
+            seen[name].append(x.detach().double().transpose(0, 1).reshape(c, -1))
+
+        def post(module, args, output):
+            x = args[0]
+            weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+            if kernel:
+                y = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, module.eps)[0]
+            else:
+                x = x.double()
+                dims = [0, *range(2, x.dim())]
+                mean = x.mean(dims, keepdim=True)
+                var = x.var(dims, unbiased=False, keepdim=True)
+                shape = [1, -1] + [1] * (x.dim() - 2)
+                y = (x - mean) / torch.sqrt(var + module.eps)
+                if weight is not None:
+                    y = y * weight.double().view(shape) + bias.double().view(shape)
+                y = y.to(args[0].dtype)
+            if hasattr(module, "act"):
+                y = module.act(module.drop(y))
+            return y
+
+        return pre, post
+
+    copies = copy.deepcopy(model).eval()
+    for name in names:
+        pre, post = collect(name)
+        module = copies.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    with torch.no_grad():
+        for batch in batches:
+            copies(batch.clone())
+    for h in handles:
+        h.remove()
+    stats = {}
+    for name, chunks in seen.items():
+        data = torch.cat(chunks, dim=1)
+        stats[name] = (data.mean(1), data.var(1, unbiased=True))
+    return stats
+
+
+RECALIBRATION_TOLERANCE = {"float64": 1e-9, "float32": 1e-5, "bfloat16": 1e-2}
+
+
+def _recalibrated_matches(arch: dict[str, Any], sizes: list[int], kernel: bool) -> None:
+    model = build(arch)
+    with_stats = [
+        n for n, m in bn_modules(model).items() if getattr(m, "running_mean", None) is not None
+    ]
+    batches = [inputs(arch, batch=n, seed=arch["seed"] + 10 + i) for i, n in enumerate(sizes)]
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    if not with_stats:
+        with pytest.raises(UsageError):
+            bnsurgery.recalibrate(model, batches)
+        return
+    expected = reference_statistics(model, with_stats, batches, kernel)
+    bnsurgery.recalibrate(model, batches)
+    report = bnsurgery.last_report(model)
+    assert [layer.name for layer in report.layers] == with_stats
+    tol = RECALIBRATION_TOLERANCE[arch["dtype"]]
+    for name in with_stats:
+        bn = model.get_submodule(name)
+        mean, var = expected[name]
+        # rounding scales with the spread and the size of the values: compare the mean on the
+        # scale of std + |mean|, the variance on the scale of var + mean^2
+        scales = (var.sqrt() + mean.abs(), var + mean.square())
+        for what, got, want, scale in zip(
+            ("mean", "var"), (bn.running_mean, bn.running_var), (mean, var), scales, strict=True
+        ):
+            worst = float(((got.double() - want).abs() / scale.clamp_min(1e-30)).max())
+            assert worst <= tol, f"{name}: running {what} off by {worst:.3g}\n{describe(arch)}"
+    assert not model.training
+    for key, value in model.named_parameters():
+        assert torch.equal(value, params[key]), key
+
+
+def check_recalibrate(arch: dict[str, Any], sizes: list[int]) -> None:
+    _recalibrated_matches(arch, sizes, kernel=arch["dtype"] != "float64")
+    if arch["dtype"] != "float64":  # and the maths from first principles, in float64
+        _recalibrated_matches(dict(arch, dtype="float64"), sizes, kernel=False)
+    tally.add_unique("generated: recalibrate", arch)
+
+
+@given(architectures())
+def test_recalibrate_gives_first_principles_statistics(arch):
+    rng = extras(arch)  # uneven batch sizes; at least 2, as BN in train mode needs
+    check_recalibrate(arch, [rng.randint(2, 5) for _ in range(rng.randint(1, 3))])
+
+
+# ------------------------------------------------------------------------------- save/load
+
+
+def spec_of(arch: dict[str, Any]) -> str:
+    return f"tests.archgen:build(arch={arch!r})"
+
+
+def check_save_load(arch: dict[str, Any], surgery: str) -> None:
+    model = bnsurgery.load(spec_of(arch)).to(DTYPES[arch["dtype"]]).eval()
+    x = inputs(arch)
+    if surgery == "fold":
+        model = bnsurgery.fold(model, x)
+    elif surgery == "freeze":
+        model = bnsurgery.freeze(model)
+    elif surgery == "swap":
+        model = bnsurgery.swap(model, to="frozen")
+    expected = leaves(run(model, x))
+    with tempfile.TemporaryDirectory() as tmp:
+        for suffix in (".safetensors", ".pt"):
+            path = Path(tmp) / f"model{suffix}"
+            bnsurgery.save(model, path)
+            loaded = bnsurgery.load(path, trust_pickle=suffix == ".pt").eval()
+            got = leaves(run(loaded, x))
+            for a, b in zip(expected, got, strict=True):
+                assert a.dtype == b.dtype and torch.equal(a, b), (
+                    f"{surgery} then {suffix} changed the output\n{describe(arch)}"
+                )
+    tally.add_unique("generated: save/load", arch)
+
+
+@given(architectures())
+def test_save_then_load_gives_identical_outputs(arch):
+    check_save_load(arch, extras(arch).choice(("none", "fold", "freeze", "swap")))
