@@ -21,6 +21,7 @@ write leaves nothing behind; an existing file is only replaced with ``force=True
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 
 from . import provenance
-from .errors import OutputError, SourceError, UnsafePickleError, UsageError
+from .errors import BnSurgeryError, OutputError, SourceError, UnsafePickleError, UsageError
 from .specs import build, is_spec, parse_spec
 
 __all__ = [
@@ -377,7 +378,12 @@ def save(
 
         def write(tmp: str) -> None:
             scripted = _to_torchscript(model, example_inputs)
-            torch.jit.save(scripted, tmp)
+            # Serialise in memory, then write with Python's file I/O: torch.jit.save writing to
+            # a path aborts the whole process when the disk fills up.
+            buffer = io.BytesIO()
+            torch.jit.save(scripted, buffer)
+            with open(tmp, "wb") as f:
+                f.write(buffer.getbuffer())
 
     return atomic_write(out, write, force=force)
 
@@ -390,7 +396,8 @@ def _to_torchscript(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptMo
     except Exception as exc:
         if example_inputs is None:
             raise UsageError(
-                f"torch.jit.script failed ({_short(exc)}); give example inputs"
+                f"torch.jit.script failed ({_short(exc)}); give example inputs to trace it "
+                "instead (--input-size)"
             ) from exc
     from .graph import as_args, eval_mode
 
@@ -447,6 +454,10 @@ def atomic_write(out: Path, write: Callable[[str], None], *, force: bool = False
             os.unlink(tmp)
         if isinstance(exc, OSError):
             raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from exc
+        if isinstance(exc, Exception) and not isinstance(exc, BnSurgeryError):
+            # writers report a full disk or a file size limit in their own exception types
+            # (torch: RuntimeError from its stream writer; safetensors: its own error)
+            raise OutputError(f"{out}: write failed ({_short(exc)})") from exc
         raise
     return out
 

@@ -208,10 +208,16 @@ def _require_batchnorm(model: Any, source: str, verb: str) -> None:
         )
 
 
-def _write(model, source, output, fmt, force, arch, operation, inputs=None) -> None:
-    from .checkpoint import default_output, save
+def _write(model, source, output, fmt, force, arch, operation, inputs=None, sizes=None) -> None:
+    """Save, tracing with example inputs where TorchScript is asked for and scripting fails.
+
+    ``sizes``: ``(input_size, batch_size, seed)`` to make those inputs when none are given.
+    """
+    from .checkpoint import default_output, output_format, save
 
     out = Path(output) if output else default_output(source, operation)
+    if inputs is None and sizes is not None and output_format(out, fmt) == "torchscript":
+        inputs = _example_inputs(model, source, arch, *sizes, required=False)
     save(model, out, format=fmt, force=force, arch=arch, example_inputs=inputs)
     click.echo(f"wrote {out}", err=True)
 
@@ -242,7 +248,7 @@ def freeze_command(
     click.echo(to_json(report) if as_json else freeze_text(report))
     if not report.changed:
         raise NothingToDoError("no BN layer to freeze (reasons above); nothing written")
-    _write(model, source, output, fmt, force, arch, "frozen")
+    _write(model, source, output, fmt, force, arch, "frozen", sizes=(input_size, batch_size, seed))
 
 
 @cli.command("unfreeze")
@@ -268,7 +274,9 @@ def unfreeze_command(
     if not report.changed:
         raise NothingToDoError("no layer frozen by bnsurgery; nothing to unfreeze, nothing written")
     click.echo(to_json(report) if as_json else freeze_text(report))
-    _write(model, source, output, fmt, force, arch, "unfrozen")
+    _write(
+        model, source, output, fmt, force, arch, "unfrozen", sizes=(input_size, batch_size, seed)
+    )
 
 
 @cli.command("swap")
@@ -328,7 +336,7 @@ def swap_command(
     click.echo(to_json(report) if as_json else swap_text(report))
     if not report.swapped:
         raise NothingToDoError("no BN layer swapped (reasons above); nothing written")
-    _write(model, source, output, fmt, force, arch, target)
+    _write(model, source, output, fmt, force, arch, target, sizes=(input_size, batch_size, seed))
 
 
 def _distributed() -> tuple[int, int]:
@@ -412,7 +420,16 @@ def recalibrate_command(
     if plot:
         drift_plot(report, plot)
         click.echo(f"wrote {plot}", err=True)
-    _write(model, source, output, fmt, force, arch, "recalibrated")
+    _write(
+        model,
+        source,
+        output,
+        fmt,
+        force,
+        arch,
+        "recalibrated",
+        sizes=(input_size, batch_size, seed),
+    )
 
 
 class _NoBar:
@@ -433,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = cli.main(args=args, prog_name="bnsurgery", standalone_mode=False)
         return int(result) if isinstance(result, int) else 0
-    except click.exceptions.Abort:
-        click.echo("error: aborted", err=True)
+    except click.exceptions.Abort:  # click's form of KeyboardInterrupt
+        click.echo("error: interrupted; no output was written", err=True)
         return EXIT_INTERRUPTED
     except click.ClickException as exc:
         click.echo(f"error: {exc.format_message()}", err=True)
@@ -448,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {' '.join(str(exc).split())}", err=True)
         return exc.exit_code
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        click.echo("error: interrupted; no output was written", err=True)
         return EXIT_INTERRUPTED
     except Exception as exc:
         if debug:

@@ -216,3 +216,13 @@ class DataDependent(nn.Module):
         if y.sum() > 0:
             return y * 2
         return y
+
+
+def no_bn_net() -> nn.Module:
+    """Factory: a conv net without any BatchNorm (``tests.models:no_bn_net``)."""
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+
+def simple_mlp() -> nn.Module:
+    """Factory (``tests.models:simple_mlp``): another architecture than ``simple_cnn``."""
+    return SimpleMLP()

@@ -1,0 +1,392 @@
+"""Hostile input to the command line: every case, for every command it applies to.
+
+Each case is a test. It runs the real entry point (``bnsurgery.cli.main``; the cases marked
+*subprocess* run ``python -m bnsurgery`` itself) and checks the guarantees README promises:
+
+* the documented exit code (README, "Exit codes");
+* on failure, exactly one line on stderr, and never a traceback;
+* every input file byte-identical afterwards;
+* no output on failure, and no partial or temporary file left behind: the folder tree is
+  exactly what it was, apart from the outputs of a command that succeeded.
+
+The counts go to the test summary (``tests/tally.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import bnsurgery
+from bnsurgery.cli import main
+
+from . import tally
+from .models import SimpleCNN, SimpleMLP
+
+pytestmark = pytest.mark.hostile
+
+ROOT = Path(__file__).resolve().parents[1]
+USAGE, SOURCE, UNSAFE, OUTPUT, NOTHING, STATISTICS, INTERRUPTED = 2, 3, 4, 5, 9, 10, 130
+WRITERS = ("fold", "freeze", "unfreeze", "swap", "recalibrate")
+COMMANDS = ("inspect", *WRITERS)
+
+
+class Payload:
+    """Unpickling this would create a file: the proof that code from the file ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+# ------------------------------------------------------------------------------- the world
+
+
+def _randomized(model: torch.nn.Module) -> torch.nn.Module:
+    from bnsurgery.testing import randomize_bn
+
+    return randomize_bn(model).eval()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> dict[str, Path]:
+    """Inputs in ``in/`` (a valid model, a frozen one, data, and every kind of bad file), and
+    an empty ``out/``."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    torch.manual_seed(0)
+    model = bnsurgery.load("tests.models:simple_cnn")
+    _randomized(model)
+    files = {"in": src, "out": out, "marker": tmp_path / "pwned"}
+    files["model"] = bnsurgery.save(model, src / "model.safetensors")
+    files["frozen"] = bnsurgery.save(bnsurgery.freeze(model), src / "frozen.safetensors")
+    torch.save(torch.randn(8, 3, 16, 16), src / "data.pt")
+    files["data"] = src / "data.pt"
+
+    (src / "empty.pt").write_bytes(b"")
+    files["empty"] = src / "empty.pt"
+    files["random_bytes"] = src / "garbage.pt"
+    files["random_bytes"].write_bytes(bytes((i * 167 + 13) % 256 for i in range(4096)))
+    data = files["model"].read_bytes()
+    files["truncated_safetensors"] = src / "cut.safetensors"
+    files["truncated_safetensors"].write_bytes(data[: len(data) // 2])
+    files["zip_not_checkpoint"] = src / "notes.pt"
+    with zipfile.ZipFile(files["zip_not_checkpoint"], "w") as z:
+        z.writestr("notes/data.txt", "not a checkpoint")
+    files["other_architecture"] = src / "mlp.pt"
+    torch.save(SimpleMLP().state_dict(), files["other_architecture"])
+    state = SimpleCNN().state_dict()
+    state["conv1.weight"] = torch.zeros(16, 3, 5, 5)
+    files["shape_mismatch"] = src / "wrong_shapes.pt"
+    torch.save(state, files["shape_mismatch"])
+    files["no_bn"] = bnsurgery.save(
+        bnsurgery.load("tests.models:no_bn_net"), src / "no_bn.safetensors"
+    )
+    for case, value in (("nan_stats", float("nan")), ("inf_stats", float("inf"))):
+        broken = bnsurgery.load(files["model"])
+        broken.bn1.running_var[3] = value
+        files[case] = bnsurgery.save(broken, src / f"{case}.safetensors")
+    files["malicious_pickle"] = src / "model.pt"
+    torch.save({"state_dict": SimpleCNN().state_dict(), "x": Payload(files["marker"])},
+               files["malicious_pickle"])  # fmt: skip
+    return files
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Every file under the roots, with its digest (hidden and temporary files included)."""
+    found = {}
+    for root in roots:
+        for dirpath, _, names in os.walk(root):
+            for name in names:
+                path = Path(dirpath) / name
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def command_args(command: str, world: dict[str, Path], source: Path | str) -> list[str]:
+    """A complete, valid invocation of ``command`` on ``source``, writing into ``out/``."""
+    args = [command, str(source)]
+    if command == "inspect":
+        return [*args, "--input-size", "3,16,16"]
+    args += ["-o", str(world["out"] / f"result-{command}.safetensors")]
+    if command == "fold":
+        args += ["--input-size", "3,16,16"]
+    elif command == "swap":
+        args += ["--to", "frozen"]
+    elif command == "recalibrate":
+        args += ["--data", str(world["data"]), "--batch-size", "3", "--quiet"]
+    return args
+
+
+def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def check(
+    code: int,
+    err: str,
+    expected: int,
+    before: dict[str, str],
+    after: dict[str, str],
+    written: tuple[str, ...] = (),
+    message: str | None = None,
+) -> None:
+    """The guarantees, counted as they are checked."""
+    tally.add("hostile cases")
+    if "Traceback" in err:
+        tally.add("tracebacks seen")
+    changed = [p for p in before if p in after and before[p] != after[p]]
+    gone = [p for p in before if p not in after]
+    if changed or gone:
+        tally.add("inputs modified")
+    new = sorted(set(after) - set(before) - set(written))
+    if new:
+        tally.add("partial outputs")
+    assert "Traceback" not in err, err
+    assert code == expected, f"exit {code}, expected {expected}: {err}"
+    assert not changed and not gone, (changed, gone)
+    assert not new, f"left behind: {new}"
+    if expected != 0:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, f"stderr is not one line: {err!r}"
+        prefix = "nothing to do: " if expected == NOTHING else "error: "
+        assert lines[0].startswith(prefix), lines[0]
+        if message:
+            assert message in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- bad sources
+
+BAD_SOURCES = {
+    # case: (exit code, a phrase the one line must contain)
+    "missing": (SOURCE, "no such file"),
+    "directory": (SOURCE, "is a directory"),
+    "empty": (SOURCE, "empty"),
+    "random_bytes": (SOURCE, None),
+    "truncated_safetensors": (SOURCE, None),
+    "zip_not_checkpoint": (SOURCE, None),
+    "other_architecture": (SOURCE, "missing keys (first conv1.weight)"),
+    "shape_mismatch": (SOURCE, "conv1.weight"),
+    "malicious_pickle": (UNSAFE, "--trust-pickle"),
+}
+
+
+def _source_path(case: str, world: dict[str, Path]) -> Path:
+    if case == "missing":
+        return world["in"] / "missing.safetensors"
+    if case == "directory":
+        return world["in"]
+    return world[case]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", sorted(BAD_SOURCES))
+def test_bad_source(case, command, world, capsys):
+    expected, message = BAD_SOURCES[case]
+    args = command_args(command, world, _source_path(case, world))
+    if case in ("other_architecture", "shape_mismatch"):
+        args += ["--arch", "tests.models:simple_cnn"]
+    before = snapshot(world["in"], world["out"])
+    code, _, err = run_cli(capsys, args)
+    check(code, err, expected, before, snapshot(world["in"], world["out"]), message=message)
+    if case == "other_architecture":
+        assert "unexpected keys (first fc.weight)" in err, err
+    assert not world["marker"].exists(), "the pickle payload ran"
+
+
+# ------------------------------------------------------------------ valid, but nothing to do
+
+NO_BN_EXPECTED = {"inspect": 0, **{c: NOTHING for c in WRITERS}}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_model_without_bn(command, world, capsys):
+    before = snapshot(world["in"], world["out"])
+    code, out, err = run_cli(capsys, command_args(command, world, world["no_bn"]))
+    check(code, err, NO_BN_EXPECTED[command], before, snapshot(world["in"], world["out"]))
+    if command == "inspect":
+        assert "0 BatchNorm" in out or "no BatchNorm" in out, out
+    else:
+        assert "no BatchNorm layer" in err
+
+
+# ---------------------------------------------------------------------- broken statistics
+
+BROKEN_STATS_EXPECTED = {
+    "inspect": 0,  # it reports them
+    "fold": STATISTICS,
+    "freeze": STATISTICS,
+    "swap": STATISTICS,  # to frozen: the statistics would be kept
+    "unfreeze": NOTHING,  # nothing frozen
+    "recalibrate": 0,  # the cure
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", ["nan_stats", "inf_stats"])
+def test_non_finite_statistics(case, command, world, capsys):
+    expected = BROKEN_STATS_EXPECTED[command]
+    before = snapshot(world["in"], world["out"])
+    code, out, err = run_cli(capsys, command_args(command, world, world[case]))
+    result = world["out"] / f"result-{command}.safetensors"
+    written = (str(result),) if expected == 0 and command != "inspect" else ()
+    message = "bn1: running_var is" if expected == STATISTICS else None
+    check(code, err, expected, before, snapshot(world["in"], world["out"]), written, message)
+    if command == "inspect":
+        assert ("NaN" if case == "nan_stats" else "inf") in out, out
+    if command == "recalibrate":
+        fixed = bnsurgery.load(result)
+        assert torch.isfinite(fixed.bn1.running_var).all()
+
+
+# ---------------------------------------------------------------------------- bad outputs
+
+
+def _read_only_folder(tmp: Path) -> Path:
+    folder = tmp / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:  # root ignores permissions: fall back to a read-only file system
+        fd, name = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return folder
+    os.close(fd)
+    os.unlink(name)
+    for candidate in ("/sys", "/proc/sys"):
+        try:
+            fd, name = tempfile.mkstemp(dir=candidate)
+        except OSError:
+            return Path(candidate)
+        os.close(fd)
+        os.unlink(name)
+    pytest.skip("no read-only folder available to this user")
+
+
+BAD_OUTPUTS = ("missing_folder", "read_only_folder", "is_the_input", "exists")
+
+
+@pytest.mark.parametrize("command", WRITERS)
+@pytest.mark.parametrize("case", BAD_OUTPUTS)
+def test_bad_output(case, command, world, tmp_path, capsys):
+    source = world["frozen" if command == "unfreeze" else "model"]
+    args = command_args(command, world, source)
+    out_at = args.index("-o") + 1
+    if case == "missing_folder":
+        args[out_at] = str(world["out"] / "no" / "such" / "folder" / "m.safetensors")
+        message = "does not exist"
+    elif case == "read_only_folder":
+        args[out_at] = str(_read_only_folder(tmp_path) / "m.safetensors")
+        message = "cannot write"
+    elif case == "is_the_input":
+        args[out_at] = str(source)
+        message = "is the input"
+    else:
+        Path(args[out_at]).write_bytes(b"precious")
+        message = "--force"
+    before = snapshot(world["in"], world["out"])
+    code, _, err = run_cli(capsys, args)
+    check(code, err, OUTPUT, before, snapshot(world["in"], world["out"]), message=message)
+
+
+@pytest.mark.parametrize("command", WRITERS)
+def test_interrupted_write_leaves_nothing(command, world, capsys, monkeypatch):
+    """Ctrl-C in the middle of writing the output: exit 130, no output, no temporary file."""
+    from safetensors import torch as st_torch
+
+    def half_then_interrupt(model, filename, metadata=None, force_contiguous=False):
+        Path(filename).write_bytes(b"\0" * 1000)  # half-written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(st_torch, "save_model", half_then_interrupt)
+    source = world["frozen" if command == "unfreeze" else "model"]
+    before = snapshot(world["in"], world["out"])
+    code, _, err = run_cli(capsys, command_args(command, world, source))
+    check(code, err, INTERRUPTED, before, snapshot(world["in"], world["out"]), message="interr")
+
+
+def _cli_subprocess(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "bnsurgery", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        **kwargs,
+    )
+
+
+def _limit_file_size() -> None:  # runs in the child: a real "disk full" (EFBIG) past 64 KiB
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+
+@pytest.mark.parametrize("fmt", [".safetensors", ".pt", ".ts"])
+@pytest.mark.parametrize("command", ["fold", "freeze", "swap"])
+def test_full_disk_subprocess(command, fmt, world):
+    """The OS refuses the write half way (file size limit): exit 5, nothing left behind."""
+    args = command_args(command, world, "timm:resnet18")
+    args[args.index("-o") + 1] = str(world["out"] / f"big{fmt}")
+    args += ["--input-size", "3,32,32"] if command != "fold" else []
+    args = [a if a != "3,16,16" else "3,32,32" for a in args]
+    before = snapshot(world["in"], world["out"])
+    result = _cli_subprocess(args, preexec_fn=_limit_file_size)
+    check(result.returncode, result.stderr, OUTPUT, before, snapshot(world["in"], world["out"]))
+    assert "write failed" in result.stderr, result.stderr
+
+
+# ------------------------------------------------------------------------ the real program
+
+SUBPROCESS_CASES = {
+    "missing": SOURCE,
+    "random_bytes": SOURCE,
+    "malicious_pickle": UNSAFE,
+    "no_bn": NOTHING,
+    "nan_stats": STATISTICS,
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
+def test_real_program_one_line(case, world):
+    """``python -m bnsurgery``: what a user sees, warnings and all."""
+    source = world["in"] / "missing.pt" if case == "missing" else world[case]
+    before = snapshot(world["in"], world["out"])
+    result = _cli_subprocess(command_args("fold", world, source))
+    after = snapshot(world["in"], world["out"])
+    check(result.returncode, result.stderr, SUBPROCESS_CASES[case], before, after)
+    assert not world["marker"].exists(), "the pickle payload ran"
+
+
+def test_pickle_payload_runs_only_with_the_flag(world, capsys):
+    """The control: with --trust-pickle the same file does run its payload (so the other
+    tests would have seen it)."""
+    args = command_args("inspect", world, world["malicious_pickle"])
+    run_cli(capsys, [*args, "--trust-pickle"])
+    assert world["marker"].exists()
+
+
+def test_pickle_module_payload(world, capsys):
+    """A raw pickle (not a torch zip) with a payload: refused the same way."""
+    raw = world["in"] / "raw.pkl"
+    raw.write_bytes(pickle.dumps(Payload(world["marker"]), protocol=4))
+    before = snapshot(world["in"], world["out"])
+    code, _, err = run_cli(capsys, command_args("fold", world, raw))
+    check(code, err, UNSAFE, before, snapshot(world["in"], world["out"]))
+    assert not world["marker"].exists()
