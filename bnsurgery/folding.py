@@ -18,7 +18,6 @@ in train mode: the report says so in ``was_training`` and every module keeps its
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.utils._pytree import tree_flatten
 
 from . import foldmath, provenance
 from .errors import UnsupportedModelError, VerificationError
@@ -467,109 +467,136 @@ def _record_calls(
     return seen
 
 
-@dataclass(frozen=True)
-class _SiteCheck:
-    """Each folded unit recomputed on the very inputs it saw (see :func:`_site_error`)."""
-
-    passed: bool
-    change: float  # largest relative change of a unit's output, folded vs original
-    folded_error: float  # largest relative error of a folded unit against float64
-    original_error: float  # the same for the original unit: the dtype's own rounding
-
-
-def _site_error(
-    model: nn.Module, plan: FoldPlan, args: tuple[Any, ...], tol: float, lenient: bool
-) -> _SiteCheck:
-    """Check every folded unit on its own recorded input.
+def _unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dict[str, float]:
+    """For each folded BN, how much its folded unit's output moved, each call recomputed on the
+    very input it saw (largest relative change; ``inf`` where it cannot be recomputed).
 
     A producer fold turns ``bn(layer(x))`` into ``remainder(layer'(x))``; a consumer fold turns
-    ``layer(bn(x))`` into ``layer'(x)``. Each unit is recomputed after folding on the very
-    inputs it saw before, so data-dependent parts elsewhere in the model (proposal selection,
-    NMS) cannot make the comparison differ. A unit passes when its output moved by at most
-    ``tol``; with ``lenient`` (the default tolerance), also when it is no further from the exact
-    (float64) result than the original unit was (twice its error at most), or within the
-    rounding error bound of its dtype: in low precision an ill-conditioned layer (a variance
-    far below the spread of its input's mean) rounds to different noise either way. The model
-    must be unfolded on entry and is so on exit.
+    ``layer(bn(x))`` into ``layer'(x)``. Recomputing each unit on its recorded input keeps
+    data-dependent parts elsewhere in the model (proposal selection, NMS) and the network's
+    amplification of rounding out of the comparison. The model must be unfolded on entry and
+    is so on exit.
     """
-    failed = _SiteCheck(False, math.inf, math.inf, 0.0)
-    if not all(isinstance(model.get_submodule(e.into), _ConvNd | nn.Linear) for e in plan.edits):
-        return failed  # a functional layer: no module to recompute on its own
-    names = [n for e in plan.edits for n in (e.bn, e.into)]
+    changes = {e.bn: math.inf for e in plan.edits}
+    checkable = [
+        e for e in plan.edits if isinstance(model.get_submodule(e.into), _ConvNd | nn.Linear)
+    ]
+    names = [n for e in checkable for n in (e.bn, e.into)]
     before = _record_calls(model, names, args)
-    exact = {n: copy.deepcopy(model.get_submodule(n)).double() for n in names}
     txn, _ = _apply(model, plan)
-    passed, change, folded_error, original_error = True, 0.0, 0.0, 0.0
     try:
         with eval_mode(model), torch.no_grad():
-            for e in plan.edits:
+            for e in checkable:
                 layer, bn = model.get_submodule(e.into), model.get_submodule(e.bn)
                 layer_calls, bn_calls = before[e.into], before[e.bn]
                 if len(layer_calls) != len(bn_calls) or not bn_calls:
-                    return failed
+                    continue
+                worst = 0.0
                 for (layer_in, layer_out), (bn_in, bn_out) in zip(
                     layer_calls, bn_calls, strict=True
                 ):
                     if e.placement == "producer":
                         expected, got = bn_out, bn(layer(layer_in))
-                        reference = exact[e.bn](exact[e.into](_double(layer_in)))
-                        folded_in = layer_in
                     else:
                         expected, got = layer_out, layer(bn(bn_in))
-                        reference = exact[e.into](exact[e.bn](_double(bn_in)))
-                        folded_in = bn_in
-                    moved = max_relative_error(expected, got)
-                    ours = max_relative_error(reference, got)
-                    theirs = max_relative_error(reference, expected)
-                    change = max(change, moved)
-                    folded_error = max(folded_error, ours)
-                    original_error = max(original_error, theirs)
-                    passed = passed and (
-                        moved <= tol
-                        or (
-                            lenient
-                            and (
-                                ours <= 2 * theirs
-                                or _within_rounding(layer, folded_in, got, reference)
-                            )
-                        )
-                    )
+                    worst = max(worst, max_relative_error(expected, got))
+                changes[e.bn] = worst
     finally:
         txn.rollback()
-    return _SiteCheck(passed, change, folded_error, original_error)
+    return changes
 
 
-def _within_rounding(layer: nn.Module, x: Any, got: Any, reference: Any) -> bool:
-    """Whether ``got`` is within the rounding error bound of the folded layer in its dtype.
-
-    Computing ``y = W x + b`` in a dtype with unit roundoff ``u`` (weights rounded to it too)
-    can be off by about ``u * (|W| |x| + |b| + |y|)`` per element; this is large where the
-    terms cancel, as they do after folding a BN whose mean dwarfs its spread. A few units of
-    that bound (4, for accumulation and any activation after the layer) is what any correct
-    fold may differ by.
-    """
-    if not isinstance(x, torch.Tensor) or not isinstance(got, torch.Tensor):
-        return False
-    if not isinstance(reference, torch.Tensor) or got.shape != reference.shape:
-        return False
-    u = torch.finfo(got.dtype).eps / 2 if got.is_floating_point() else 0.0
-    magnitude_layer = copy.deepcopy(layer).double()
-    with torch.no_grad():
-        for p in magnitude_layer.parameters():
-            p.abs_()
-        magnitude = magnitude_layer(x.double().abs())
-    if magnitude.shape != got.shape:
-        return False
-    bound = 4 * u * (magnitude + reference.abs()) + torch.finfo(torch.float64).tiny
-    return bool(((got.double() - reference).abs() <= bound).all())
-
-
-def _double(x: Any) -> Any:
-    return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+def _without(plan: FoldPlan, reasons: dict[str, str]) -> FoldPlan:
+    """The plan with the edits of these BNs turned into skips with these reasons."""
+    return FoldPlan(
+        [e for e in plan.edits if e.bn not in reasons],
+        [*plan.skipped, *(Skip(bn, why) for bn, why in reasons.items())],
+        plan.method,
+    )
 
 
 def _step(plan: FoldPlan) -> dict[str, Any]:
     return {"op": "fold", "folded": len(plan.edits), "left": len(plan.skipped)}
+
+
+def _verified(
+    model: nn.Module,
+    plan: FoldPlan,
+    reference: Any,
+    args: tuple[Any, ...],
+    tol: float,
+    leave_failing: bool,
+    notes: list[str],
+) -> tuple[FoldPlan, float, Any, list[dict[str, Any]]]:
+    """Apply ``plan`` and check the model's output against ``reference``.
+
+    When the output moved beyond ``tol``, each folded unit is recomputed on its own input
+    (:func:`_unit_changes`). Units that moved beyond ``tol`` themselves (in low precision, a BN
+    whose statistics make the folded weights round badly) are left unfolded with the reason,
+    when ``leave_failing``, and the rest is folded and checked again; otherwise the model is
+    left unchanged and :class:`VerificationError` raised. When every unit is within ``tol``,
+    the output moved because the network amplified rounding, or discrete post-processing (NMS,
+    top-k) flipped on it: the fold stands, with a note.
+    """
+    for _ in range(4):
+        txn, structure = _apply(model, plan)
+        if not plan.edits:
+            return plan, 0.0, txn, structure
+        try:
+            with eval_mode(model), torch.no_grad():
+                error = max_relative_error(reference, model(*args))
+        except BaseException:
+            txn.rollback()
+            raise
+        if error <= tol:
+            return plan, error, txn, structure
+        txn.rollback()
+        changes = _unit_changes(model, plan, args)
+        failing = {bn: moved for bn, moved in changes.items() if not moved <= tol}
+        if not failing:
+            txn, structure = _apply(model, plan)
+            worst = max(changes.values())
+            notes.append(
+                f"the final output moved by {error:.3g} (float rounding amplified by the "
+                "network, or flipped by discrete post-processing such as NMS or top-k); every "
+                f"folded layer, recomputed on the very input it saw, matches within {worst:.3g}"
+            )
+            return plan, worst, txn, structure
+        worst = max(failing.values())
+        if not leave_failing:
+            raise VerificationError(
+                f"folding changed the output by {error:.3g} (max relative error, tolerance "
+                f"{tol:.3g}; {worst:.3g} at the folded layers); the model was left unchanged"
+            )
+        dtype = _output_dtype(reference)
+        plan = _without(
+            plan,
+            {
+                bn: (
+                    f"folding it moved its layer's output by {moved:.3g} in {dtype} (tolerance "
+                    f"{tol:.3g}): its statistics round badly into the folded weights at this "
+                    "precision"
+                    if math.isfinite(moved)
+                    else "the model's output moved and its folded layer is a functional call "
+                    "that cannot be checked on its own"
+                )
+                for bn, moved in failing.items()
+            },
+        )
+        notes.append(
+            f"the output moved by {error:.3g} with every fold applied; {len(failing)} BN left "
+            "unfolded because folding them moved their own layer's output beyond tolerance"
+        )
+    raise VerificationError(
+        f"folding did not converge to a verified result (tolerance {tol:.3g}); the model was "
+        "left unchanged"
+    )
+
+
+def _output_dtype(output: Any) -> str:
+    dtypes = [t.dtype for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+    floats = [d for d in dtypes if d.is_floating_point]
+    return str(floats[0]).replace("torch.", "") if floats else "its dtype"
 
 
 def fold(
@@ -624,47 +651,18 @@ def fold(
     notes = []
     if was_training:
         notes.append("model was in train mode: folded with eval semantics (running statistics)")
-    txn, structure = _apply(model, plan)
     error: float | None = None
     tol: float | None = None
     checked = verify and example_inputs is not None and bool(plan.edits)
     if checked:
         tol = default_tolerance(walked.output) if tolerance is None else tolerance
-        try:
-            with eval_mode(model), torch.no_grad():
-                after = model(*as_args(example_inputs))
-            error = max_relative_error(walked.output, after)
-        except BaseException:
-            txn.rollback()
-            raise
-        if not error <= tol:
-            txn.rollback()
-            site = _site_error(model, plan, as_args(example_inputs), tol, tolerance is None)
-            if not site.passed:
-                raise VerificationError(
-                    f"folding changed the output by {error:.3g} (max relative error, tolerance "
-                    f"{tol:.3g}; {site.change:.3g} at the folded layers); the model was left "
-                    "unchanged"
-                )
-            txn, structure = _apply(model, plan)
-            if site.change <= tol:
-                notes.append(
-                    f"the final output moved by {error:.3g} (float rounding amplified by the "
-                    "network, or flipped by discrete post-processing such as NMS or top-k); "
-                    "every folded layer, recomputed on the very input it saw, matches within "
-                    f"{site.change:.3g}"
-                )
-            else:
-                notes.append(
-                    f"the final output moved by {error:.3g}; recomputed on the very input it "
-                    f"saw, a folded layer moved by up to {site.change:.3g}, yet every folded "
-                    "layer is as close to the exact (float64) result as the original was "
-                    f"({site.folded_error:.3g} vs {site.original_error:.3g}): the model's dtype "
-                    "rounds it to different noise either way"
-                )
-            error = site.change
-    elif plan.edits and example_inputs is None:
-        notes.append("not verified: no example inputs")
+        plan, error, _, structure = _verified(
+            model, plan, walked.output, as_args(example_inputs), tol, tolerance is None, notes
+        )
+    else:
+        _, structure = _apply(model, plan)
+        if plan.edits and example_inputs is None:
+            notes.append("not verified: no example inputs")
     report = FoldReport(
         folded=plan.edits,
         left=plan.skipped,

@@ -42,6 +42,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     folded = counts.get("generated: fold (with a BN folded)")
     if folded is not None:
         write(f"  of which fold folded at least one BN: {folded}")
+    meaningless = counts.get("generated: fold (dtype cannot represent the model)")
+    if meaningless:
+        write(f"  of which checked in float64 only (own dtype noise >= 0.5): {meaningless}")
     for key in sorted(k for k in counts if k.startswith("hostile")):
         write(f"{key}: {counts[key]}")
     for key in tally.FAILURES:

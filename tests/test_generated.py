@@ -53,7 +53,7 @@ def own_noise(model: nn.Module, x: torch.Tensor, out: Any) -> float:
 # ------------------------------------------------------------------------------------ fold
 
 
-def check_fold(arch: dict[str, Any]) -> None:
+def check_fold(arch: dict[str, Any]) -> dict[str, bool]:
     model = build(arch)
     x = inputs(arch)
     state = copy.deepcopy(model.state_dict())
@@ -73,10 +73,14 @@ def check_fold(arch: dict[str, Any]) -> None:
 
     # same function: within the dtype's tolerance, or within what the dtype's own rounding
     # does to this model (a random network can amplify it), which a wrong fold exceeds
+    # (where the model's output in its dtype is off from float64 by half its size or more,
+    # the dtype cannot represent the function: there is no tolerance to hold a fold to)
     after = run(folded, x)
     error = max_relative_error(reference, after)
-    allowed = max(default_tolerance(reference), 4 * own_noise(model, x, reference))
-    assert error <= allowed, f"fold error {error:.3g} > {allowed:.3g}\n{describe(arch)}"
+    noise = own_noise(model, x, reference)
+    allowed = max(default_tolerance(reference), 4 * noise)
+    if noise < 0.5:
+        assert error <= allowed, f"fold error {error:.3g} > {allowed:.3g}\n{describe(arch)}"
 
     # the same architecture in float64, where rounding cannot hide a wrong fold
     if arch["dtype"] != "float64":
@@ -85,14 +89,17 @@ def check_fold(arch: dict[str, Any]) -> None:
         reference64 = run(model64, x64)
         error64 = max_relative_error(reference64, run(bnsurgery.fold(model64, x64), x64))
         assert error64 <= 1e-9, f"float64 fold error {error64:.3g}\n{describe(arch)}"
-    tally.add_unique("generated: fold", arch)
-    if done:
-        tally.add_unique("generated: fold (with a BN folded)", arch)
+    return {"folded": bool(done), "float64 only": noise >= 0.5}
 
 
 @given(architectures())
 def test_fold_keeps_the_function_or_says_why(arch):
-    check_fold(arch)
+    outcome = check_fold(arch)
+    tally.add_unique("generated: fold", arch)
+    if outcome["folded"]:
+        tally.add_unique("generated: fold (with a BN folded)", arch)
+    if outcome["float64 only"]:
+        tally.add_unique("generated: fold (dtype cannot represent the model)", arch)
 
 
 # ---------------------------------------------------------------------------------- freeze
@@ -154,7 +161,6 @@ def check_freeze(arch: dict[str, Any], train_affine: bool = False) -> None:
     if report.changed:
         again = bnsurgery.freeze(copy.deepcopy(original), train_affine=train_affine)
         _assert_identical(original, bnsurgery.unfreeze(again))
-    tally.add_unique("generated: freeze", arch)
 
 
 def _assert_identical(a: nn.Module, b: nn.Module) -> None:
@@ -174,6 +180,7 @@ def _assert_identical(a: nn.Module, b: nn.Module) -> None:
 @given(architectures())
 def test_freeze_holds_through_a_train_step_and_unfreezes_exactly(arch):
     check_freeze(arch, train_affine=extras(arch).random() < 0.3)
+    tally.add_unique("generated: freeze", arch)
 
 
 # ------------------------------------------------------------------------------------ swap
@@ -186,12 +193,12 @@ def check_swap(arch: dict[str, Any]) -> None:
     swapped = bnsurgery.swap(copy.deepcopy(model), to="frozen")
     for a, b in zip(leaves(reference), leaves(run(swapped, x)), strict=True):
         assert torch.equal(a, b), f"swap to frozen changed the output\n{describe(arch)}"
-    tally.add_unique("generated: swap", arch)
 
 
 @given(architectures())
 def test_swap_to_frozen_is_exact(arch):
     check_swap(arch)
+    tally.add_unique("generated: swap", arch)
 
 
 # ----------------------------------------------------------------------------- recalibrate
@@ -297,13 +304,13 @@ def check_recalibrate(arch: dict[str, Any], sizes: list[int]) -> None:
     _recalibrated_matches(arch, sizes, kernel=arch["dtype"] != "float64")
     if arch["dtype"] != "float64":  # and the maths from first principles, in float64
         _recalibrated_matches(dict(arch, dtype="float64"), sizes, kernel=False)
-    tally.add_unique("generated: recalibrate", arch)
 
 
 @given(architectures())
 def test_recalibrate_gives_first_principles_statistics(arch):
     rng = extras(arch)  # uneven batch sizes; at least 2, as BN in train mode needs
     check_recalibrate(arch, [rng.randint(2, 5) for _ in range(rng.randint(1, 3))])
+    tally.add_unique("generated: recalibrate", arch)
 
 
 # ------------------------------------------------------------------------------- save/load
@@ -333,9 +340,9 @@ def check_save_load(arch: dict[str, Any], surgery: str) -> None:
                 assert a.dtype == b.dtype and torch.equal(a, b), (
                     f"{surgery} then {suffix} changed the output\n{describe(arch)}"
                 )
-    tally.add_unique("generated: save/load", arch)
 
 
 @given(architectures())
 def test_save_then_load_gives_identical_outputs(arch):
     check_save_load(arch, extras(arch).choice(("none", "fold", "freeze", "swap")))
+    tally.add_unique("generated: save/load", arch)
