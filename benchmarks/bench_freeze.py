@@ -3,7 +3,8 @@
 Variants on the same model (timm resnet50 by default, batch 16, 160 px, CPU):
 
 * ``train-mode BN``: plain BatchNorm2d in train mode (the baseline that updates statistics);
-* ``bnsurgery.freeze``: our FrozenBatchNorm (one fused eval-mode batch_norm);
+* ``bnsurgery.freeze``: our FrozenBatchNorm (a fused multiply-add when gradients flow, the
+  eval-mode batch_norm kernel otherwise);
 * ``torchvision FrozenBatchNorm2d``: each BN replaced by ``torchvision.ops.misc.FrozenBatchNorm2d``;
 * ``timm freeze_batch_norm_2d``: ``timm.layers.freeze_batch_norm_2d`` on the model.
 
