@@ -471,36 +471,46 @@ def _unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> di
     """For each folded BN, how much its folded unit's output moved, each call recomputed on the
     very input it saw (largest relative change; ``inf`` where it cannot be recomputed).
 
-    A producer fold turns ``bn(layer(x))`` into ``remainder(layer'(x))``; a consumer fold turns
-    ``layer(bn(x))`` into ``layer'(x)``. Recomputing each unit on its recorded input keeps
-    data-dependent parts elsewhere in the model (proposal selection, NMS) and the network's
-    amplification of rounding out of the comparison. The model must be unfolded on entry and
-    is so on exit.
+    A unit is one conv or linear layer with the BN folded into it from before (consumer fold)
+    and the one folded into it from after (producer fold), either or both: it turns
+    ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))``. Recomputing each unit on
+    its recorded input keeps data-dependent parts elsewhere in the model (proposal selection,
+    NMS) and the network's amplification of rounding out of the comparison. The model must be
+    unfolded on entry and is so on exit.
     """
     changes = {e.bn: math.inf for e in plan.edits}
-    checkable = [
-        e for e in plan.edits if isinstance(model.get_submodule(e.into), _ConvNd | nn.Linear)
+    units: dict[str, dict[str, FoldEdit]] = {}
+    for e in plan.edits:
+        units.setdefault(e.into, {})[e.placement] = e
+    checkable = {
+        layer: edits
+        for layer, edits in units.items()
+        if isinstance(model.get_submodule(layer), _ConvNd | nn.Linear)
+    }
+    names = [
+        n for layer, edits in checkable.items() for n in (layer, *(e.bn for e in edits.values()))
     ]
-    names = [n for e in checkable for n in (e.bn, e.into)]
     before = _record_calls(model, names, args)
     txn, _ = _apply(model, plan)
     try:
         with eval_mode(model), torch.no_grad():
-            for e in checkable:
-                layer, bn = model.get_submodule(e.into), model.get_submodule(e.bn)
-                layer_calls, bn_calls = before[e.into], before[e.bn]
-                if len(layer_calls) != len(bn_calls) or not bn_calls:
+            for name, edits in checkable.items():
+                layer = model.get_submodule(name)
+                first, last = edits.get("consumer"), edits.get("producer")
+                calls = before[name]
+                inputs = before[first.bn] if first else calls
+                outputs = before[last.bn] if last else calls
+                if not calls or len(inputs) != len(calls) or len(outputs) != len(calls):
                     continue
+                after = model.get_submodule(last.bn) if last else None  # what the fold left
                 worst = 0.0
-                for (layer_in, layer_out), (bn_in, bn_out) in zip(
-                    layer_calls, bn_calls, strict=True
-                ):
-                    if e.placement == "producer":
-                        expected, got = bn_out, bn(layer(layer_in))
-                    else:
-                        expected, got = layer_out, layer(bn(bn_in))
+                for (x, _), (_, expected) in zip(inputs, outputs, strict=True):
+                    got = layer(x)
+                    if after is not None:
+                        got = after(got)
                     worst = max(worst, max_relative_error(expected, got))
-                changes[e.bn] = worst
+                for e in edits.values():
+                    changes[e.bn] = worst
     finally:
         txn.rollback()
     return changes

@@ -280,3 +280,23 @@ def test_detection_post_processing_is_verified_layer_by_layer():
     report = bnsurgery.last_report(model)
     assert report.verified and report.max_rel_error < 1e-4 and len(report.folded) == 70
     assert any("every folded layer" in n for n in report.notes)
+
+
+def test_unit_check_of_a_layer_folded_from_both_sides():
+    """A conv that absorbs the BN before it (consumer) and the BN after it (producer) is one
+    unit: checked on the first BN's input against the second BN's output. (Checking each fold
+    on its own compared a doubly folded conv with a singly folded one and left the BNs of
+    maxvit unfolded for nothing.)"""
+    from bnsurgery.folding import _unit_changes
+
+    model = prepared(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)))
+    x = torch.randn(2, 4, 5, 5)
+    state = copy.deepcopy(model.state_dict())
+    plan = bnsurgery.plan_fold(model, x)
+    assert {(e.bn, e.into, e.placement) for e in plan.edits} == {
+        ("0", "1", "consumer"),
+        ("2", "1", "producer"),
+    }
+    changes = _unit_changes(model, plan, (x,))
+    assert set(changes) == {"0", "2"} and max(changes.values()) < 1e-5, changes
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
