@@ -7,7 +7,7 @@ from torch import nn
 
 from .norms import iter_batchnorms
 
-__all__ = ["randomize_bn"]
+__all__ = ["match_bn_to_data", "randomize_bn"]
 
 
 @torch.no_grad()
@@ -50,4 +50,47 @@ def randomize_bn(model: nn.Module, seed: int = 0, spread: float = 0.5) -> nn.Mod
         tracked = getattr(bn, "num_batches_tracked", None)
         if isinstance(tracked, torch.Tensor):
             tracked.fill_(1)
+    return model
+
+
+@torch.no_grad()
+def match_bn_to_data(model: nn.Module, args: tuple, seed: int = 0) -> nn.Module:
+    """Set every BN's running statistics from the input it actually sees on ``args``, in place,
+    as training leaves them: mean moved by N(0, 0.1) standard deviations, variance scaled by
+    U(0.8, 1.25). Affine parameters are kept.
+
+    One eval pass: a pre-hook sets each BN's statistics just before it normalises, so every BN
+    after it sees inputs normalised the way the final model normalises them. A random-init
+    network with :func:`randomize_bn` statistics can amplify float32 rounding a thousandfold
+    (its statistics do not match its activations, layer after layer); with statistics that
+    match, it behaves like a trained one.
+    """
+    g = torch.Generator().manual_seed(seed)
+    done: set[int] = set()
+
+    def hook(module: nn.Module, inputs: tuple) -> None:
+        if id(module) in done or not inputs or not isinstance(inputs[0], torch.Tensor):
+            return
+        done.add(id(module))
+        mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
+        if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+            return
+        x = inputs[0].detach().double()
+        c = x.shape[1]
+        flat = x.transpose(0, 1).reshape(c, -1)
+        data_var = flat.var(1, unbiased=flat.shape[1] > 1)
+        data_mean = flat.mean(1)
+        noise = torch.randn(c, generator=g, dtype=torch.float64)
+        scale = torch.rand(c, generator=g, dtype=torch.float64) * 0.45 + 0.8
+        mean.copy_((data_mean + 0.1 * noise * data_var.sqrt()).to(mean))
+        var.copy_((data_var * scale).clamp_min(1e-12).to(var))
+
+    handles = [m.register_forward_pre_hook(hook) for _, m in iter_batchnorms(model)]
+    try:
+        was = model.training
+        model.eval()(*args)
+        model.train(was)
+    finally:
+        for h in handles:
+            h.remove()
     return model

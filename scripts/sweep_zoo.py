@@ -418,6 +418,28 @@ def _float64_check(model: Any, make_args: Any, reference32: Any, compare: Any) -
     return out
 
 
+def _data_statistics_check(model: Any, args: Any, compare: Any) -> dict[str, Any]:
+    """The fold's float32 error when every BN's statistics match the data it sees
+    (``bnsurgery.testing.match_bn_to_data``) instead of being random, and that model's own
+    float32 noise is then small: what a trained model of this architecture would see."""
+    import torch
+
+    import bnsurgery
+    from bnsurgery.testing import match_bn_to_data
+
+    out: dict[str, Any] = {}
+    try:
+        calibrated = match_bn_to_data(copy.deepcopy(model), args)
+        with torch.no_grad():
+            reference = calibrated(*args)
+        bnsurgery.fold(calibrated, args)
+        with torch.no_grad():
+            out["data_err"] = compare(reference, calibrated(*args))
+    except Exception as exc:
+        out["data_error"] = _one_line(exc)
+    return out
+
+
 def run_one(name: str, category: str, send: Any) -> dict[str, Any]:
     """Everything for one model; ``send`` reports progress (phase and partial results)."""
     import torch
@@ -531,8 +553,11 @@ def run_one(name: str, category: str, send: Any) -> dict[str, Any]:
     record["fx"], record["fx_err"] = _fx_folded(model, args, reference)
     send({"update": record})
 
-    # 6. Float64 diagnosis of anything that failed verification or exceeded the tolerance.
+    # 6. Anything that failed verification or exceeded the tolerance, again with BN statistics
+    #    that match the data (a well-conditioned network, like a trained one), then in float64.
     if record["status"] != "ok":
+        phase("statistics from data")
+        record.update(_data_statistics_check(model, args, compare))
         phase("float64 check")
         record.update(_float64_check(model, make_args, reference, compare))
     return record
@@ -753,6 +778,20 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         for r in fold_errors + over
         if isinstance(r.get("f64_err"), float) and r["f64_err"] <= TOLERANCE
     ]
+    data_ok = [
+        r
+        for r in fold_errors + over
+        if isinstance(r.get("data_err"), float) and r["data_err"] <= TOLERANCE
+    ]
+    data_checked = [r for r in fold_errors + over if "data_err" in r or "data_error" in r]
+    within_noise = [
+        r
+        for r in over
+        if isinstance(r.get("f64_err"), float)
+        and r["f64_err"] <= 1e-9
+        and isinstance(r.get("noise32"), float)
+        and r["err"] <= max(TOLERANCE, 2 * r["noise32"])
+    ]
     lines = [
         "# bnsurgery fold: zoo sweep",
         "",
@@ -772,6 +811,12 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- of those two, passing the same {TOLERANCE:g} check in float64: {len(exact64)} "
         f"(float32 rounding amplified by the random-init network, compare *f32 noise*, or "
         f"discrete post-processing flipping on it; a wrong fold is off by far more)",
+        f"- over {TOLERANCE:g} but exact in float64 (at most 1e-9) and within twice the "
+        f"unfolded model's own float32 noise: {len(within_noise)} of {len(over)} (no fold can "
+        "be held below the rounding of the model it folds)",
+        f"- of those two, checked again with BN statistics that match the data (a "
+        f"well-conditioned network, like a trained one): {len(data_checked)}, of which within "
+        f"{TOLERANCE:g} in float32: {len(data_ok)} (column *data err*)",
         "- max relative error overall: **"
         + (f"{_fmt_err(worst['err'])}** ({worst['name']})" if worst else "n/a**"),
         f"- models where fx fuse folds more BN than bnsurgery: **{len(fx_more)}**"
@@ -780,13 +825,14 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Columns: *err* is max\\|a-b\\|/max\\|a\\| over float outputs measured by the sweep "
         "(for a fold that failed verification, of the fold redone without verification; for "
         "detection models blind to the order of detections, see `detection_error`); "
-        "*f64 err* the same check in float64 and *f32 noise* the unfolded model's own float32 "
-        "output against its float64 output, both only when *err* > 1e-5 or the fold raised; "
+        "*f64 err* the same check in float64, *f32 noise* the unfolded model's own float32 "
+        "output against its float64 output, and *data err* the float32 check with BN "
+        "statistics matched to the data, all three only when *err* > 1e-5 or the fold raised; "
         "*fx* the BN count `torch.fx.experimental.optimization.fuse` folds.",
         "",
-        "| model | status | input | BN | folded | left | err | f64 err | f32 noise | fx "
-        "| fold s | left: reasons | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | status | input | BN | folded | left | err | f64 err | f32 noise | data err "
+        "| fx | fold s | left: reasons | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(swept, key=lambda r: r["name"]):
         reasons = "; ".join(f"{n}x {_cell(k, 160)}" for k, n in (r.get("reasons") or {}).items())
@@ -807,6 +853,7 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                     _fmt_err(r.get("err")),
                     f64,
                     _fmt_err(r.get("noise32")),
+                    _fmt_err(r.get("data_err")) or _cell(r.get("data_error"), 60),
                     _cell(r.get("fx"), 40),
                     _cell(r.get("fold_s")),
                     _cell(reasons, 400),
