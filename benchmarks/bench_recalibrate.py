@@ -7,6 +7,9 @@ All three walk the same batches of the same model (timm resnet50 by default, bat
 * ``BN batch-stats forward``: the same, but every BN normalising with its batch's statistics
   (train mode, everything else eval): the least any recalibration costs, because each BN's
   output depends on the batch statistics, which an eval forward never computes;
+* ``no_grad forward, channels_last``: the eval forward in the memory format that
+  ``bnsurgery.recalibrate`` runs 2-D convnets in on the CPU (model and batches converted
+  beforehand, not timed), for a like-for-like comparison;
 * ``bnsurgery.recalibrate``: exact statistics (default mode);
 * ``torch update_bn``: ``torch.optim.swa_utils.update_bn``.
 
@@ -21,6 +24,7 @@ Run: python benchmarks/bench_recalibrate.py [--model resnet50 --batch 32 --size 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -37,6 +41,7 @@ import bnsurgery
 
 VARIANTS = (
     "no_grad forward",
+    "no_grad forward, channels_last",
     "BN batch-stats forward",
     "bnsurgery.recalibrate",
     "torch update_bn",
@@ -55,7 +60,7 @@ def setup(args: argparse.Namespace):
 
 def run(variant: str, model, data) -> float:
     start = time.perf_counter()
-    if variant == "no_grad forward":
+    if variant in ("no_grad forward", "no_grad forward, channels_last"):
         with torch.no_grad():
             for batch in data:
                 model(batch)
@@ -76,9 +81,17 @@ def run(variant: str, model, data) -> float:
     return time.perf_counter() - start
 
 
+def channels_last(model, data):
+    """A channels-last copy of the model and the batches (for the like-for-like forward)."""
+    model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    return model, [b.contiguous(memory_format=torch.channels_last) for b in data]
+
+
 def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, data = setup(args)
+    if args.child == "no_grad forward, channels_last":
+        model, data = channels_last(model, data)
     import bnsurgery.recalibration  # noqa: F401  (the library's code, loaded like the model's)
 
     before = rss_mb()
@@ -105,9 +118,10 @@ def main() -> None:
     model, data = setup(args)
     run("no_grad forward", model, data[:1])  # warm up
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    plain, cl = (model, data), channels_last(model, data)
     for _ in range(args.repeats):
         for v in VARIANTS:
-            times[v].append(run(v, model, data))
+            times[v].append(run(v, *(cl if v == "no_grad forward, channels_last" else plain)))
     images = args.batch * args.batches
     rate = {v: images / statistics.median(t) for v, t in times.items()}
     common = ["--model", args.model, "--batch", str(args.batch), "--size", str(args.size)]
@@ -126,7 +140,7 @@ def main() -> None:
     ours_r = rate["bnsurgery.recalibrate"] / base_r
     ours_m = memory["bnsurgery.recalibrate"] / base_m
     bound_r = rate["BN batch-stats forward"] / base_r
-    ours_bound = rate["bnsurgery.recalibrate"] / rate["BN batch-stats forward"]
+    ours_cl = rate["bnsurgery.recalibrate"] / rate["no_grad forward, channels_last"]
     text = "\n".join(
         [
             "# Recalibration: throughput and peak memory",
@@ -143,11 +157,13 @@ def main() -> None:
             f"Targets: throughput at least 0.95 of the forward pass (ours: {ours_r:.3f}), peak "
             f"memory at most 1.05 of it (ours: {ours_m:.3f}).",
             "",
-            f"The throughput target is out of reach of any exact recalibration on this CPU: a "
-            f"forward pass in which the BN layers only normalise with their batch statistics "
-            f"(`BN batch-stats forward`, no statistics kept) already runs at {bound_r:.3f} of "
-            f"the eval forward, since PyTorch's CPU kernel makes extra passes over each BN input "
-            f"for the statistics. bnsurgery.recalibrate runs at {ours_bound:.3f} of that bound.",
+            "In the default memory format, a forward pass in which the BN layers only "
+            "normalise with their batch statistics (`BN batch-stats forward`, nothing collected) "
+            f"runs at {bound_r:.3f} of the eval forward: PyTorch's CPU kernel for that reads "
+            "each BN input again. bnsurgery.recalibrate therefore runs 2-D convnets in "
+            "channels-last format on the CPU (restored afterwards), where that kernel is fast: "
+            f"{ours_r:.3f} of the plain eval forward, {ours_cl:.3f} of the eval forward in "
+            "channels-last format.",
             "",
         ]
     )

@@ -87,14 +87,42 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     raise UsageError(f"cannot feed a batch of type {type(batch).__name__}; pass forward=")
 
 
-def _to(batch: Any, device: torch.device) -> Any:
+def _to(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        batch = batch.to(device, non_blocking=True)
+        if channels_last and batch.dim() == 4 and batch.is_floating_point():
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
     if isinstance(batch, Mapping):
-        return {k: _to(v, device) for k, v in batch.items()}
+        return {k: _to(v, device, channels_last) for k, v in batch.items()}
     if isinstance(batch, tuple | list):
-        return type(batch)(_to(v, device) for v in batch)
+        return type(batch)(_to(v, device, channels_last) for v in batch)
     return batch
+
+
+@contextlib.contextmanager
+def _channels_last(model: nn.Module, device: torch.device, wanted: bool | None) -> Any:
+    """Run a 2-D convnet in channels-last memory format on the CPU, restored afterwards.
+
+    PyTorch's CPU batch-norm kernels in training mode are much faster on channels-last tensors
+    (resnet50, batch 32 at 160 px: the whole pass 0.95 s against 1.26 s for the plain eval
+    forward in the default layout). Only the layout changes, not a value; it is used when every
+    4-D parameter and buffer is in the default layout and there is no 5-D one (``wanted=None``:
+    on the CPU only).
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    four = [t for t in tensors if t.dim() == 4 and t.is_floating_point()]
+    usable = bool(four) and all(t.is_contiguous() for t in four)
+    usable = usable and not any(t.dim() == 5 for t in tensors)
+    use = usable and (device.type == "cpu" if wanted is None else wanted)
+    if not use:
+        yield False
+        return
+    model.to(memory_format=torch.channels_last)
+    try:
+        yield True
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 class _Moments:
@@ -181,6 +209,7 @@ def recalibrate(
     mode: str = "exact",
     momentum: float | None = None,
     progress: Callable[[int], None] | None = None,
+    channels_last: bool | None = None,
 ) -> nn.Module:
     """Recompute the running statistics of the selected BN layers over ``data``, in place.
 
@@ -196,6 +225,8 @@ def recalibrate(
             BN in train mode, everything else in eval mode).
         momentum: for ``"ema"``: override each BN's momentum during the pass.
         progress: called with the number of batches done after each batch.
+        channels_last: run the pass in channels-last memory format (2-D convnets; the model's
+            layout is restored afterwards). Default: on the CPU, where it is much faster.
 
     Returns:
         The model. :func:`bnsurgery.last_report` gives a :class:`RecalibrationReport`.
@@ -233,7 +264,7 @@ def recalibrate(
         if autocast is not None
         else contextlib.nullcontext()
     )
-    with eval_mode(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad(), _channels_last(model, device, channels_last) as cl:
         try:
             for name, bn in chosen:
                 if mode == "exact":
@@ -246,7 +277,7 @@ def recalibrate(
                 if num_batches is not None and batches >= num_batches:
                     break
                 with cast:
-                    feed(model, _to(batch, device))
+                    feed(model, _to(batch, device, cl))
                 batches += 1
                 if progress is not None:
                     progress(batches)

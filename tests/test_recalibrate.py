@@ -181,3 +181,21 @@ def test_cli_recalibrate_from_tensor_file_and_image_folder(tmp_path, capsys):
     code = main(["recalibrate", "timm:resnet18", "--data", str(tmp_path / "nothing")])
     err = capsys.readouterr().err
     assert code == 3 and err.count("\n") == 1 and "no such file or folder" in err
+
+
+def test_channels_last_pass_restores_the_layout_and_matches_the_default_layout():
+    """On the CPU the pass runs 2-D convnets in channels-last format (much faster): the
+    statistics match a pass in the default layout, and the model's layout is restored."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    model.append(nn.BatchNorm2d(4))
+    data = [torch.randn(n, 3, 12, 12) * 3 + 1 for n in (5, 2, 7)]
+    params = {k: (v.clone(), v) for k, v in model.named_parameters()}
+    fast = bnsurgery.recalibrate(copy.deepcopy(model), data)
+    plain = bnsurgery.recalibrate(copy.deepcopy(model), data, channels_last=False)
+    for key in ("1.running_mean", "1.running_var", "4.running_mean", "4.running_var"):
+        torch.testing.assert_close(fast.state_dict()[key], plain.state_dict()[key])
+    bnsurgery.recalibrate(model, data)
+    for name, param in model.named_parameters():
+        value, same = params[name]
+        assert param is same and torch.equal(param, value) and param.is_contiguous(), name
