@@ -154,7 +154,12 @@ def _collecting_forward(moments: _Moments) -> Callable[..., torch.Tensor]:
         )
         var = invstd.double().pow(-2) - self.eps
         mean = mean.double()
-        small = var < 100 * self.eps
+        if invstd.dtype not in (torch.float32, torch.float64):
+            # half-precision inputs get half-precision statistics from the kernel (bfloat16:
+            # ~3 significant digits): recompute them from the input in float64
+            small = torch.ones_like(var, dtype=torch.bool)
+        else:
+            small = var < 100 * self.eps
         if bool(small.any()):
             # var + eps loses var's digits when var << eps: recompute those channels directly.
             dims = [0, *range(2, x.dim())]

@@ -64,8 +64,14 @@ def convt_out(size: int, k: int, stride: int, pad: int, dil: int, outpad: int) -
 
 
 @st.composite
-def architectures(draw: st.DrawFn, max_nodes: int = 8) -> dict[str, Any]:
-    """A random valid architecture (see the module docstring)."""
+def architectures(
+    draw: st.DrawFn, max_nodes: int = 8, layer_bn_pairs: bool = False
+) -> dict[str, Any]:
+    """A random valid architecture (see the module docstring).
+
+    ``layer_bn_pairs``: every conv, transposed conv and linear is followed by a BN that only it
+    feeds, and BNs appear nowhere else: the graphs a fold should fold completely.
+    """
     dims = draw(st.sampled_from((2, 1, 3, 0, 2)))  # the first is the one drawn most
     channels = draw(st.integers(1, 6))
     size = draw(st.integers(2, MAX_SIZE[dims])) if dims else draw(st.integers(1, 12))
@@ -131,6 +137,8 @@ def architectures(draw: st.DrawFn, max_nodes: int = 8) -> dict[str, Any]:
         kinds += ["scale", "bn", "linear"] + (["flatten"] if dims else ["linear"])
         if dims:
             kinds += ["convT", "reshape", "pool"]
+        if layer_bn_pairs:
+            kinds = [k for k in kinds if k not in ("bn", "call")]
         kind = draw(st.sampled_from(kinds))
         node: dict[str, Any] | None = None
         new_shape: tuple[int, int | None] | None = None
@@ -256,7 +264,8 @@ def architectures(draw: st.DrawFn, max_nodes: int = 8) -> dict[str, Any]:
             new_shape = shapes[src]
         assert node is not None and new_shape is not None
         add(node, new_shape)
-        if node["op"] in ("conv", "convT", "linear") and draw(st.sampled_from((True, False))):
+        pair = layer_bn_pairs or draw(st.sampled_from((True, False)))
+        if node["op"] in ("conv", "convT", "linear") and pair:
             add(bn_node(len(nodes)), new_shape)  # the usual conv -> BN pair: the conv output
             readable[len(nodes) - 1] = False  # goes to the BN only
     if not any(node["op"] == "bn" for node in nodes):  # every architecture has a BN

@@ -92,6 +92,17 @@ def check_fold(arch: dict[str, Any]) -> dict[str, bool]:
     return {"folded": bool(done), "float64 only": noise >= 0.5}
 
 
+@given(architectures(layer_bn_pairs=True))
+def test_fold_of_layer_bn_pairs(arch):
+    """Graphs where every conv/linear feeds its own BN: most of these BNs must fold (the
+    exceptions are functional convs without bias, BNs without running statistics, and folds
+    left for precision), and the same invariants hold."""
+    outcome = check_fold(arch)
+    tally.add_unique("generated: fold (layer-BN pairs)", arch)
+    if outcome["folded"]:
+        tally.add_unique("generated: fold (layer-BN pairs, a BN folded)", arch)
+
+
 @given(architectures())
 def test_fold_keeps_the_function_or_says_why(arch):
     outcome = check_fold(arch)
@@ -146,7 +157,8 @@ def check_freeze(arch: dict[str, Any], train_affine: bool = False) -> None:
         assert torch.equal(after[key], value), f"{key} moved\n{describe(arch)}"
     moved = [k for k in before if k not in keep and not torch.equal(before[k], after[k])]
     trainable = [p for p in frozen.parameters() if p.requires_grad and p.grad is not None]
-    if any(bool(p.grad.abs().sum() > 0) for p in trainable):
+    # (in bfloat16 a small step can round to no change at all; the gradient is the evidence)
+    if any(bool(p.grad.abs().sum() > 0) for p in trainable) and arch["dtype"] != "bfloat16":
         assert moved, "nothing trained"
     assert frozen.training and all(m.training for m in frozen.modules())
 
@@ -265,7 +277,9 @@ def reference_statistics(
     return stats
 
 
-RECALIBRATION_TOLERANCE = {"float64": 1e-9, "float32": 1e-5, "bfloat16": 1e-2}
+# the statistics are exact in float64; what is left is the cast into the running buffers
+# (bfloat16: half a unit in the last place, 2**-9) and float32 kernel rounding
+RECALIBRATION_TOLERANCE = {"float64": 1e-9, "float32": 1e-5, "bfloat16": 4e-3}
 
 
 def _recalibrated_matches(arch: dict[str, Any], sizes: list[int], kernel: bool) -> None:
