@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from .errors import TraceError, UnsupportedModelError
 from .norms import is_batchnorm
@@ -225,8 +226,10 @@ class _Recorder(TorchFunctionMode):
         self.nodes: list[Node] = []
         self.values: list[Value] = []
         self.state_uses: dict[int, list[Node]] = defaultdict(list)
-        self.bound: dict[int, tuple[Value, int]] = {}
-        self.keep: list[torch.Tensor] = []  # holds every seen tensor so ids are never reused
+        # tensor -> (value, version), held weakly: an intermediate is freed as soon as the
+        # forward pass is done with it (a strong list made fold hold every activation), and a
+        # freed tensor's entry goes with it, so a reused id is never taken for it
+        self.bound: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.quiet = 0  # > 0 inside a BN module call or inside the recorder's own work
         self.bn_stack: list[tuple[nn.Module, Value | None]] = []
 
@@ -234,12 +237,11 @@ class _Recorder(TorchFunctionMode):
     def _new_value(self, t: torch.Tensor, producer: Node | None, origin: str) -> Value:
         v = Value(len(self.values), producer, origin, ndim=t.dim())
         self.values.append(v)
-        self.bound[id(t)] = (v, _version(t))
-        self.keep.append(t)
+        self.bound[t] = (v, _version(t))
         return v
 
     def value_of(self, t: torch.Tensor) -> Value:
-        entry = self.bound.get(id(t))
+        entry = self.bound.get(t)
         if entry is None:
             return self._new_value(t, None, "input or constant")
         value, version = entry
