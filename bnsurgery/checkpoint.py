@@ -21,6 +21,7 @@ write leaves nothing behind; an existing file is only replaced with ``force=True
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -450,7 +451,7 @@ def atomic_write(out: Path, write: Callable[[str], None], *, force: bool = False
             os.fsync(f.fileno())
         os.replace(tmp, out)
     except BaseException as exc:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
             raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from exc
@@ -460,11 +461,3 @@ def atomic_write(out: Path, write: Callable[[str], None], *, force: bool = False
             raise OutputError(f"{out}: write failed ({_short(exc)})") from exc
         raise
     return out
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True

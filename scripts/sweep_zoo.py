@@ -420,8 +420,8 @@ def _float64_check(model: Any, make_args: Any, reference32: Any, compare: Any) -
 
 def _data_statistics_check(model: Any, args: Any, compare: Any) -> dict[str, Any]:
     """The fold's float32 error when every BN's statistics match the data it sees
-    (``bnsurgery.testing.match_bn_to_data``) instead of being random, and that model's own
-    float32 noise is then small: what a trained model of this architecture would see."""
+    (``bnsurgery.testing.match_bn_to_data``) instead of being random: closer to what a trained
+    model of this architecture would see (random weights can still amplify rounding)."""
     import torch
 
     import bnsurgery
