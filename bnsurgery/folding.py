@@ -388,17 +388,14 @@ def _param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.to(dtype=like.dtype, device=like.device), like.requires_grad)
 
 
-def _apply_edit(
-    model: nn.Module, edit: FoldEdit, txn: _Transaction, structure: list[dict[str, Any]]
-) -> None:
-    bn = model.get_submodule(edit.bn)
-    stats = bn_stats(bn)
+def _folded_weights(
+    model: nn.Module, edit: FoldEdit, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """``edit``'s layer weight and bias with its BN folded in (float64 maths, cast back)."""
+    stats = bn_stats(model.get_submodule(edit.bn))
     assert stats is not None  # planned edits only have BNs with statistics
     scale, shift = stats.scale_shift()
     layer = model.get_submodule(edit.into)
-    weight: torch.Tensor = layer.weight
-    bias: torch.Tensor | None = layer.bias
-    groups = int(getattr(layer, "groups", 1))
     maths = foldmath.fold_producer if edit.placement == "producer" else foldmath.fold_consumer
     new_w, new_b = maths(
         edit.layer,
@@ -406,17 +403,28 @@ def _apply_edit(
         None if bias is None else bias.detach().double().cpu(),
         scale,
         shift,
-        groups,
+        int(getattr(layer, "groups", 1)),
     )
+    return _param(new_w, weight), _param(new_b, weight if bias is None else bias)
+
+
+def _apply_edit(
+    model: nn.Module, edit: FoldEdit, txn: _Transaction, structure: list[dict[str, Any]]
+) -> None:
+    bn = model.get_submodule(edit.bn)
+    layer = model.get_submodule(edit.into)
+    weight: torch.Tensor = layer.weight
+    bias: torch.Tensor | None = layer.bias
+    new_w, new_b = _folded_weights(model, edit, weight, bias)
     owners = _Owners(model)
     for module_name, attr in owners.of(weight):
-        txn.set(model.get_submodule(module_name), attr, _param(new_w, weight))
+        txn.set(model.get_submodule(module_name), attr, new_w)
     if bias is None:
-        txn.set(layer, "bias", _param(new_b, weight))
+        txn.set(layer, "bias", new_b)
         structure.append({"add_bias": edit.into, "channels": int(new_b.numel())})
     else:
         for module_name, attr in owners.of(bias):
-            txn.set(model.get_submodule(module_name), attr, _param(new_b, bias))
+            txn.set(model.get_submodule(module_name), attr, new_b)
     replacement = remainder_of(bn)
     for parent, child_name, path in provenance.parents(model, bn):
         txn.set(parent, child_name, replacement)
@@ -442,31 +450,6 @@ def apply_plan(model: nn.Module, plan: FoldPlan) -> nn.Module:
     return model
 
 
-def _record_calls(
-    model: nn.Module, names: list[str], args: tuple[Any, ...]
-) -> dict[str, list[tuple[Any, Any]]]:
-    """``(input, output)`` of every call of the named modules on one eval forward pass."""
-    seen: dict[str, list[tuple[Any, Any]]] = {name: [] for name in names}
-
-    def keep(value: Any) -> Any:
-        return value.detach().clone() if isinstance(value, torch.Tensor) else value
-
-    handles = []
-    for name in dict.fromkeys(names):
-
-        def hook(module: nn.Module, inputs: tuple, out: Any, name: str = name) -> None:
-            seen[name].append((keep(inputs[0]) if inputs else None, keep(out)))
-
-        handles.append(model.get_submodule(name).register_forward_hook(hook))
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
-    return seen
-
-
 def _unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dict[str, float]:
     """For each folded BN, how much its folded unit's output moved, each call recomputed on the
     very input it saw (largest relative change; ``inf`` where it cannot be recomputed).
@@ -475,44 +458,76 @@ def _unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> di
     and the one folded into it from after (producer fold), either or both: it turns
     ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))``. Recomputing each unit on
     its recorded input keeps data-dependent parts elsewhere in the model (proposal selection,
-    NMS) and the network's amplification of rounding out of the comparison. The model must be
-    unfolded on entry and is so on exit.
+    NMS) and the network's amplification of rounding out of the comparison.
+
+    One eval forward pass of the unfolded model, streamed: a hook keeps a unit's input only
+    until the unit's output appears, and the folded weights of one layer exist only while
+    that layer is recomputed. Memory stays at one activation and one layer beyond the forward
+    pass itself, whatever the model's size. The model is not changed.
     """
     changes = {e.bn: math.inf for e in plan.edits}
-    units: dict[str, dict[str, FoldEdit]] = {}
-    for e in plan.edits:
-        units.setdefault(e.into, {})[e.placement] = e
-    checkable = {
-        layer: edits
-        for layer, edits in units.items()
-        if isinstance(model.get_submodule(layer), _ConvNd | nn.Linear)
-    }
-    names = [
-        n for layer, edits in checkable.items() for n in (layer, *(e.bn for e in edits.values()))
-    ]
-    before = _record_calls(model, names, args)
-    txn, _ = _apply(model, plan)
+    units: dict[str, list[FoldEdit]] = {}
+    for e in plan.edits:  # plan order: the order _apply folds them in, so the same rounding
+        units.setdefault(e.into, []).append(e)
+    handles = []
+    busy: list[bool] = []
+
+    def watch(name: str, edits: list[FoldEdit]) -> None:
+        layer = model.get_submodule(name)
+        first = next((e for e in edits if e.placement == "consumer"), None)
+        last = next((e for e in edits if e.placement == "producer"), None)
+        entry = model.get_submodule(first.bn) if first else layer
+        exit_ = model.get_submodule(last.bn) if last else layer
+        after = remainder_of(exit_) if last else None  # what the fold leaves of that BN
+        pending: list[torch.Tensor] = []
+        state = {"worst": 0.0, "calls": 0, "broken": False}
+
+        def enter(module: nn.Module, inputs: tuple) -> None:
+            if busy:
+                return
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                pending.append(inputs[0].detach().clone())
+            else:
+                state["broken"] = True
+
+        def leave(module: nn.Module, inputs: tuple, expected: Any) -> None:
+            if busy:
+                return
+            if not pending or not isinstance(expected, torch.Tensor):
+                state["broken"] = True
+                return
+            x = pending.pop(0)
+            weight, bias = layer.weight, layer.bias
+            for e in edits:
+                weight, bias = _folded_weights(model, e, weight, bias)
+            busy.append(True)  # the recomputation calls the layer: its hooks stand aside
+            try:
+                got = torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
+                if after is not None:
+                    got = after(got)
+            finally:
+                busy.pop()
+            state["worst"] = max(state["worst"], max_relative_error(expected, got))
+            state["calls"] += 1
+
+        handles.append(entry.register_forward_pre_hook(enter))
+        handles.append(exit_.register_forward_hook(leave))
+        results.append((edits, pending, state))
+
+    results: list[tuple[list[FoldEdit], list[torch.Tensor], dict[str, Any]]] = []
+    for name, edits in units.items():
+        if isinstance(model.get_submodule(name), _ConvNd | nn.Linear):
+            watch(name, edits)
     try:
         with eval_mode(model), torch.no_grad():
-            for name, edits in checkable.items():
-                layer = model.get_submodule(name)
-                first, last = edits.get("consumer"), edits.get("producer")
-                calls = before[name]
-                inputs = before[first.bn] if first else calls
-                outputs = before[last.bn] if last else calls
-                if not calls or len(inputs) != len(calls) or len(outputs) != len(calls):
-                    continue
-                after = model.get_submodule(last.bn) if last else None  # what the fold left
-                worst = 0.0
-                for (x, _), (_, expected) in zip(inputs, outputs, strict=True):
-                    got = layer(x)
-                    if after is not None:
-                        got = after(got)
-                    worst = max(worst, max_relative_error(expected, got))
-                for e in edits.values():
-                    changes[e.bn] = worst
+            model(*args)
     finally:
-        txn.rollback()
+        for h in handles:
+            h.remove()
+    for edits, pending, state in results:
+        if state["calls"] and not pending and not state["broken"]:
+            for e in edits:
+                changes[e.bn] = state["worst"]
     return changes
 
 

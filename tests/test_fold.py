@@ -300,3 +300,60 @@ def test_unit_check_of_a_layer_folded_from_both_sides():
     changes = _unit_changes(model, plan, (x,))
     assert set(changes) == {"0", "2"} and max(changes.values()) < 1e-5, changes
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_unit_check_sees_a_wrong_fold_and_names_only_its_unit(monkeypatch):
+    """The unit check recomputes with the very weights the fold would write: a fold maths bug
+    in one layer shows in that layer's BN alone."""
+    from bnsurgery import foldmath
+    from bnsurgery.folding import _unit_changes
+
+    model = prepared(models.sequential_model())
+    x = torch.randn(2, 3, 32, 32)
+    plan = bnsurgery.plan_fold(model, x)
+    right = foldmath.fold_producer
+
+    def wrong(kind, weight, bias, scale, shift, groups):
+        w, b = right(kind, weight, bias, scale, shift, groups)
+        return (w * 1.01, b) if weight.shape[0] == 128 else (w, b)
+
+    monkeypatch.setattr(foldmath, "fold_producer", wrong)
+    changes = _unit_changes(model, plan, (x,))
+    moved = {bn for bn, change in changes.items() if change > 1e-3}
+    assert len(moved) == 1 and all(changes[bn] < 1e-5 for bn in changes if bn not in moved)
+    assert moved == {"5"}
+
+
+def test_unit_check_keeps_one_activation_alive_not_all():
+    """The layer-by-layer check streams: a unit's input is kept only until the unit's output
+    appears, so memory does not grow with depth (it cloned every activation once)."""
+    import gc
+
+    from bnsurgery.folding import _unit_changes
+
+    depth, shape = 24, (1, 8, 40, 40)
+    layers = [nn.Conv2d(3, 8, 1)] + [
+        m for _ in range(depth) for m in (nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+    ]
+    peak = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            gc.collect()
+            peak.append(
+                sum(
+                    1
+                    for o in gc.get_objects()
+                    if isinstance(o, torch.Tensor) and tuple(o.shape) == shape
+                )
+            )
+            return x
+
+    model = prepared(nn.Sequential(*layers, Probe()))
+    x = torch.randn(1, 3, 40, 40)
+    plan = bnsurgery.plan_fold(model, x)
+    assert len(plan.edits) == depth
+    peak.clear()
+    changes = _unit_changes(model, plan, (x,))
+    assert max(changes.values()) < 1e-5
+    assert peak and peak[0] <= 4, peak
