@@ -18,6 +18,11 @@ statistics (``bnsurgery.testing.randomize_bn``), eval mode and a small batch of 
 * how many BN layers ``torch.fx.experimental.optimization.fuse`` folds (or "untraceable");
 * the reasons for every BN left, aggregated with counts.
 
+A model whose weights would not fit three times in half the worker's memory limit is folded in
+place instead of on a copy, and rebuilt from the same seed (checked bit for bit against the
+reference) for the steps after; a check whose weights alone would not fit is recorded as
+skipped with what it needs.
+
 Inputs: timm models at their ``pretrained_cfg`` input size scaled down to a shorter side of 96
 (or the model's minimum), falling back to the native size when a small input fails (fixed-size
 models go straight to it); torchvision classifiers at 96x96, else their native crop; detection
@@ -60,6 +65,9 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from tests.measure import leaves, max_rel_error  # noqa: E402  (measured independently of bnsurgery)
+
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "zoo_sweep.md"
 TOLERANCE = 1e-5
 SMALL_SIDE = 96
@@ -94,53 +102,6 @@ def _bn_count(model: Any) -> int:
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text}"[:300]
-
-
-def _leaves(value: Any) -> list[Any]:
-    """Tensors and scalars of a nested output in a fixed order, with its structure."""
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [("key", k) for k in value] + [x for k in value for x in _leaves(value[k])]
-    if isinstance(value, list | tuple):
-        return [("len", len(value))] + [x for v in value for x in _leaves(v)]
-    return [value]
-
-
-def max_rel_error(reference: Any, candidate: Any) -> float:
-    """max |a - b| / max |a| over floating tensors (each by its own scale); inf on any
-    structural difference, NaN/inf placement difference, or unequal integer tensors."""
-    import torch
-
-    ref, cand = _leaves(reference), _leaves(candidate)
-    if len(ref) != len(cand):
-        return math.inf
-    worst = 0.0
-    for a, b in zip(ref, cand, strict=True):
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            if a != b:
-                return math.inf
-            continue
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return math.inf
-        if not a.dtype.is_floating_point:
-            if not torch.equal(a, b):
-                return math.inf
-            continue
-        a64, b64 = a.detach().double(), b.detach().double()
-        finite = torch.isfinite(a64)
-        if not torch.equal(finite, torch.isfinite(b64)):
-            return math.inf
-        if not torch.equal(a64[~finite].nan_to_num(), b64[~finite].nan_to_num()):
-            return math.inf
-        a64, b64 = a64[finite], b64[finite]
-        if a64.numel() == 0:
-            continue
-        scale = max(a64.abs().max().item(), 1e-30)
-        worst = max(worst, (a64 - b64).abs().max().item() / scale)
-    return worst
 
 
 def _rows(ref: dict[str, Any], d: dict[str, Any], keys: list[str], count: int) -> Any:
@@ -199,7 +160,7 @@ def detection_error(reference: Any, candidate: Any) -> float:
 def _float_numel(value: Any) -> int:
     return sum(
         x.numel()
-        for x in _leaves(value)
+        for x in leaves(value)
         if hasattr(x, "dtype") and getattr(x.dtype, "is_floating_point", False)
     )
 
@@ -349,8 +310,14 @@ def short_reason(reason: str) -> str:
     return re.sub(r"\b\d+\b", "N", text)
 
 
-def _fx_folded(model: Any, args: tuple[Any, ...], reference: Any) -> tuple[Any, Any]:
-    """(BN layers torch.fx's fuse folds, its max relative error), or ("untraceable", None)."""
+def _fx_folded(
+    model: Any, args: tuple[Any, ...], reference: Any, copy_first: bool = True
+) -> tuple[Any, Any]:
+    """(BN layers torch.fx's fuse folds, its max relative error), or ("untraceable", None).
+
+    Without ``copy_first`` the trace shares the model's modules; fuse replaces them in the
+    traced module's own containers with fused copies, so the model keeps its values.
+    """
     import torch
     from torch import fx
     from torch.fx.experimental.optimization import fuse
@@ -364,7 +331,7 @@ def _fx_folded(model: Any, args: tuple[Any, ...], reference: Any) -> tuple[Any, 
         }
 
     try:
-        traced = fx.symbolic_trace(copy.deepcopy(model))
+        traced = fx.symbolic_trace(copy.deepcopy(model) if copy_first else model)
     except Exception:
         return "untraceable", None
     before = bn_targets(traced)
@@ -418,7 +385,9 @@ def _float64_check(model: Any, make_args: Any, reference32: Any, compare: Any) -
     return out
 
 
-def _data_statistics_check(model: Any, args: Any, compare: Any) -> dict[str, Any]:
+def _data_statistics_check(
+    model: Any, args: Any, compare: Any, copy_first: bool = True
+) -> dict[str, Any]:
     """The fold's float32 error when every BN's statistics match the data it sees
     (``bnsurgery.testing.match_bn_to_data``) instead of being random: closer to what a trained
     model of this architecture would see (random weights can still amplify rounding)."""
@@ -429,7 +398,7 @@ def _data_statistics_check(model: Any, args: Any, compare: Any) -> dict[str, Any
 
     out: dict[str, Any] = {}
     try:
-        calibrated = match_bn_to_data(copy.deepcopy(model), args)
+        calibrated = match_bn_to_data(copy.deepcopy(model) if copy_first else model, args)
         with torch.no_grad():
             reference = calibrated(*args)
         bnsurgery.fold(calibrated, args)
@@ -440,8 +409,19 @@ def _data_statistics_check(model: Any, args: Any, compare: Any) -> dict[str, Any
     return out
 
 
-def run_one(name: str, category: str, send: Any) -> dict[str, Any]:
-    """Everything for one model; ``send`` reports progress (phase and partial results)."""
+def _weights_mb(model: Any) -> float:
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def run_one(name: str, category: str, send: Any, budget_mb: float = math.inf) -> dict[str, Any]:
+    """Everything for one model; ``send`` reports progress (phase and partial results).
+
+    ``budget_mb`` is the worker's memory limit. A model whose weights are too large for three
+    copies in half of it (the original, a working copy, the fold's new weights) is folded in
+    place and rebuilt (same seed: checked bit for bit) for the steps that need it unfolded;
+    a check that cannot fit at all is recorded as skipped, with what it would need.
+    """
     import torch
 
     import bnsurgery
@@ -468,11 +448,11 @@ def run_one(name: str, category: str, send: Any) -> dict[str, Any]:
 
     # 2. Real build with random init, random BN statistics, eval mode.
     phase("build")
-    model, build_error = None, None
+    model, build_error, kwargs = None, None, {}
     for extra in _build_kwargs(name, category):
         try:
             torch.manual_seed(0)
-            model = _build(name, category, extra)
+            model, kwargs = _build(name, category, extra), extra
             if extra:
                 record["kwargs"] = extra
             break
@@ -480,12 +460,24 @@ def run_one(name: str, category: str, send: Any) -> dict[str, Any]:
             build_error = _one_line(exc)
     if model is None:
         return {**record, "status": "setup_error", "error": f"build: {build_error}"}
+
+    def prepared(model: Any) -> Any:
+        randomize_bn(model, 0)
+        return model.eval()
+
+    def rebuild() -> Any:
+        torch.manual_seed(0)
+        return prepared(_build(name, category, kwargs))
+
     record["bn"] = _bn_count(model)
     record["params"] = sum(p.numel() for p in model.parameters())
     if record["bn"] == 0:
         return {**record, "status": "no_bn"}
-    randomize_bn(model, 0)
-    model.eval()
+    model = prepared(model)
+    weights_mb = _weights_mb(model)
+    in_place = 3 * weights_mb > budget_mb / 2
+    if in_place:
+        record["in_place"] = True
     send({"update": record})
 
     # 3. The first input the model runs on.
@@ -507,9 +499,9 @@ def run_one(name: str, category: str, send: Any) -> dict[str, Any]:
     args = make_args(torch.float32)
     send({"update": record})
 
-    # 4. Our fold, on a copy.
+    # 4. Our fold, on a copy (on the model itself when a copy does not fit).
     phase("fold")
-    work = copy.deepcopy(model)
+    work = model if in_place else copy.deepcopy(model)
     start = time.perf_counter()
     try:
         bnsurgery.fold(work, args)
@@ -522,7 +514,7 @@ def run_one(name: str, category: str, send: Any) -> dict[str, Any]:
             record["traceback"] = traceback.format_exc()[-2000:]
             return record
         phase("fold without verification")
-        work = copy.deepcopy(model)
+        work = model if in_place else copy.deepcopy(model)  # a failed fold changes nothing
         try:
             bnsurgery.fold(work, args, verify=False)
         except Exception as again:
@@ -545,25 +537,52 @@ def run_one(name: str, category: str, send: Any) -> dict[str, Any]:
         record["note"] = "the output has no floating values: the comparison proves nothing"
     record.setdefault("status", "ok" if record["err"] <= TOLERANCE else "over_tolerance")
     del work
+    if in_place:
+        phase("rebuild")
+        del model
+        gc.collect()
+        model = rebuild()
+        with torch.no_grad():
+            same = compare(reference, model(*args))
+        if same != 0.0:
+            record["limit"] = f"rebuilt model differs from the first build by {same:.3g}"
+            return record
     gc.collect()
     send({"update": record})
 
     # 5. Baseline: torch.fx conv-BN fusion.
     phase("fx fuse")
-    record["fx"], record["fx_err"] = _fx_folded(model, args, reference)
+    record["fx"], record["fx_err"] = _fx_folded(model, args, reference, copy_first=not in_place)
     send({"update": record})
 
     # 6. Anything that failed verification or exceeded the tolerance, again with BN statistics
     #    that match the data (a well-conditioned network, like a trained one), then in float64.
     if record["status"] != "ok":
-        phase("statistics from data")
-        record.update(_data_statistics_check(model, args, compare))
-        phase("float64 check")
-        record.update(_float64_check(model, make_args, reference, compare))
+
+        def fits(check: str, copies: float) -> bool:
+            need = copies * weights_mb
+            if need <= 0.9 * budget_mb:
+                return True
+            record[f"{check}_error"] = (
+                f"skipped: needs about {need / 1024:.1f} GiB for weights alone, over the "
+                f"worker's {budget_mb / 1024:.1f} GiB"
+            )
+            return False
+
+        if fits("data", 2 if in_place else 3):
+            phase("statistics from data")
+            record.update(_data_statistics_check(model, args, compare, copy_first=not in_place))
+            if in_place:
+                del model
+                gc.collect()
+                model = rebuild()
+        if fits("f64", 4):
+            phase("float64 check")
+            record.update(_float64_check(model, make_args, reference, compare))
     return record
 
 
-def worker_main(threads: int) -> None:
+def worker_main(threads: int, budget_mb: float) -> None:
     """Read model names on stdin, write JSON messages on the original stdout."""
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything a model prints goes to stderr, not into the protocol
@@ -583,7 +602,7 @@ def worker_main(threads: int) -> None:
         if not name:
             continue
         try:
-            result = run_one(name, categories.of(name), send)
+            result = run_one(name, categories.of(name), send, budget_mb)
         except Exception as exc:
             result = {
                 "name": name,
@@ -612,8 +631,16 @@ def _rss_mb(pid: int) -> float:
 class Worker:
     """One worker process; ``run`` one model with a time and memory limit."""
 
-    def __init__(self, threads: int, verbose: bool) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(threads)]
+    def __init__(self, threads: int, verbose: bool, max_rss_gb: float) -> None:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--threads",
+            str(threads),
+            "--max-rss-gb",
+            str(max_rss_gb),
+        ]
         self.proc = subprocess.Popen(
             cmd,
             stdin=subprocess.PIPE,
@@ -838,6 +865,8 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         reasons = "; ".join(f"{n}x {_cell(k, 160)}" for k, n in (r.get("reasons") or {}).items())
         f64 = _fmt_err(r.get("f64_err")) or _cell(r.get("f64_error"), 60)
         notes = [str(r[k]) for k in ("error", "limit", "note") if r.get(k)]
+        if r.get("in_place"):
+            notes.append("folded in place and rebuilt for the later checks (no room for a copy)")
         notes += [f"fold note: {n}" for n in r.get("fold_notes") or []]
         error = "; ".join(notes)
         lines.append(
@@ -910,7 +939,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        worker_main(args.threads)
+        worker_main(args.threads, args.max_rss_gb * 1024)
         return 0
     warnings.filterwarnings("ignore")
     import timm
@@ -957,7 +986,7 @@ def main(argv: list[str] | None = None) -> int:
             if worker is None or worker.proc.poll() is not None or worker.done >= args.recycle:
                 if worker is not None:
                     worker.close()
-                worker = Worker(args.threads, args.verbose)
+                worker = Worker(args.threads, args.verbose, args.max_rss_gb)
             start = time.monotonic()
             record, rss = worker.run(name, args.timeout_per_model, max_rss_mb)
             record["total_s"] = round(time.monotonic() - start, 1)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +46,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import bnsurgery
 from bnsurgery.testing import randomize_bn
+
+from .measure import leaves, max_rel_error
 
 pytestmark = pytest.mark.zoo
 
@@ -225,43 +226,6 @@ def _bn_count(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if _is_bn(m))
 
 
-def _leaves(value: Any) -> list[Any]:
-    """Tensors and scalars of a nested output, in a fixed order, with the structure."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, dict):
-        return [("key", k) for k in value] + [x for k in value for x in _leaves(value[k])]
-    if isinstance(value, list | tuple):
-        return [("len", len(value))] + [x for v in value for x in _leaves(v)]
-    return [value]
-
-
-def _max_rel_error(reference: Any, candidate: Any) -> float:
-    """max |a - b| / max |a| over floating tensors; inf on any structural difference."""
-    ref, cand = _leaves(reference), _leaves(candidate)
-    if len(ref) != len(cand):
-        return math.inf
-    worst = 0.0
-    for a, b in zip(ref, cand, strict=True):
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-            if a != b:
-                return math.inf
-            continue
-        if a.shape != b.shape or a.dtype != b.dtype:
-            return math.inf
-        if not a.dtype.is_floating_point:
-            if not torch.equal(a, b):
-                return math.inf
-            continue
-        if a.numel() == 0:
-            continue
-        a64, b64 = a.double(), b.double()
-        assert torch.isfinite(a64).all(), "the reference output is not finite"
-        scale = max(a64.abs().max().item(), 1e-30)
-        worst = max(worst, (a64 - b64).abs().max().item() / scale)
-    return worst
-
-
 def _prepared(case: Case) -> nn.Module:
     torch.manual_seed(SEED)
     model = case.build()
@@ -299,6 +263,8 @@ def test_fold_real_architecture(name):
     bn_before = _bn_count(model)
     assert bn_before > 0, "zoo cases must have BN layers"
     reference = _run(model, args)
+    floats = [t for t in leaves(reference) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    assert floats and all(t.isfinite().all() for t in floats), "the reference must be finite"
     state = _snapshot(model)
 
     folded = bnsurgery.fold(copy.deepcopy(model), args)
@@ -306,7 +272,7 @@ def test_fold_real_architecture(name):
     assert report is not None
 
     # (a) same function, measured here rather than trusted from the report
-    error = _max_rel_error(reference, _run(folded, args))
+    error = max_rel_error(reference, _run(folded, args))
     assert error <= TOLERANCE, f"max relative error {error:.3g} > {TOLERANCE}"
 
     # (b) something folded; the BN modules left are exactly the ones the report lists
@@ -352,7 +318,7 @@ def test_fx_fuse_folds_no_more_than_we_do(name):
     folded = bnsurgery.fold(copy.deepcopy(model), args)
     ours_left = _bn_count(folded)
     assert ours_left <= fx_left, f"fx fuse leaves {fx_left} BN, bnsurgery {ours_left}"
-    assert _max_rel_error(_run(model, args), _run(fused, args)) <= TOLERANCE
+    assert max_rel_error(_run(model, args), _run(fused, args)) <= TOLERANCE
 
 
 # ------------------------------------------------------- freeze and swap on the same zoo set
@@ -368,7 +334,7 @@ def test_freeze_round_trip_and_train_mode_on_real_architecture(name):
     original = _snapshot(model)
     reference = _run(model, args)
     bnsurgery.freeze(model)
-    assert _max_rel_error(reference, _run(model, args)) == 0.0
+    assert max_rel_error(reference, _run(model, args)) == 0.0
     seen: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
     hooks = [
         m.register_forward_hook(lambda mod, a, out: seen.append((mod, a[0].clone(), out.clone())))
@@ -401,7 +367,7 @@ def test_swap_to_groupnorm_and_frozen_on_real_architecture(name):
     args = case.inputs(case.dtype)
     reference = _run(model, args)
     frozen = bnsurgery.swap(copy.deepcopy(model), "frozen")
-    assert _max_rel_error(reference, _run(frozen, args)) == 0.0
+    assert max_rel_error(reference, _run(frozen, args)) == 0.0
     if isinstance(args[0], list):
         return  # detection outputs vary in length with the norm: shapes are not comparable
     swapped = bnsurgery.swap(copy.deepcopy(model), "groupnorm")
@@ -409,5 +375,5 @@ def test_swap_to_groupnorm_and_frozen_on_real_architecture(name):
         1 for m in swapped.modules() if type(m).__name__.startswith("Frozen")
     )
     out = _run(swapped, args)
-    ref_shapes = [t.shape for t in _leaves(reference) if isinstance(t, torch.Tensor)]
-    assert [t.shape for t in _leaves(out) if isinstance(t, torch.Tensor)] == ref_shapes
+    ref_shapes = [t.shape for t in leaves(reference) if isinstance(t, torch.Tensor)]
+    assert [t.shape for t in leaves(out) if isinstance(t, torch.Tensor)] == ref_shapes

@@ -1,0 +1,64 @@
+"""scripts/sweep_zoo.py: the per-model run (on a copy and in place) and the whole script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    spec = importlib.util.spec_from_file_location("sweep_zoo", ROOT / "scripts" / "sweep_zoo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_in_place_mode_measures_the_same_as_a_copy(sweep):
+    """A model too large for a copy is folded in place, then rebuilt bit for bit for the fx
+    comparison: every figure equals the copy mode's."""
+    phases = []
+    on_copy = sweep.run_one("torchvision:resnet18", "classification", phases.append)
+    in_place = sweep.run_one("torchvision:resnet18", "classification", phases.append, 100.0)
+    assert "in_place" not in on_copy and in_place.pop("in_place") is True
+    assert {"phase": "rebuild"} in phases and "limit" not in in_place
+    for key in ("bn", "folded", "left", "err", "fx", "fx_err", "status"):
+        assert in_place[key] == on_copy[key], key
+    assert on_copy["status"] == "ok" and on_copy["folded"] == on_copy["bn"] == 20
+
+
+def test_a_check_that_cannot_fit_is_recorded_as_skipped(sweep):
+    record = sweep.run_one("timm:tf_efficientnetv2_b0", "timm", lambda m: None, 100.0)
+    assert record["in_place"] and record["status"] == "over_tolerance"
+    assert record["f64_error"].startswith("skipped: needs about")
+    assert record["data_err"] < record["err"]
+
+
+def test_the_script_writes_its_table_and_side_file(tmp_path, sweep):
+    out = tmp_path / "sweep.md"
+    code = sweep.main(
+        [
+            "--filter",
+            "torchvision:squeezenet1_0",
+            "--filter",
+            "timm:resnet10t",
+            "--out",
+            str(out),
+            "--timeout-per-model",
+            "120",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
+    assert {r["name"]: r["status"] for r in rows} == {
+        "torchvision:squeezenet1_0": "no_bn",
+        "timm:resnet10t": "ok",
+    }
+    table = out.read_text()
+    assert "- models with BN swept: **1** (timm 1, torchvision 0); skipped without BN: 1" in table
+    assert "| timm:resnet10t | ok |" in table
