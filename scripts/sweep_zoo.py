@@ -360,9 +360,50 @@ def _as_float64(value: Any) -> Any:
     return value
 
 
+ULP_SEEDS = 3
+
+
+def _ulp_step(model: Any, seed: int, back: bool = False) -> None:
+    """Move every floating parameter one ulp, each element up or down at random (``seed``);
+    ``back`` undoes it exactly (``nextafter`` is its own inverse on finite values)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.dtype.is_floating_point:
+                continue
+            up = torch.randint(0, 2, p.shape, generator=gen, dtype=torch.bool)
+            if back:
+                up = ~up
+            inf = torch.tensor(math.inf, dtype=p.dtype)
+            p.copy_(torch.nextafter(p, torch.where(up, inf, -inf)))
+
+
+def ulp_noise(model: Any, args: Any, reference: Any, compare: Any) -> float:
+    """How far the output moves when every parameter moves one ulp (largest of
+    ``ULP_SEEDS`` random directions): the least any rounding of the weights can cost, which
+    a fold cannot avoid (it rounds the folded weights once). The model is restored exactly."""
+    import torch
+
+    worst = 0.0
+    with torch.no_grad():
+        for seed in range(ULP_SEEDS):
+            _ulp_step(model, seed)
+            try:
+                worst = max(worst, compare(reference, model(*args)))
+            finally:
+                _ulp_step(model, seed, back=True)
+        restored = compare(reference, model(*args))
+    if restored != 0.0:
+        raise RuntimeError(f"one-ulp perturbation not undone exactly ({restored:.3g})")
+    return worst
+
+
 def _float64_check(model: Any, make_args: Any, reference32: Any, compare: Any) -> dict[str, Any]:
     """Fold in float64 and measure the error (~1e-12 when the fold itself is exact), and
-    the unfolded model's own float32 rounding noise (its float32 output against float64).
+    the unfolded model's own float32 rounding noise (its float32 output against float64) and
+    its float64 one-ulp weight noise (:func:`ulp_noise`).
 
     Changes ``model`` (to float64, folded) to keep memory at one copy of the model.
     """
@@ -377,6 +418,7 @@ def _float64_check(model: Any, make_args: Any, reference32: Any, compare: Any) -
         with torch.no_grad():
             reference = model(*args)
         out["noise32"] = compare(reference, _as_float64(reference32))
+        out["ulp64"] = ulp_noise(model, args, reference, compare)
         bnsurgery.fold(model, args, verify=False)
         with torch.no_grad():
             out["f64_err"] = compare(reference, model(*args))
@@ -569,6 +611,12 @@ def run_one(name: str, category: str, send: Any, budget_mb: float = math.inf) ->
             )
             return False
 
+        phase("one-ulp weight noise")
+        try:
+            record["ulp32"] = ulp_noise(model, args, reference, compare)
+        except Exception as exc:
+            record["ulp32_error"] = _one_line(exc)
+        send({"update": record})
         if fits("data", 2 if in_place else 3):
             phase("statistics from data")
             record.update(_data_statistics_check(model, args, compare, copy_first=not in_place))
@@ -791,6 +839,15 @@ def _fx_more(r: dict[str, Any]) -> bool:
     return isinstance(r.get("fx"), int) and r["fx"] > r.get("folded", 0)
 
 
+def _as_exact_as_dtype(r: dict[str, Any]) -> bool:
+    """The fold moved the output no more than rounding the weights once must (twice the
+    one-ulp weight noise), in float32 and in float64."""
+    ulp32, ulp64, f64 = r.get("ulp32"), r.get("ulp64"), r.get("f64_err")
+    if not all(isinstance(v, int | float) for v in (ulp32, ulp64, f64, r.get("err"))):
+        return False
+    return r["err"] <= max(TOLERANCE, 2 * ulp32) and f64 <= max(1e-9, 2 * ulp64)
+
+
 def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     swept = [r for r in records if r.get("status") != "no_bn"]
     skipped = len(records) - len(swept)
@@ -811,14 +868,8 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if isinstance(r.get("data_err"), float) and r["data_err"] <= TOLERANCE
     ]
     data_checked = [r for r in fold_errors + over if "data_err" in r or "data_error" in r]
-    within_noise = [
-        r
-        for r in over
-        if isinstance(r.get("f64_err"), float)
-        and r["f64_err"] <= 1e-9
-        and isinstance(r.get("noise32"), float)
-        and r["err"] <= max(TOLERANCE, 2 * r["noise32"])
-    ]
+    as_exact = [r for r in over if _as_exact_as_dtype(r)]
+    not_exact = [r["name"] for r in over if not _as_exact_as_dtype(r)]
     lines = [
         "# bnsurgery fold: zoo sweep",
         "",
@@ -838,9 +889,10 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- of those two, passing the same {TOLERANCE:g} check in float64: {len(exact64)} "
         f"(float32 rounding amplified by the random-init network, compare *f32 noise*, or "
         f"discrete post-processing flipping on it; a wrong fold is off by far more)",
-        f"- over {TOLERANCE:g} but exact in float64 (at most 1e-9) and within twice the "
-        f"unfolded model's own float32 noise: {len(within_noise)} of {len(over)} (no fold can "
-        "be held below the rounding of the model it folds)",
+        f"- over {TOLERANCE:g} but as exact as the precision allows (the error within twice "
+        "what moving every parameter by one ulp does to the model, *ulp noise*, in float32, "
+        "and in float64 within 1e-9 or twice the float64 ulp noise): "
+        f"{len(as_exact)} of {len(over)}" + (f"; not: {', '.join(not_exact)}" if not_exact else ""),
         f"- of those two, checked again with BN statistics that match the data (a "
         f"well-conditioned network, like a trained one): {len(data_checked)}, of which within "
         f"{TOLERANCE:g} in float32: {len(data_ok)} (column *data err*)",
@@ -852,14 +904,17 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "Columns: *err* is max\\|a-b\\|/max\\|a\\| over float outputs measured by the sweep "
         "(for a fold that failed verification, of the fold redone without verification; for "
         "detection models blind to the order of detections, see `detection_error`); "
-        "*f64 err* the same check in float64, *f32 noise* the unfolded model's own float32 "
+        "*ulp noise* the largest change of the unfolded model's output when every parameter "
+        f"moves one ulp up or down at random ({ULP_SEEDS} draws; the fold rounds each folded "
+        "weight once, so it cannot promise less), *f64 err* and *f64 ulp* the same in "
+        "float64, *f32 noise* the unfolded model's own float32 "
         "output against its float64 output, and *data err* the float32 check with BN "
-        "statistics matched to the data, all three only when *err* > 1e-5 or the fold raised; "
+        "statistics matched to the data, all five only when *err* > 1e-5 or the fold raised; "
         "*fx* the BN count `torch.fx.experimental.optimization.fuse` folds.",
         "",
-        "| model | status | input | BN | folded | left | err | f64 err | f32 noise | data err "
-        "| fx | fold s | left: reasons | error |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | status | input | BN | folded | left | err | ulp noise | f64 err | f64 ulp "
+        "| f32 noise | data err | fx | fold s | left: reasons | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(swept, key=lambda r: r["name"]):
         reasons = "; ".join(f"{n}x {_cell(k, 160)}" for k, n in (r.get("reasons") or {}).items())
@@ -880,7 +935,9 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                     _cell(r.get("folded")),
                     _cell(r.get("left")),
                     _fmt_err(r.get("err")),
+                    _fmt_err(r.get("ulp32")) or _cell(r.get("ulp32_error"), 60),
                     f64,
+                    _fmt_err(r.get("ulp64")),
                     _fmt_err(r.get("noise32")),
                     _fmt_err(r.get("data_err")) or _cell(r.get("data_error"), 60),
                     _cell(r.get("fx"), 40),
@@ -923,6 +980,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--resume", action="store_true", help="append, skipping models in the side file"
     )
+    parser.add_argument(
+        "--redo",
+        action="append",
+        choices=STATUSES,
+        metavar="STATUS",
+        help="with --resume: run again the models whose record has this status (their old "
+        "records are dropped from the side file); repeatable",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument(
         "--shard",
@@ -958,7 +1023,15 @@ def main(argv: list[str] | None = None) -> int:
     if shards > 1 and not args.resume:
         print("--shard needs --resume (shards share the side file)", file=sys.stderr)
         return 2
+    if args.redo and not args.resume:
+        print("--redo needs --resume", file=sys.stderr)
+        return 2
     records = read_jsonl(jsonl) if args.resume else []
+    if args.redo:
+        redo = [r["name"] for r in records if r.get("status") in args.redo]
+        redo_names = set(selected(redo, args.filter))
+        records = [r for r in records if r.get("name") not in redo_names]
+        write_atomic(jsonl, "".join(json.dumps(r, default=str) + "\n" for r in records))
     if not args.resume:
         jsonl.write_text("")
     seen = {r.get("name") for r in records}

@@ -36,7 +36,7 @@ def test_a_check_that_cannot_fit_is_recorded_as_skipped(sweep):
     record = sweep.run_one("timm:tf_efficientnetv2_b0", "timm", lambda m: None, 100.0)
     assert record["in_place"] and record["status"] == "over_tolerance"
     assert record["f64_error"].startswith("skipped: needs about")
-    assert record["data_err"] < record["err"]
+    assert record["data_err"] < record["err"] and 0 < record["ulp32"] < 1e-2
 
 
 def test_the_script_writes_its_table_and_side_file(tmp_path, sweep):
@@ -62,3 +62,49 @@ def test_the_script_writes_its_table_and_side_file(tmp_path, sweep):
     table = out.read_text()
     assert "- models with BN swept: **1** (timm 1, torchvision 0); skipped without BN: 1" in table
     assert "| timm:resnet10t | ok |" in table
+
+    # --redo: the records with that status are dropped and their models run again
+    side = out.with_suffix(".jsonl")
+    side.write_text(side.read_text().replace('"status": "ok"', '"status": "timeout"'))
+    code = sweep.main(
+        [
+            "--resume",
+            "--redo",
+            "timeout",
+            "--filter",
+            "timm:resnet10t",
+            "--out",
+            str(out),
+            "--timeout-per-model",
+            "120",
+        ]
+    )
+    rows = [json.loads(line) for line in side.read_text().splitlines()]
+    assert code == 0 and sorted((r["name"], r["status"]) for r in rows) == [
+        ("timm:resnet10t", "ok"),
+        ("torchvision:squeezenet1_0", "no_bn"),
+    ]
+
+
+def test_ulp_noise_moves_every_weight_one_ulp_and_restores_them(sweep):
+    import torch
+    from torch import nn
+
+    from .measure import max_rel_error
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).eval()
+    x = torch.randn(8, 16)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    moved = []
+    sweep._ulp_step(model, 0)
+    for k, v in model.state_dict().items():
+        steps = (v.view(torch.int32) - state[k].view(torch.int32)).abs()
+        moved.append(bool((steps == 1).all()))
+    sweep._ulp_step(model, 0, back=True)
+    assert all(moved)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        noise = sweep.ulp_noise(model, (x,), model(x), max_rel_error)
+    assert 1e-8 < noise < 1e-5
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
