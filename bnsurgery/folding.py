@@ -470,7 +470,8 @@ def _unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> di
     for e in plan.edits:  # plan order: the order _apply folds them in, so the same rounding
         units.setdefault(e.into, []).append(e)
     handles = []
-    busy: list[bool] = []
+    busy: list[bool] = []  # non-empty while a hook recomputes a layer
+    results: list[tuple[list[FoldEdit], list[torch.Tensor], dict[str, Any]]] = []
 
     def watch(name: str, edits: list[FoldEdit]) -> None:
         layer = model.get_submodule(name)
@@ -514,7 +515,6 @@ def _unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> di
         handles.append(exit_.register_forward_hook(leave))
         results.append((edits, pending, state))
 
-    results: list[tuple[list[FoldEdit], list[torch.Tensor], dict[str, Any]]] = []
     for name, edits in units.items():
         if isinstance(model.get_submodule(name), _ConvNd | nn.Linear):
             watch(name, edits)
@@ -651,6 +651,11 @@ def fold(
         placements: placements to try, in order.
         verify: compare outputs before and after (needs ``example_inputs``).
         tolerance: allowed max relative error; default by output dtype (fp32: 1e-4).
+
+    Memory: beyond the model and one forward pass, the new weights of the layers it folds
+    into; the old ones are kept until the output is verified, so a failed fold is undone
+    exactly. The layer-by-layer check (when the final output moved) streams: one activation
+    and one layer more.
 
     Returns:
         The same model object, folded. :func:`bnsurgery.last_report` gives the :class:`FoldReport`.
