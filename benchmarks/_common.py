@@ -50,3 +50,16 @@ def machine(threads: int) -> str:
             cpu = line.split(":", 1)[1].strip()
             break
     return f"{cpu}, {threads} threads, torch {torch.__version__}, timm {timm.__version__}"
+
+
+def reset_peak() -> None:
+    """Start a new peak: the kernel sets this process's high-water RSS to its current RSS."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def high_water_mb() -> float:
+    """Peak resident set size since the process started or :func:`reset_peak`, in MB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")

@@ -26,6 +26,14 @@ latency
     median time is reported; the ratios are medians of the per-round ratios (paired), with
     their interquartile range as a noise figure.
 
+fold-memory
+    How much fold grows the process at its peak, against one ``torch.no_grad`` forward pass
+    on the same input, each in a fresh process (glibc set as in :mod:`_common`, the peak
+    reset by the kernel just before the measured call). Fold keeps the old weights of the
+    layers it folds into until the output is verified, so it should need about one forward
+    pass plus those weights; ``efficientnet_b4`` at 320 px is a case where the final output
+    moves beyond tolerance on random weights and the layer-by-layer check runs.
+
 fold-time
     ``bnsurgery.fold(model, x)`` (x: batch 1 at 224, trace + fold + verification) against
     ``torch.fx.experimental.optimization.fuse`` on the same model, each on a fresh deepcopy
@@ -45,6 +53,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 import traceback
@@ -55,6 +64,7 @@ from typing import Any
 import timm
 import torch
 import torch.nn.functional as F
+from _common import MALLOC_ENV, high_water_mb, reset_peak, rss_mb
 from torch import nn
 from torch.fx.experimental.optimization import fuse as fx_fuse
 
@@ -75,6 +85,11 @@ DEFAULT_MODELS = (
 VARIANTS = ("original", "folded", "identity", "identity+bias")
 COMPARED = ("original", "identity", "identity+bias")  # folded / each of these
 TARGET = 1.01  # folded / identity bound
+MEMORY_CASES = (  # model, batch, size
+    ("resnet50", 16, 224),
+    ("mobilenetv3_large_100", 16, 224),
+    ("efficientnet_b4", 2, 320),
+)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -452,6 +467,60 @@ def bench_fold_time(name: str, runs: int, seed: int) -> dict[str, Any]:
     return row
 
 
+def memory_child(kind: str, name: str, batch: int, size: int, seed: int) -> None:
+    """In a fresh process: peak growth of one forward pass or of fold, as JSON on stdout."""
+    model = build(name, seed)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    out: dict[str, Any] = {
+        "weights_mb": sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
+    }
+    gc.collect()
+    before = rss_mb()
+    reset_peak()
+    if kind == "forward":
+        with torch.no_grad():
+            model(x)
+    else:
+        bnsurgery.fold(model, x)
+        report = bnsurgery.last_report(model)
+        assert report is not None
+        out["folded"] = len(report.folded)
+        out["layer_check"] = bool(report.notes)
+    out["growth_mb"] = high_water_mb() - before
+    print(json.dumps(out))
+
+
+def bench_fold_memory(name: str, batch: int, size: int, seed: int) -> dict[str, Any]:
+    def child(kind: str) -> dict[str, Any]:
+        cmd = [sys.executable, __file__, "--memory-child", kind, name, str(batch), str(size)]
+        done = subprocess.run(
+            [*cmd, "--seed", str(seed)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **MALLOC_ENV},
+        )
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    forward, fold = child("forward"), child("fold")
+    row = {
+        "model": name,
+        "batch": batch,
+        "size": size,
+        "weights_mb": fold["weights_mb"],
+        "forward_mb": forward["growth_mb"],
+        "fold_mb": fold["growth_mb"],
+        "folded": fold["folded"],
+        "layer_check": fold["layer_check"],
+    }
+    print(
+        f"  {name:<24} batch {batch} {size} px: forward +{row['forward_mb']:.0f} MB, fold "
+        f"+{row['fold_mb']:.0f} MB (weights {row['weights_mb']:.0f} MB)",
+        flush=True,
+    )
+    return row
+
+
 # ----------------------------------------------------------------------------- output
 
 
@@ -646,6 +715,32 @@ def render_markdown(result: dict[str, Any]) -> str:
         if errors:
             lines += ["", "fx failures:", "", *errors]
         lines.append("")
+    memory = result.get("fold_memory", [])
+    if memory:
+        lines += [
+            "## Fold memory",
+            "",
+            "Peak growth of the process during one `torch.no_grad` forward pass and during "
+            "`bnsurgery.fold(model, x)` (trace, fold, verification), each in a fresh process "
+            "with the peak reset just before the call (`/proc/self/clear_refs`), glibc set "
+            "for reproducible RSS (`benchmarks/_common.py`). Fold keeps the old weights of "
+            "the layers it folds into until the output is verified, so it needs about a "
+            "forward pass plus those weights. *Layer check*: the final output moved beyond "
+            "tolerance (random weights amplify rounding) and every folded layer was "
+            "recomputed on its own input.",
+            "",
+            "| model | input | weights MB | forward MB | fold MB | fold / (forward + weights) "
+            "| BN folded | layer check |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for row in memory:
+            ratio = row["fold_mb"] / (row["forward_mb"] + row["weights_mb"])
+            lines.append(
+                f"| {row['model']} | {row['batch']}x3x{row['size']}x{row['size']} "
+                f"| {row['weights_mb']:.0f} | {row['forward_mb']:.0f} | {row['fold_mb']:.0f} "
+                f"| {ratio:.2f} | {row['folded']} | {'yes' if row['layer_check'] else 'no'} |"
+            )
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -687,10 +782,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--parts",
         type=_csv,
-        default=["latency", "fold-time"],
-        help="which parts to run: latency, fold-time (default both)",
+        default=["latency", "fold-time", "fold-memory"],
+        help="which parts to run: latency, fold-time, fold-memory (default all)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--memory-child",
+        nargs=4,
+        metavar=("KIND", "MODEL", "BATCH", "SIZE"),
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument(
         "--out",
         type=Path,
@@ -698,7 +799,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="directory for fold.md and fold.json (default benchmarks/results)",
     )
     args = parser.parse_args(argv)
-    unknown = set(args.parts) - {"latency", "fold-time"}
+    unknown = set(args.parts) - {"latency", "fold-time", "fold-memory"}
     if unknown:
         parser.error(f"unknown part(s): {', '.join(sorted(unknown))}")
     if min(args.repeats, args.blocks, args.fold_runs, args.threads) < 1:
@@ -709,6 +810,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory_child:
+        kind, name, batch, size = args.memory_child
+        memory_child(kind, name, int(batch), int(size), args.seed)
+        return 0
     started = time.perf_counter()
     meta: dict[str, Any] = {
         "command": _command(),
@@ -742,6 +847,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "latency": [],
         "fold_time": [],
+        "fold_memory": [],
         "errors": [],
     }
     if "latency" in args.parts:
@@ -762,6 +868,14 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 traceback.print_exc()
                 result["errors"].append({"part": "fold-time", "model": name, "error": repr(exc)})
+    if "fold-memory" in args.parts:
+        print("fold memory (peak growth)", flush=True)
+        for name, batch, size in MEMORY_CASES:
+            try:
+                result["fold_memory"].append(bench_fold_memory(name, batch, size, args.seed))
+            except Exception as exc:
+                traceback.print_exc()
+                result["errors"].append({"part": "fold-memory", "model": name, "error": repr(exc)})
     meta["loadavg_end"] = _loadavg()
     meta["wall_seconds"] = time.perf_counter() - started
 
