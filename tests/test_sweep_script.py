@@ -85,6 +85,13 @@ def test_the_script_writes_its_table_and_side_file(tmp_path, sweep):
         ("torchvision:squeezenet1_0", "no_bn"),
     ]
 
+    # --report-only: the table again from the side file, which stays as it was
+    kept, out_text = side.read_bytes(), out.read_text()
+    out.unlink()
+    assert sweep.main(["--report-only", "--out", str(out)]) == 0
+    assert side.read_bytes() == kept and "| timm:resnet10t | ok |" in out.read_text()
+    assert out.read_text().splitlines()[4:] == out_text.splitlines()[4:]
+
 
 def test_ulp_noise_moves_every_weight_one_ulp_and_restores_them(sweep):
     import torch
