@@ -41,18 +41,8 @@ def test_a_check_that_cannot_fit_is_recorded_as_skipped(sweep):
 
 def test_the_script_writes_its_table_and_side_file(tmp_path, sweep):
     out = tmp_path / "sweep.md"
-    code = sweep.main(
-        [
-            "--filter",
-            "torchvision:squeezenet1_0",
-            "--filter",
-            "timm:resnet10t",
-            "--out",
-            str(out),
-            "--timeout-per-model",
-            "120",
-        ]
-    )
+    common = ["--filter", "timm:resnet10t", "--out", str(out), "--timeout-per-model", "120"]
+    code = sweep.main(["--filter", "torchvision:squeezenet1_0", *common])
     assert code == 0
     rows = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     assert {r["name"]: r["status"] for r in rows} == {
@@ -66,19 +56,7 @@ def test_the_script_writes_its_table_and_side_file(tmp_path, sweep):
     # --redo: the records with that status are dropped and their models run again
     side = out.with_suffix(".jsonl")
     side.write_text(side.read_text().replace('"status": "ok"', '"status": "timeout"'))
-    code = sweep.main(
-        [
-            "--resume",
-            "--redo",
-            "timeout",
-            "--filter",
-            "timm:resnet10t",
-            "--out",
-            str(out),
-            "--timeout-per-model",
-            "120",
-        ]
-    )
+    code = sweep.main(["--resume", "--redo", "timeout", *common])
     rows = [json.loads(line) for line in side.read_text().splitlines()]
     assert code == 0 and sorted((r["name"], r["status"]) for r in rows) == [
         ("timm:resnet10t", "ok"),
