@@ -552,7 +552,7 @@ def _verified(
     tol: float,
     leave_failing: bool,
     notes: list[str],
-) -> tuple[FoldPlan, float, Any, list[dict[str, Any]]]:
+) -> tuple[FoldPlan, float, list[dict[str, Any]]]:
     """Apply ``plan`` and check the model's output against ``reference``.
 
     When the output moved beyond ``tol``, each folded unit is recomputed on its own input
@@ -566,7 +566,7 @@ def _verified(
     for _ in range(4):
         txn, structure = _apply(model, plan)
         if not plan.edits:
-            return plan, 0.0, txn, structure
+            return plan, 0.0, structure
         try:
             with eval_mode(model), torch.no_grad():
                 error = max_relative_error(reference, model(*args))
@@ -574,19 +574,19 @@ def _verified(
             txn.rollback()
             raise
         if error <= tol:
-            return plan, error, txn, structure
+            return plan, error, structure
         txn.rollback()
         changes = _unit_changes(model, plan, args)
         failing = {bn: moved for bn, moved in changes.items() if not moved <= tol}
         if not failing:
-            txn, structure = _apply(model, plan)
+            _, structure = _apply(model, plan)
             worst = max(changes.values())
             notes.append(
                 f"the final output moved by {error:.3g} (float rounding amplified by the "
                 "network, or flipped by discrete post-processing such as NMS or top-k); every "
                 f"folded layer, recomputed on the very input it saw, matches within {worst:.3g}"
             )
-            return plan, worst, txn, structure
+            return plan, worst, structure
         worst = max(failing.values())
         if not leave_failing:
             raise VerificationError(
@@ -686,7 +686,7 @@ def fold(
     checked = verify and example_inputs is not None and bool(plan.edits)
     if checked:
         tol = default_tolerance(walked.output) if tolerance is None else tolerance
-        plan, error, _, structure = _verified(
+        plan, error, structure = _verified(
             model, plan, walked.output, as_args(example_inputs), tol, tolerance is None, notes
         )
     else:

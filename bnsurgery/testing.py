@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .graph import eval_mode
 from .norms import iter_batchnorms
 
 __all__ = ["match_bn_to_data", "randomize_bn"]
@@ -87,9 +88,8 @@ def match_bn_to_data(model: nn.Module, args: tuple, seed: int = 0) -> nn.Module:
 
     handles = [m.register_forward_pre_hook(hook) for _, m in iter_batchnorms(model)]
     try:
-        was = model.training
-        model.eval()(*args)
-        model.train(was)
+        with eval_mode(model):
+            model(*args)
     finally:
         for h in handles:
             h.remove()
