@@ -29,6 +29,18 @@ settings.register_profile("explore", **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _away_from_the_checkout(tmp_path_factory):
+    """Run every test in an empty folder of its own: the CLI writes default outputs beside
+    the current folder's files and refuses to replace them, so a file a user made there (the
+    README's first command writes ``resnet18.folded.safetensors``) must not change a test's
+    outcome, and no test may leave a file in the checkout."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(cwd)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The robustness counts: what the generated and hostile suites checked in this run."""
     counts = tally.counts
