@@ -72,7 +72,8 @@ def load(
     *,
     arch: str | None = None,
     weights: str | os.PathLike[str] | None = None,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
+    trust_pickle: bool | None = None,
 ) -> nn.Module:
     """Load a model from a spec or a file (see the module docstring), on the CPU.
 
@@ -93,6 +94,9 @@ def load(
     >>> type(model).__name__
     'ResNet'
     """
+    if trust_pickle is not None:  # the old name of trust_code
+        trust_code = trust_code or trust_pickle
+    trust_pickle = trust_code
     text = os.fspath(source)
     path = Path(text)
     if not exists(path) and is_spec(text):

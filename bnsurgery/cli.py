@@ -20,6 +20,25 @@ __all__ = ["cli", "main"]
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+#: The ``--to`` names; the same as ``bnsurgery.swapping.TARGETS`` (a test holds them equal),
+#: kept here so that ``--help`` does not import torch.
+SWAP_TARGETS = (
+    "groupnorm",
+    "layernorm",
+    "instancenorm",
+    "frozen",
+    "syncbatchnorm",
+    "batchnorm",
+    "identity",
+)
+MAX_BATCH = 2**20  # far beyond any machine's memory for a real model; bigger is a typo
+
+
+#: ``--debug`` is accepted before or after the command name. main() reads it from the raw
+#: arguments, because it must also apply to errors raised while click parses them.
+_debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, help="Show full tracebacks and warnings."
+)
 
 
 def _parse_size(text: str | None) -> tuple[int, ...] | None:
@@ -43,28 +62,44 @@ def _source_options(func: Any, batch_default: int = 2) -> Any:
             "--weights", type=click.Path(), help="State dict to load into a spec's model."
         ),
         click.option(
+            "--trust-code",
             "--trust-pickle",
+            "trust_code",
             is_flag=True,
-            help="Allow unpickling a full model: this RUNS CODE from the file. Only for files "
-            "you trust.",
+            help="Allow the files you name to run code when loaded: full pickles, TorchScript, "
+            "and package.module:factory architectures recorded in a file. Only for files you "
+            "trust. (--trust-pickle is the old name.)",
         ),
         click.option(
             "--input-size",
             help="Per-sample input size, e.g. 3,224,224 (default: from timm's config, or "
             "torchvision's for image classifiers).",
         ),
-        click.option("--batch-size", default=batch_default, show_default=True, help="Batch size."),
-        click.option("--seed", default=0, show_default=True, help="Seed of the example inputs."),
+        click.option(
+            "--batch-size",
+            type=click.IntRange(1, MAX_BATCH),
+            default=batch_default,
+            show_default=True,
+            help="Batch size.",
+        ),
+        click.option(
+            "--seed",
+            type=click.IntRange(0, 2**64 - 1),
+            default=0,
+            show_default=True,
+            help="Seed of the example inputs.",
+        ),
+        _debug_option,
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _load(source: str, arch: str | None, weights: str | None, trust_pickle: bool):
+def _load(source: str, arch: str | None, weights: str | None, trust_code: bool):
     from .checkpoint import load
 
-    return load(source, arch=arch, weights=weights, trust_pickle=trust_pickle)
+    return load(source, arch=arch, weights=weights, trust_code=trust_code)
 
 
 def _example_inputs(
@@ -115,15 +150,13 @@ def _check_output(out: Path, source: str, fmt: str | None, force: bool) -> str:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bnsurgery")
-@click.option("--debug", is_flag=True, help="Show full tracebacks and warnings.")
-def cli(debug: bool) -> None:
+@_debug_option
+def cli() -> None:
     """BatchNorm surgery on pretrained PyTorch networks.
 
     SOURCE is an architecture spec (timm:NAME, torchvision:NAME, package.module:factory; random
     init) or a checkpoint file (.safetensors, .pt, .pth, .bin, TorchScript).
     """
-    if not debug:
-        warnings.filterwarnings("ignore")
 
 
 def _output_options(func: Any) -> Any:
@@ -154,14 +187,14 @@ def _output_options(func: Any) -> Any:
 @cli.command("inspect")
 @_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect_command(source, arch, weights, trust_pickle, input_size, batch_size, seed, as_json):
+def inspect_command(source, arch, weights, trust_code, input_size, batch_size, seed, as_json):
     """Survey the BN layers of SOURCE: state, statistics health and the fold plan."""
     import torch
 
     from .report import survey_text, to_json
     from .surveying import survey
 
-    model = _load(source, arch, weights, trust_pickle)
+    model = _load(source, arch, weights, trust_code)
     inputs = None
     if not isinstance(model, torch.jit.ScriptModule):
         inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=False)
@@ -172,9 +205,13 @@ def inspect_command(source, arch, weights, trust_pickle, input_size, batch_size,
 @cli.command("fold")
 @_source_options
 @_output_options
-@click.option("--tolerance", type=float, help="Max relative output error (default by dtype).")
+@click.option(
+    "--tolerance",
+    type=click.FloatRange(0, 1, min_open=True),
+    help="Max relative output error (default by dtype).",
+)
 def fold_command(
-    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, tolerance, as_json,
 ):  # fmt: skip
     """Fold BN layers of SOURCE into neighbouring conv/linear layers, verified on example
@@ -186,7 +223,7 @@ def fold_command(
 
     out = Path(output) if output else default_output(source, "folded")
     _check_output(out, source, fmt, force)
-    model = _load(source, arch, weights, trust_pickle)
+    model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "fold")
     inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=True)
     fold(model, inputs, include=include or None, exclude=exclude or None, tolerance=tolerance)
@@ -228,9 +265,13 @@ def _write(model, source, output, fmt, force, arch, operation, inputs=None, size
 @click.option(
     "--stats-only", is_flag=True, help="Freeze statistics only; keep weight and bias trainable."
 )
-@click.option("--stages", type=int, help="Only BN layers in the first N stages (1 = the stem).")
+@click.option(
+    "--stages",
+    type=click.IntRange(1, None),
+    help="Only BN layers in the first N stages (1 = the stem).",
+)
 def freeze_command(
-    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, as_json, stats_only, stages,
 ):  # fmt: skip
     """Freeze BN layers of SOURCE (statistics, and affine unless --stats-only) and write a
@@ -241,7 +282,7 @@ def freeze_command(
     from .report import freeze_text, to_json
 
     _check_output(Path(output) if output else default_output(source, "frozen"), source, fmt, force)
-    model = _load(source, arch, weights, trust_pickle)
+    model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "freeze")
     freeze(model, include or None, exclude or None, stages=stages, train_affine=stats_only)
     report = last_report(model)
@@ -255,7 +296,7 @@ def freeze_command(
 @_source_options
 @_output_options
 def unfreeze_command(
-    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, as_json,
 ):  # fmt: skip
     """Undo a freeze: restore the original BN layers of SOURCE and write the model."""
@@ -267,7 +308,7 @@ def unfreeze_command(
     _check_output(
         Path(output) if output else default_output(source, "unfrozen"), source, fmt, force
     )
-    model = _load(source, arch, weights, trust_pickle)
+    model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "unfreeze")
     unfreeze(model, include or None, exclude or None)
     report = last_report(model)
@@ -283,13 +324,14 @@ def unfreeze_command(
 @(lambda f: _source_options(f, batch_default=32))
 @_output_options
 @click.option(
-    "--to",
-    "target",
-    required=True,
-    help="groupnorm, layernorm, instancenorm, frozen, syncbatchnorm, batchnorm or identity.",
+    "--to", "target", required=True, type=click.Choice(SWAP_TARGETS), help="The new norm."
 )
-@click.option("--groups", type=int, help="GroupNorm group count (default: up to 32, dividing C).")
-@click.option("--group-size", type=int, help="GroupNorm channels per group.")
+@click.option(
+    "--groups",
+    type=click.IntRange(1, None),
+    help="GroupNorm group count (default: up to 32, dividing C).",
+)
+@click.option("--group-size", type=click.IntRange(1, None), help="GroupNorm channels per group.")
 @click.option(
     "--dims", type=click.Choice(["1d", "2d", "3d"]), help="For --to batchnorm from SyncBatchNorm."
 )
@@ -299,9 +341,9 @@ def unfreeze_command(
     type=click.Path(),
     help="Fit each new norm's scale and shift to the BN's output on this data (images or tensors).",
 )
-@click.option("--batches", type=int, help="Use at most N calibration batches.")
+@click.option("--batches", type=click.IntRange(1, None), help="Use at most N calibration batches.")
 def swap_command(
-    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, as_json, target, groups, group_size, dims,
     calibrate_path, batches,
 ):  # fmt: skip
@@ -314,7 +356,7 @@ def swap_command(
     from .swapping import swap
 
     _check_output(Path(output) if output else default_output(source, target), source, fmt, force)
-    model = _load(source, arch, weights, trust_pickle)
+    model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "swap")
     data = None
     if calibrate_path:
@@ -364,12 +406,14 @@ def _distributed() -> tuple[int, int]:
     type=click.Path(),
     help="Folder of images (class subfolders optional) or tensor file (.pt, .npy, .safetensors).",
 )
-@click.option("--batches", type=int, help="Use at most N batches (per process).")
+@click.option(
+    "--batches", type=click.IntRange(1, None), help="Use at most N batches (per process)."
+)
 @click.option("--mode", type=click.Choice(["exact", "ema"]), default="exact", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--plot", type=click.Path(), help="Also write a PNG of the drift per layer.")
 def recalibrate_command(
-    source, arch, weights, trust_pickle, input_size, batch_size, seed,
+    source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, as_json, data_path, batches, mode, quiet, plot,
 ):  # fmt: skip
     """Recompute BN running statistics of SOURCE over data (exact population statistics) and
@@ -387,7 +431,7 @@ def recalibrate_command(
         )
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    model = _load(source, arch, weights, trust_pickle)
+    model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "recalibrate")
     data, total = batches_from_path(
         data_path,
@@ -446,7 +490,9 @@ class _NoBar:
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the CLI and map every failure to one line and an exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in args
+    debug = "--debug" in (args[: args.index("--")] if "--" in args else args)
+    if not debug:
+        warnings.filterwarnings("ignore")
     try:
         result = cli.main(args=args, prog_name="bnsurgery", standalone_mode=False)
         return int(result) if isinstance(result, int) else 0

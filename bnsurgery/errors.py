@@ -11,6 +11,7 @@ __all__ = [
     "BnSurgeryError",
     "UsageError",
     "SourceError",
+    "UnsafeCodeError",
     "UnsafePickleError",
     "OutputError",
     "TraceError",
@@ -18,6 +19,8 @@ __all__ = [
     "UnsupportedModelError",
     "NothingToDoError",
     "StatisticsError",
+    "DataError",
+    "ResourceError",
 ]
 
 
@@ -39,10 +42,16 @@ class SourceError(BnSurgeryError):
     exit_code = 3
 
 
-class UnsafePickleError(SourceError):
-    """A checkpoint holds pickled Python objects and would run code from the file to load."""
+class UnsafeCodeError(SourceError):
+    """Loading a file would run code from it (a pickled object, a TorchScript archive, or an
+    architecture record that names a ``package.module:factory``), and the user did not allow
+    it (``--trust-code``, or ``--arch`` naming that same factory). Nothing from the file ran."""
 
     exit_code = 4
+
+
+#: The name this error had while pickles were the only kind of file that could run code.
+UnsafePickleError = UnsafeCodeError
 
 
 class OutputError(BnSurgeryError):
@@ -82,3 +91,18 @@ class StatisticsError(BnSurgeryError):
     ship a broken model. Recalibrate those layers first."""
 
     exit_code = 10
+
+
+class DataError(BnSurgeryError):
+    """Data given to a surgery (``--data``, ``--calibrate``) cannot be used: non-finite values,
+    statistics that overflow the model's dtype, or batches whose shape or channel count do not
+    fit the model. Raised before the model changes; the file is named."""
+
+    exit_code = 11
+
+
+class ResourceError(BnSurgeryError):
+    """A requested size cannot be served: example inputs or a batch larger than the machine's
+    memory, or an allocation the operating system refused. Nothing was written."""
+
+    exit_code = 12

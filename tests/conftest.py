@@ -11,6 +11,7 @@ from bnsurgery.testing import randomize_bn
 from bnsurgery.verify import max_relative_error
 
 from . import tally
+from .hostile import world  # noqa: F401  (the hostile suites' fixture)
 
 # Property tests: a fixed number of derandomised examples in CI (a red run reproduces);
 # HYPOTHESIS_PROFILE=explore draws new ones, BNSURGERY_EXAMPLES sets how many.

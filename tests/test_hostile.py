@@ -14,161 +14,36 @@ The counts go to the test summary (``tests/tally.py``).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import resource
 import signal
-import subprocess
-import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import bnsurgery
-from bnsurgery.cli import main
 
-from . import tally
-from .models import SimpleCNN, SimpleMLP
+from .hostile import (
+    COMMANDS,
+    INTERRUPTED,
+    NOTHING,
+    OUTPUT,
+    SOURCE,
+    STATISTICS,
+    UNSAFE,
+    WRITERS,
+    Payload,
+    check,
+    cli_subprocess,
+    command_args,
+    run_cli,
+    snapshot,
+)
 
 pytestmark = pytest.mark.hostile
-
-ROOT = Path(__file__).resolve().parents[1]
-USAGE, SOURCE, UNSAFE, OUTPUT, NOTHING, STATISTICS, INTERRUPTED = 2, 3, 4, 5, 9, 10, 130
-WRITERS = ("fold", "freeze", "unfreeze", "swap", "recalibrate")
-COMMANDS = ("inspect", *WRITERS)
-
-
-class Payload:
-    """Unpickling this would create a file: the proof that code from the file ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.marker),))
-
-
-# ------------------------------------------------------------------------------- the world
-
-
-def _randomized(model: torch.nn.Module) -> torch.nn.Module:
-    from bnsurgery.testing import randomize_bn
-
-    return randomize_bn(model).eval()
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> dict[str, Path]:
-    """Inputs in ``in/`` (a valid model, a frozen one, data, and every kind of bad file), and
-    an empty ``out/``."""
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    torch.manual_seed(0)
-    model = bnsurgery.load("tests.models:simple_cnn")
-    _randomized(model)
-    files = {"in": src, "out": out, "marker": tmp_path / "pwned"}
-    files["model"] = bnsurgery.save(model, src / "model.safetensors")
-    files["frozen"] = bnsurgery.save(bnsurgery.freeze(model), src / "frozen.safetensors")
-    torch.save(torch.randn(8, 3, 16, 16), src / "data.pt")
-    files["data"] = src / "data.pt"
-
-    (src / "empty.pt").write_bytes(b"")
-    files["empty"] = src / "empty.pt"
-    files["random_bytes"] = src / "garbage.pt"
-    files["random_bytes"].write_bytes(bytes((i * 167 + 13) % 256 for i in range(4096)))
-    data = files["model"].read_bytes()
-    files["truncated_safetensors"] = src / "cut.safetensors"
-    files["truncated_safetensors"].write_bytes(data[: len(data) // 2])
-    files["zip_not_checkpoint"] = src / "notes.pt"
-    with zipfile.ZipFile(files["zip_not_checkpoint"], "w") as z:
-        z.writestr("notes/data.txt", "not a checkpoint")
-    files["other_architecture"] = src / "mlp.pt"
-    torch.save(SimpleMLP().state_dict(), files["other_architecture"])
-    state = SimpleCNN().state_dict()
-    state["conv1.weight"] = torch.zeros(16, 3, 5, 5)
-    files["shape_mismatch"] = src / "wrong_shapes.pt"
-    torch.save(state, files["shape_mismatch"])
-    files["no_bn"] = bnsurgery.save(
-        bnsurgery.load("tests.models:no_bn_net"), src / "no_bn.safetensors"
-    )
-    for case, value in (("nan_stats", float("nan")), ("inf_stats", float("inf"))):
-        broken = bnsurgery.load(files["model"])
-        broken.bn1.running_var[3] = value
-        files[case] = bnsurgery.save(broken, src / f"{case}.safetensors")
-    files["malicious_pickle"] = src / "model.pt"
-    torch.save({"state_dict": SimpleCNN().state_dict(), "x": Payload(files["marker"])},
-               files["malicious_pickle"])  # fmt: skip
-    return files
-
-
-def snapshot(*roots: Path) -> dict[str, str]:
-    """Every file under the roots, with its digest (hidden and temporary files included)."""
-    found = {}
-    for root in roots:
-        for dirpath, _, names in os.walk(root):
-            for name in names:
-                path = Path(dirpath) / name
-                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def command_args(command: str, world: dict[str, Path], source: Path | str) -> list[str]:
-    """A complete, valid invocation of ``command`` on ``source``, writing into ``out/``."""
-    args = [command, str(source)]
-    if command == "inspect":
-        return [*args, "--input-size", "3,16,16"]
-    args += ["-o", str(world["out"] / f"result-{command}.safetensors")]
-    if command == "fold":
-        args += ["--input-size", "3,16,16"]
-    elif command == "swap":
-        args += ["--to", "frozen"]
-    elif command == "recalibrate":
-        args += ["--data", str(world["data"]), "--batch-size", "3", "--quiet"]
-    return args
-
-
-def run_cli(capsys, args: list[str]) -> tuple[int, str, str]:
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def check(
-    code: int,
-    err: str,
-    expected: int,
-    before: dict[str, str],
-    after: dict[str, str],
-    written: tuple[str, ...] = (),
-    message: str | None = None,
-) -> None:
-    """The guarantees, counted as they are checked."""
-    tally.add("hostile cases")
-    if "Traceback" in err:
-        tally.add("tracebacks seen")
-    changed = [p for p in before if p in after and before[p] != after[p]]
-    gone = [p for p in before if p not in after]
-    if changed or gone:
-        tally.add("inputs modified")
-    new = sorted(set(after) - set(before) - set(written))
-    if new:
-        tally.add("partial outputs")
-    assert "Traceback" not in err, err
-    assert code == expected, f"exit {code}, expected {expected}: {err}"
-    assert not changed and not gone, (changed, gone)
-    assert not new, f"left behind: {new}"
-    if expected != 0:
-        lines = err.strip().splitlines()
-        assert len(lines) == 1, f"stderr is not one line: {err!r}"
-        prefix = "nothing to do: " if expected == NOTHING else "error: "
-        assert lines[0].startswith(prefix), lines[0]
-        if message:
-            assert message in lines[0], lines[0]
 
 
 # ----------------------------------------------------------------------------- bad sources
@@ -320,19 +195,6 @@ def test_interrupted_write_leaves_nothing(command, world, capsys, monkeypatch):
     check(code, err, INTERRUPTED, before, snapshot(world["in"], world["out"]), message="interr")
 
 
-def _cli_subprocess(args: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run(
-        [sys.executable, "-m", "bnsurgery", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=ROOT,
-        timeout=300,
-        **kwargs,
-    )
-
-
 def _limit_file_size() -> None:  # runs in the child: a real "disk full" (EFBIG) past 64 KiB
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
@@ -347,7 +209,7 @@ def test_full_disk_subprocess(command, fmt, world):
     args += ["--input-size", "3,32,32"] if command != "fold" else []
     args = [a if a != "3,16,16" else "3,32,32" for a in args]
     before = snapshot(world["in"], world["out"])
-    result = _cli_subprocess(args, preexec_fn=_limit_file_size)
+    result = cli_subprocess(args, preexec_fn=_limit_file_size)
     check(result.returncode, result.stderr, OUTPUT, before, snapshot(world["in"], world["out"]))
     assert "write failed" in result.stderr, result.stderr
 
@@ -368,7 +230,7 @@ def test_real_program_one_line(case, world):
     """``python -m bnsurgery``: what a user sees, warnings and all."""
     source = world["in"] / "missing.pt" if case == "missing" else world[case]
     before = snapshot(world["in"], world["out"])
-    result = _cli_subprocess(command_args("fold", world, source))
+    result = cli_subprocess(command_args("fold", world, source))
     after = snapshot(world["in"], world["out"])
     check(result.returncode, result.stderr, SUBPROCESS_CASES[case], before, after)
     assert not world["marker"].exists(), "the pickle payload ran"
@@ -378,7 +240,7 @@ def test_pickle_payload_runs_only_with_the_flag(world, capsys):
     """The control: with --trust-pickle the same file does run its payload (so the other
     tests would have seen it)."""
     args = command_args("inspect", world, world["malicious_pickle"])
-    run_cli(capsys, [*args, "--trust-pickle"])
+    run_cli(capsys, [*args, "--trust-code"])
     assert world["marker"].exists()
 
 
