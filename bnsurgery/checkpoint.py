@@ -9,27 +9,29 @@ Sources (:func:`load`):
 * a plain state dict (``.safetensors``, ``.pt``, ``.pth``, ``.bin``) with ``arch``; the usual
   wrappers (``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` and ``_orig_mod.``
   prefixes) are unwrapped;
-* a TorchScript archive;
-* a fully pickled ``nn.Module``, only with ``trust_pickle=True``: unpickling runs code from the
-  file. Every torch file is first opened with ``weights_only=True``.
+* a TorchScript archive or a fully pickled ``nn.Module``, only with ``trust_code=True``: both
+  run code from the file. Every torch file is first opened with ``weights_only=True``.
+
+What a file may cause (run code, name an architecture, replay surgery) is decided by
+:mod:`bnsurgery.trust`, from the file's kind and the caller's arguments. A bnsurgery file's
+architecture is built on the meta device and compared with the file's header before any
+memory is allocated for it.
 
 Outputs (:func:`save`): ``safetensors`` (the safe format), ``pickle`` (``torch.save`` of the
 module) or ``torchscript``; the format follows the suffix unless given. Writes go to a
 temporary file in the same folder and are renamed into place, so a failed or interrupted
-write leaves nothing behind; an existing file is only replaced with ``force=True``.
+write leaves nothing behind; an existing file is only replaced with ``force=True`` (see
+:mod:`bnsurgery.outputs`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
 import pickle
 import re
-import tempfile
-import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +39,19 @@ import torch
 from torch import nn
 
 from . import provenance
-from .errors import BnSurgeryError, OutputError, SourceError, UnsafePickleError, UsageError
-from .specs import build, is_spec, parse_spec
+from .errors import SourceError, UsageError
+from .outputs import atomic_write, exists, is_dir
+from .specs import Spec, build, is_spec, parse_spec
+from .trust import (
+    Kind,
+    Trust,
+    check_zip,
+    choose_arch,
+    kind_of,
+    recorded_steps,
+    recorded_structure,
+    require_code_trust,
+)
 
 __all__ = [
     "FORMATS",
@@ -47,6 +60,7 @@ __all__ = [
     "load_state_dict_into",
     "output_format",
     "read_state_dict",
+    "read_torch_file",
     "save",
 ]
 
@@ -77,61 +91,73 @@ def load(
 ) -> nn.Module:
     """Load a model from a spec or a file (see the module docstring), on the CPU.
 
+    What a file may cause is decided by :mod:`bnsurgery.trust` from its kind and these
+    arguments, never from the file's own contents.
+
     Args:
         source: a spec such as ``"timm:resnet18"`` or a path.
-        arch: the architecture spec for a plain state-dict file.
+        arch: the architecture spec for a plain state-dict file; for a bnsurgery file it
+            replaces the recorded one (naming the recorded ``package.module:factory`` allows
+            the file to have that factory built).
         weights: a state-dict file to load into a spec's model.
-        trust_pickle: allow unpickling a full ``nn.Module`` (runs code from the file).
+        trust_code: allow files to run code: full pickles, TorchScript archives, and
+            ``package.module:factory`` architectures recorded in a file.
+        trust_pickle: the old name of ``trust_code``.
 
     Returns:
         The model. It remembers its architecture, so :func:`save` can write the safe format.
 
     Raises:
         SourceError: missing or unreadable file, unknown architecture, weights that do not fit.
-        UnsafePickleError: the file needs unpickling and ``trust_pickle`` is false.
+        UnsafeCodeError: the file would run code and ``trust_code`` is false (nothing ran).
+        UsageError: a bad spec, or a state dict without ``arch``.
 
     >>> model = load("torchvision:resnet18")
     >>> type(model).__name__
     'ResNet'
     """
-    if trust_pickle is not None:  # the old name of trust_code
+    if trust_pickle is not None:
         trust_code = trust_code or trust_pickle
-    trust_pickle = trust_code
+    trust = Trust(code=trust_code, arch=parse_spec(arch) if arch is not None else None)
     text = os.fspath(source)
     path = Path(text)
     if not exists(path) and is_spec(text):
-        model = build(parse_spec(text))
-        provenance.set_arch(model, str(parse_spec(text)))
+        spec = parse_spec(text)
+        model = build(spec)
+        provenance.set_arch(model, str(spec))
         if weights is not None:
-            load_state_dict_into(model, read_state_dict(weights, trust_pickle=trust_pickle), text)
+            state = read_state_dict(weights, trust_code=trust_code)
+            load_state_dict_into(model, state, str(spec))
         return model
     if weights is not None:
         raise UsageError("--weights goes with an architecture spec source, not with a file")
     _check_readable(path)
-    if _is_safetensors(path):
-        return _load_safetensors(path, arch)
-    if _is_torchscript(path):
+    kind = kind_of(path)
+    if kind is Kind.SAFETENSORS:
+        return _load_safetensors(path, trust)
+    if kind is Kind.TORCHSCRIPT:
+        require_code_trust(trust, path, "is a TorchScript archive, and loading one runs its code")
         try:
             return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise SourceError(
                 f"{path}: not a loadable TorchScript archive ({_short(exc)})"
             ) from exc
-    obj = _torch_load(path, trust_pickle)
+    obj = read_torch_file(path, trust, kind)
     if isinstance(obj, nn.Module):
         return obj
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
             if isinstance(obj.get(key), nn.Module):
                 return obj[key]
-    if arch is None:
+    if trust.arch is None:
         raise UsageError(
             f"{path} holds a state dict (weights only); pass --arch (for example "
             "--arch timm:resnet18) to say which architecture it belongs to"
         )
-    model = build(parse_spec(arch))
-    provenance.set_arch(model, str(parse_spec(arch)))
-    load_state_dict_into(model, unwrap_state_dict(obj, path), arch)
+    model = build(trust.arch)
+    provenance.set_arch(model, str(trust.arch))
+    load_state_dict_into(model, unwrap_state_dict(obj, path), str(trust.arch))
     return model
 
 
@@ -145,59 +171,43 @@ def _check_readable(path: Path) -> None:
         raise SourceError(f"{path}: no such file (nor a timm:/torchvision:/module: spec)")
     if is_dir(path):
         raise SourceError(f"{path}: is a directory, not a checkpoint file")
+    if not path.is_file():
+        raise SourceError(f"{path}: is not a regular file")
     if path.stat().st_size == 0:
         raise SourceError(f"{path}: is empty")
     if not os.access(path, os.R_OK):
         raise SourceError(f"{path}: is not readable")
 
 
-def _is_safetensors(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(9)
-    if len(head) < 9:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return head[8:9] == b"{" and 0 < n < 100_000_000
+def read_torch_file(path: Path, trust: Trust, kind: Kind | None = None) -> Any:
+    """A torch file's contents: ``weights_only=True`` first (after :func:`~bnsurgery.trust.
+    check_zip`), the full unpickler only when ``trust.code``.
 
-
-def _is_torchscript(path: Path) -> bool:
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    return any(n.endswith("/constants.pkl") for n in names) and any("/code/" in n for n in names)
-
-
-def _torch_load(path: Path, trust_pickle: bool) -> Any:
-    """``torch.load`` with ``weights_only=True``; the full unpickler only when trusted."""
+    Raises:
+        SourceError: not a torch file, or unreadable.
+        UnsafeCodeError: it holds pickled objects beyond tensors and containers, untrusted.
+    """
+    kind = kind or kind_of(path)
+    if kind not in (Kind.TORCH_ZIP, Kind.PICKLE):
+        raise SourceError(f"{path}: not a PyTorch checkpoint (nor safetensors, nor TorchScript)")
+    if kind is Kind.TORCH_ZIP:
+        check_zip(path)
     try:
         return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found is None and not _starts_like_pickle(path):
-            raise SourceError(f"{path}: not a PyTorch checkpoint (unreadable pickle data)") from exc
-        if not trust_pickle:
-            what = f" (it references {found.group(1)})" if found else ""
-            raise UnsafePickleError(
-                f"{path} holds pickled Python objects{what}; loading it would run code from the "
-                "file: pass --trust-pickle only if you trust its origin, or save a state dict "
-                "and use --arch"
-            ) from exc
+        what = f" (it references {found.group(1)})" if found else ""
+        require_code_trust(
+            trust, path, f"holds pickled Python objects{what}, and unpickling them runs code"
+        )
+    except MemoryError as exc:
+        raise SourceError(f"{path}: not a PyTorch checkpoint (it asks for {_short(exc)})") from exc
     except Exception as exc:
         raise SourceError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
         raise SourceError(f"{path}: unpickling failed ({_short(exc)})") from exc
-
-
-def _starts_like_pickle(path: Path) -> bool:
-    with path.open("rb") as f:
-        head = f.read(2)
-    return len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
 def unwrap_state_dict(obj: Any, where: Any = "checkpoint") -> dict[str, torch.Tensor]:
@@ -223,19 +233,51 @@ def unwrap_state_dict(obj: Any, where: Any = "checkpoint") -> dict[str, torch.Te
 
 
 def read_state_dict(
-    path: str | os.PathLike[str], *, trust_pickle: bool = False
+    path: str | os.PathLike[str], *, trust_code: bool = False, trust_pickle: bool | None = None
 ) -> dict[str, torch.Tensor]:
-    """Read a state dict from a ``.safetensors`` or torch file (wrappers unwrapped)."""
+    """Read a state dict from a ``.safetensors`` or torch file (wrappers unwrapped).
+
+    Raises:
+        SourceError: unreadable, or not a state dict (a TorchScript archive is never loaded).
+        UnsafeCodeError: pickled objects beyond tensors and ``trust_code`` is false.
+    """
     p = Path(path)
     _check_readable(p)
-    if _is_safetensors(p):
+    kind = kind_of(p)
+    if kind is Kind.SAFETENSORS:
         from safetensors.torch import load_file
 
         try:
             return dict(load_file(str(p), device="cpu"))
         except Exception as exc:
             raise SourceError(f"{p}: not a valid safetensors file ({_short(exc)})") from exc
-    return unwrap_state_dict(_torch_load(p, trust_pickle), p)
+    if kind is Kind.TORCHSCRIPT:
+        raise SourceError(f"{p}: is a TorchScript archive, not a state dict")
+    trust = Trust(code=trust_code or bool(trust_pickle))
+    return unwrap_state_dict(read_torch_file(p, trust, kind), p)
+
+
+def state_mismatch(
+    own: Mapping[str, tuple[int, ...]], given: Mapping[str, tuple[int, ...]]
+) -> str | None:
+    """What keeps state ``given`` (key -> shape) from loading strictly into a model whose state
+    is ``own``: shape mismatches, missing or unexpected keys (the first of each named).
+    ``num_batches_tracked`` may be missing."""
+    mismatched = [k for k, shape in given.items() if k in own and tuple(own[k]) != tuple(shape)]
+    if mismatched:
+        k = mismatched[0]
+        return (
+            f"{len(mismatched)} shape mismatches, first {k} {tuple(given[k])} vs "
+            f"{tuple(own[k])} in the model"
+        )
+    missing = [k for k in own if k not in given and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in given if k not in own]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (first {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (first {unexpected[0]})")
+    return ", ".join(parts) or None
 
 
 def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], arch: str) -> None:
@@ -244,52 +286,99 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], ar
     Raises:
         SourceError: shape mismatches, missing or unexpected keys (the first of each named).
     """
-    own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    if mismatched:
-        k = mismatched[0]
-        raise SourceError(
-            f"weights do not fit {arch}: {len(mismatched)} shape mismatches, first {k} "
-            f"{tuple(state[k].shape)} vs {tuple(own[k].shape)} in the model"
-        )
-    result = model.load_state_dict(dict(state), strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    unexpected = list(result.unexpected_keys)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys (first {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys (first {unexpected[0]})")
-        raise SourceError(f"weights do not fit {arch}: " + ", ".join(parts))
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problem = state_mismatch(own, {k: tuple(v.shape) for k, v in state.items()})
+    if problem:
+        raise SourceError(f"weights do not fit {arch}: {problem}")
+    model.load_state_dict(dict(state), strict=False)
 
 
-def _load_safetensors(path: Path, arch: str | None) -> nn.Module:
+def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """The metadata and the tensor shapes of a safetensors file, read without its data."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as exc:
         raise SourceError(f"{path}: not a valid safetensors file ({_short(exc)})") from exc
-    record: dict[str, Any] = {}
-    if _META_KEY in meta:
-        try:
-            record = json.loads(meta[_META_KEY])
-        except json.JSONDecodeError as exc:
-            raise SourceError(f"{path}: corrupt bnsurgery metadata") from exc
-    arch = arch or record.get("arch")
-    if not arch:
+    return meta, shapes
+
+
+def _record(meta: Mapping[str, str], path: Path) -> dict[str, Any]:
+    """The bnsurgery record in a safetensors file's metadata (``{}`` if it has none)."""
+    if _META_KEY not in meta:
+        return {}
+    try:
+        record = json.loads(meta[_META_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise SourceError(f"{path}: corrupt bnsurgery metadata (not JSON)") from exc
+    if not isinstance(record, dict):
+        raise SourceError(f"{path}: corrupt bnsurgery metadata (not a mapping)")
+    if record.get("version", 1) != 1:
+        raise SourceError(
+            f"{path}: bnsurgery metadata version {record.get('version')!r:.20} is not one this "
+            "version reads; upgrade bnsurgery"
+        )
+    return record
+
+
+def _load_safetensors(path: Path, trust: Trust) -> nn.Module:
+    meta, shapes = _safetensors_header(path)
+    record = _record(meta, path)
+    spec = choose_arch(record.get("arch"), trust, path)
+    if spec is None:
         raise UsageError(
             f"{path} holds weights without an architecture; pass --arch (e.g. timm:resnet18)"
         )
-    model = build(parse_spec(arch))
-    provenance.replay(model, record.get("structure", []))
-    state = read_state_dict(path)
-    load_state_dict_into(model, state, arch)
+    structure = recorded_structure(record.get("structure"), path)
+    steps = recorded_steps(record.get("steps"), path)
+    model = _build_fitting(spec, structure, shapes)
+    load_state_dict_into(model, read_state_dict(path), str(spec))
     rec = provenance.get_record(model)
-    rec["arch"] = str(parse_spec(arch))
-    rec["steps"] = list(record.get("steps", []))
+    rec["arch"] = str(spec)
+    rec["steps"] = steps
+    return model
+
+
+def _build_fitting(
+    spec: Spec, structure: list[dict[str, Any]], shapes: Mapping[str, tuple[int, ...]]
+) -> nn.Module:
+    """Build ``spec`` with ``structure`` replayed, once its state is known to fit ``shapes``.
+
+    The architecture is first built on the meta device (no memory for weights) and its keys
+    and shapes compared with the file's header, so a file cannot make us allocate a model it
+    does not hold the weights of. Constructors that cannot run on the meta device (a few
+    compute layer widths from tensor values) are built for real and compared afterwards; a
+    file can name those only with bounded options (:data:`bnsurgery.trust.OPTIONS`).
+
+    Raises:
+        SourceError: the state does not fit, or the structure does not fit the architecture.
+    """
+    skeleton = _meta_build(spec, structure)
+    if skeleton is not None:
+        own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+        problem = state_mismatch(own, shapes)
+        if problem:
+            raise SourceError(f"weights do not fit {spec}: {problem}")
+    model = build(spec)
+    provenance.replay(model, structure)
+    return model
+
+
+def _meta_build(spec: Spec, structure: list[dict[str, Any]]) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            model = build(spec)
+    except Exception:
+        return None  # the real build says what is wrong, or succeeds (see _build_fitting)
+    try:
+        provenance.replay(model, structure)
+    except SourceError:
+        raise
+    except Exception:
+        return None
     return model
 
 
@@ -350,7 +439,8 @@ def save(
 
     Raises:
         UsageError: unknown format, or the safe format without a known architecture.
-        OutputError: the file exists, its folder is missing or read-only, or the write failed.
+        OutputError: the file exists (or appears while writing), is not a regular file, its
+            folder is missing or read-only, or the write failed.
     """
     out = Path(path)
     fmt = output_format(out, format)
@@ -408,60 +498,3 @@ def _to_torchscript(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptMo
 
     with eval_mode(model), torch.no_grad():
         return torch.jit.trace(model, as_args(example_inputs), check_trace=False)
-
-
-def exists(path: Path) -> bool:
-    """``path.exists()``, but ``False`` where the name cannot even be looked up (too long, a
-    file used as a folder), instead of an ``OSError``."""
-    try:
-        return path.exists()
-    except OSError:
-        return False
-
-
-def is_dir(path: Path) -> bool:
-    """``path.is_dir()``, ``False`` on any ``OSError``."""
-    try:
-        return path.is_dir()
-    except OSError:
-        return False
-
-
-def atomic_write(out: Path, write: Callable[[str], None], *, force: bool = False) -> Path:
-    """Call ``write(tmp_path)`` then move the result to ``out`` in one rename.
-
-    Raises:
-        OutputError: ``out`` exists (without ``force``), is a folder, its folder is missing or
-            not writable, or the write failed; no partial file is left.
-    """
-    parent = out.parent if str(out.parent) else Path(".")
-    if not is_dir(parent):
-        raise OutputError(f"{out}: folder {parent} does not exist")
-    if is_dir(out):
-        raise OutputError(f"{out}: is a directory")
-    if exists(out) and not force:
-        raise OutputError(f"{out}: already exists; pass --force to replace it")
-    try:
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise OutputError(f"{out}: cannot write in {parent} ({exc.strerror or exc})") from exc
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp (and some writers) create 0600: the usual mode
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OutputError(f"{out}: write failed ({exc.strerror or exc})") from exc
-        if isinstance(exc, Exception) and not isinstance(exc, BnSurgeryError):
-            # writers report a full disk or a file size limit in their own exception types
-            # (torch: RuntimeError from its stream writer; safetensors: its own error)
-            raise OutputError(f"{out}: write failed ({_short(exc)})") from exc
-        raise
-    return out

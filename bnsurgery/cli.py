@@ -7,19 +7,29 @@ stderr, data (tables, JSON) to stdout. torch is imported only when a command run
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import re
+import signal
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .errors import BnSurgeryError, NothingToDoError, OutputError, UsageError
+from .errors import BnSurgeryError, NothingToDoError, ResourceError, UsageError
 
 __all__ = ["cli", "main"]
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
+#: SIGTERM and SIGHUP end a command like Ctrl-C (nothing written); the exit code is the shell's
+#: 128 + the signal number: 143 for SIGTERM, 129 for SIGHUP.
+EXIT_SIGNAL_BASE = 128
+_TERMINATING = ("SIGTERM", "SIGHUP")
 #: The ``--to`` names; the same as ``bnsurgery.swapping.TARGETS`` (a test holds them equal),
 #: kept here so that ``--help`` does not import torch.
 SWAP_TARGETS = (
@@ -130,21 +140,59 @@ def _example_inputs(
     if batch < 1:
         raise UsageError("--batch-size must be at least 1")
     dtype = next((p.dtype for p in model.parameters() if p.dtype.is_floating_point), torch.float32)
+    count = batch * math.prod(size)
+    needed = count * (4 + dtype.itemsize)  # drawn in float32, then cast
+    available = _available_memory()
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"example inputs of {batch} x {'x'.join(map(str, size))} need {_gib(needed)} "
+            f"before the model even runs, and {_gib(available)} is available; lower "
+            "--batch-size or --input-size"
+        )
     generator = torch.Generator().manual_seed(seed)
     return torch.randn((batch, *size), generator=generator).to(dtype)
 
 
-def _check_output(out: Path, source: str, fmt: str | None, force: bool) -> str:
-    from .checkpoint import exists, is_dir, output_format
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux: MemAvailable), if known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and math.isnan(value):
+        raise click.BadParameter("nan is not a number", ctx=ctx, param=param)
+    return value
+
+
+def _check_output(
+    out: Path,
+    fmt: str | None,
+    force: bool,
+    inputs: tuple[str | None, ...],
+    plot: str | None = None,
+) -> str:
+    """Before any work: the output format, and every output of the command (``out``, and
+    ``plot``) against every path it reads (``inputs``: source, weights, arch, data), by file
+    identity (see :func:`bnsurgery.outputs.check_outputs`). Returns the output format."""
+    from .checkpoint import output_format
+    from .outputs import check_outputs
 
     chosen = output_format(out, fmt)
-    src = Path(source)
-    if exists(src) and out.resolve() == src.resolve():
-        raise OutputError(f"{out}: is the input; the input is never overwritten")
-    if exists(out) and not force:
-        raise OutputError(f"{out}: already exists; pass --force to replace it")
-    if not is_dir(out.parent if str(out.parent) else Path(".")):
-        raise OutputError(f"{out}: folder {out.parent} does not exist")
+    check_outputs([out, *([Path(plot)] if plot else [])], inputs, force=force)
     return chosen
 
 
@@ -208,6 +256,7 @@ def inspect_command(source, arch, weights, trust_code, input_size, batch_size, s
 @click.option(
     "--tolerance",
     type=click.FloatRange(0, 1, min_open=True),
+    callback=_not_nan,
     help="Max relative output error (default by dtype).",
 )
 def fold_command(
@@ -222,7 +271,7 @@ def fold_command(
     from .report import fold_text, to_json
 
     out = Path(output) if output else default_output(source, "folded")
-    _check_output(out, source, fmt, force)
+    _check_output(out, fmt, force, (source, weights, arch))
     model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "fold")
     inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=True)
@@ -237,8 +286,16 @@ def fold_command(
 
 
 def _require_batchnorm(model: Any, source: str, verb: str) -> None:
+    import torch
+
+    from .errors import UnsupportedModelError
     from .norms import iter_batchnorms
 
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UnsupportedModelError(
+            f"{source} is TorchScript, which cannot be changed; {verb} works on nn.Module "
+            "checkpoints (inspect reads TorchScript)"
+        )
     if next(iter_batchnorms(model), None) is None:
         raise NothingToDoError(
             f"{source} has no BatchNorm layer; nothing to {verb}, nothing written"
@@ -281,7 +338,12 @@ def freeze_command(
     from .provenance import last_report
     from .report import freeze_text, to_json
 
-    _check_output(Path(output) if output else default_output(source, "frozen"), source, fmt, force)
+    _check_output(
+        Path(output) if output else default_output(source, "frozen"),
+        fmt,
+        force,
+        (source, weights, arch),
+    )
     model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "freeze")
     freeze(model, include or None, exclude or None, stages=stages, train_affine=stats_only)
@@ -306,7 +368,10 @@ def unfreeze_command(
     from .report import freeze_text, to_json
 
     _check_output(
-        Path(output) if output else default_output(source, "unfrozen"), source, fmt, force
+        Path(output) if output else default_output(source, "unfrozen"),
+        fmt,
+        force,
+        (source, weights, arch),
     )
     model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "unfreeze")
@@ -355,30 +420,53 @@ def swap_command(
     from .report import swap_text, to_json
     from .swapping import swap
 
-    _check_output(Path(output) if output else default_output(source, target), source, fmt, force)
+    _check_output(
+        Path(output) if output else default_output(source, target),
+        fmt,
+        force,
+        (source, weights, arch, calibrate_path),
+    )
     model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "swap")
     data = None
-    if calibrate_path:
-        data, _ = batches_from_path(
-            calibrate_path, model, batch_size=batch_size, input_size=_parse_size(input_size)
+    with _DataFile(calibrate_path):
+        if calibrate_path:
+            data, _ = batches_from_path(
+                calibrate_path, model, batch_size=batch_size, input_size=_parse_size(input_size)
+            )
+        swap(
+            model,
+            target,
+            include or None,
+            exclude or None,
+            groups=groups,
+            group_size=group_size,
+            dims=dims,
+            calibrate=data,
+            calibrate_batches=batches,
         )
-    swap(
-        model,
-        target,
-        include or None,
-        exclude or None,
-        groups=groups,
-        group_size=group_size,
-        dims=dims,
-        calibrate=data,
-        calibrate_batches=batches,
-    )
     report = last_report(model)
     click.echo(to_json(report) if as_json else swap_text(report))
     if not report.swapped:
         raise NothingToDoError("no BN layer swapped (reasons above); nothing written")
     _write(model, source, output, fmt, force, arch, target, sizes=(input_size, batch_size, seed))
+
+
+class _DataFile:
+    """Names the data file in a :class:`DataError` raised while it is read or consumed: the
+    library does not know the file. An error that already names it passes unchanged."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = str(Path(path)) if path else None
+
+    def __enter__(self) -> _DataFile:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        from .errors import DataError
+
+        if self.path and isinstance(exc, DataError) and not str(exc).startswith(self.path):
+            raise DataError(f"{self.path}: {exc}") from exc
 
 
 def _distributed() -> tuple[int, int]:
@@ -426,27 +514,35 @@ def recalibrate_command(
 
     rank, world = _distributed()
     if rank == 0:
+        if plot:
+            _require_matplotlib()
         _check_output(
-            Path(output) if output else default_output(source, "recalibrated"), source, fmt, force
+            Path(output) if output else default_output(source, "recalibrated"),
+            fmt,
+            force,
+            (source, weights, arch, data_path),
+            plot=plot,
         )
     if batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
     model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, "recalibrate")
-    data, total = batches_from_path(
-        data_path,
-        model,
-        batch_size=batch_size,
-        input_size=_parse_size(input_size),
-        rank=rank,
-        world=world,
-    )
+    with _DataFile(data_path):
+        data, total = batches_from_path(
+            data_path,
+            model,
+            batch_size=batch_size,
+            input_size=_parse_size(input_size),
+            rank=rank,
+            world=world,
+        )
     total = min(total, batches) if batches is not None else total
     show = not quiet and rank == 0 and sys.stderr.isatty()
     with (
         click.progressbar(length=total, label="recalibrating", file=sys.stderr)
         if show
-        else _NoBar() as bar
+        else _NoBar() as bar,
+        _DataFile(data_path),
     ):
         recalibrate(
             model,
@@ -461,19 +557,46 @@ def recalibrate_command(
         return
     report = last_report(model)
     click.echo(to_json(report) if as_json else recalibration_text(report))
+    plotted = None
     if plot:
-        drift_plot(report, plot)
+        from .outputs import identity
+
+        new = not os.path.lexists(plot)
+        drift_plot(report, plot, force=force)
+        plotted = identity(plot) if new else None
+    try:
+        _write(
+            model,
+            source,
+            output,
+            fmt,
+            force,
+            arch,
+            "recalibrated",
+            sizes=(input_size, batch_size, seed),
+        )
+    except BaseException:
+        _discard(plot, plotted)  # the plot alone would be half the output
+        raise
+    if plot:
         click.echo(f"wrote {plot}", err=True)
-    _write(
-        model,
-        source,
-        output,
-        fmt,
-        force,
-        arch,
-        "recalibrated",
-        sizes=(input_size, batch_size, seed),
-    )
+
+
+def _require_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        raise UsageError("--plot needs matplotlib: pip install 'bnsurgery[plot]'") from exc
+
+
+def _discard(path: str | None, written: tuple[int, int] | None) -> None:
+    """Remove ``path`` if it is still the new file this command wrote (identity ``written``)."""
+    from .outputs import identity
+
+    if path is None or written is None or identity(path) != written:
+        return
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 class _NoBar:
@@ -487,8 +610,72 @@ class _NoBar:
         return None
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised where the program is: it unwinds like Ctrl-C, so every
+    temporary file is removed on the way out (a ``BaseException``: no ``except Exception``
+    swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame: object) -> None:
+    for name in _TERMINATING:  # a second signal must not interrupt the clean-up
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    raise _Terminated(signum)
+
+
+def _catch_signals() -> dict[int, Any]:
+    """Turn SIGTERM and SIGHUP into :class:`_Terminated` while a command runs; a signal that is
+    ignored (``nohup``) stays ignored. Returns the handlers to put back."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous  # only the main thread may set handlers
+    for name in _TERMINATING:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        handler = signal.getsignal(signum)
+        if handler == signal.SIG_IGN:
+            continue
+        try:
+            signal.signal(signum, _terminate)
+        except (ValueError, OSError):
+            continue
+        previous[signum] = handler
+    return previous
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for signum, handler in previous.items():
+        with contextlib.suppress(ValueError, OSError, TypeError):
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the CLI and map every failure to one line and an exit code."""
+    """Console entry point: run the CLI and map every failure to one line and an exit code.
+
+    SIGTERM and SIGHUP end a command like Ctrl-C: nothing written, one line, exit 128 + the
+    signal number; the previous handlers are back when this returns."""
+    previous = _catch_signals()
+    try:
+        return _main(argv)
+    except _Terminated as exc:  # raised outside _main's own handlers (while reporting)
+        return _report_terminated(exc)
+    finally:
+        _restore_signals(previous)
+
+
+def _report_terminated(exc: _Terminated) -> int:
+    click.echo(
+        f"error: terminated ({signal.Signals(exc.signum).name}); no output was written", err=True
+    )
+    return EXIT_SIGNAL_BASE + exc.signum
+
+
+def _main(argv: list[str] | None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in (args[: args.index("--")] if "--" in args else args)
     if not debug:
@@ -499,26 +686,45 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:  # click's form of KeyboardInterrupt
         click.echo("error: interrupted; no output was written", err=True)
         return EXIT_INTERRUPTED
+    except _Terminated as exc:
+        return _report_terminated(exc)
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
+        _say("error", exc.format_message())
         return exc.exit_code
     except NothingToDoError as exc:
-        click.echo(f"nothing to do: {' '.join(str(exc).split())}", err=True)
+        _say("nothing to do", str(exc))
         return exc.exit_code
     except BnSurgeryError as exc:
         if debug:
             raise
-        click.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        _say("error", str(exc))
         return exc.exit_code
+    except MemoryError as exc:
+        if debug:
+            raise
+        _say("error", f"out of memory ({exc or 'an allocation failed'}); nothing was written")
+        return ResourceError.exit_code
     except KeyboardInterrupt:
         click.echo("error: interrupted; no output was written", err=True)
         return EXIT_INTERRUPTED
     except Exception as exc:
         if debug:
             raise
-        text = " ".join(str(exc).split())[:300]
-        click.echo(
-            f"internal error: {type(exc).__name__}: {text} (rerun with --debug for details)",
-            err=True,
+        text = " ".join(str(exc).split())
+        if isinstance(exc, RuntimeError) and _OUT_OF_MEMORY.search(text):
+            _say("error", f"out of memory ({text[:200]}); nothing was written")
+            return ResourceError.exit_code
+        _say(
+            "internal error",
+            f"{type(exc).__name__}: {text[:300]} (rerun with --debug for details)",
         )
         return EXIT_INTERNAL
+
+
+#: How torch's allocators report an allocation they could not make.
+_OUT_OF_MEMORY = re.compile(r"can't allocate memory|not enough memory|out of memory", re.I)
+
+
+def _say(prefix: str, text: str) -> None:
+    """One diagnostic line on stderr, whatever the text holds (newlines from paths included)."""
+    click.echo(f"{prefix}: {' '.join(text.split())}", err=True)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SourceError
+from .errors import BnSurgeryError, SourceError
 from .norms import NormActRemainder, remainder_of
 
 __all__ = [
@@ -150,9 +150,9 @@ def replay(model: nn.Module, structure: list[dict[str, Any]]) -> None:
             elif "add_bias" in edit:
                 module = model.get_submodule(edit["add_bias"])
                 add_zero_bias(module, int(edit["channels"]), module.weight)
-        except (AttributeError, KeyError, TypeError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError, BnSurgeryError) as exc:
             raise SourceError(
-                f"checkpoint structure does not fit the architecture at {edit}: {exc}"
+                f"checkpoint structure does not fit the architecture at {edit}: {exc}"[:400]
             ) from exc
     record = get_record(model)
     record["structure"] = copy.deepcopy(list(structure))

@@ -12,14 +12,20 @@ shards.
 
 Every module's training flag and forward are restored afterwards, also when a batch raises;
 the running statistics are only written once the whole pass has succeeded.
+
+Data is checked before it changes anything (:class:`~bnsurgery.errors.DataError`): every batch
+must hold only finite values, checked as it is produced and before the model sees it; a batch
+the model cannot run on (wrong channel count or layout) is reported with its shape; and the new
+statistics must be finite in each BN's dtype. On any of these the model is left as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,7 +33,7 @@ import torch
 from torch import nn
 
 from . import provenance
-from .errors import UsageError
+from .errors import BnSurgeryError, DataError, UsageError
 from .graph import eval_mode
 from .norms import has_activation
 from .select import select_batchnorms
@@ -98,6 +104,105 @@ def _to(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
     if isinstance(batch, tuple | list):
         return type(batch)(_to(v, device, channels_last) for v in batch)
     return batch
+
+
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a batch (a tensor, or tensors in tuples, lists and dicts), in order."""
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, Mapping):
+        for value in batch.values():
+            yield from _tensors(value)
+    elif isinstance(batch, tuple | list):
+        for value in batch:
+            yield from _tensors(value)
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
+class _DataCheck:
+    """Checks each batch before the model sees it, and remembers the largest magnitude seen
+    (to say which values made statistics overflow)."""
+
+    def __init__(self) -> None:
+        self.largest = 0.0
+
+    def batch(self, batch: Any, index: int) -> None:
+        """Raise :class:`DataError` if a floating tensor of the batch holds NaN or infinity.
+
+        One reduction per tensor (min and max together; both propagate NaN); the counts and the
+        first bad sample are only computed for a bad batch. Batches and samples count from 0.
+        """
+        for t in _tensors(batch):
+            if not t.is_floating_point() or t.numel() == 0:
+                continue
+            lo, hi = (float(v) for v in torch.aminmax(t.detach()))
+            if math.isfinite(lo) and math.isfinite(hi):
+                self.largest = max(self.largest, -lo, hi)
+                continue
+            nan = int(torch.isnan(t).sum())
+            inf = int(torch.isinf(t).sum())
+            bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1))
+            first = int(bad.any(1).nonzero()[0, 0])
+            found = " and ".join(
+                text
+                for n, text in (
+                    (inf, _plural(inf, "infinite value")),
+                    (nan, _plural(nan, "NaN value")),
+                )
+                if n
+            )
+            raise DataError(
+                f"batch {index} holds {found} (first at sample {first}); clean the data"
+            )
+
+    def overflow(self, name: str, what: str, dtype: torch.dtype, nan: bool) -> DataError:
+        """The error for statistics (or fitted parameters) that are not finite in ``dtype``."""
+        kind = str(dtype).removeprefix("torch.")
+        if nan:
+            return DataError(
+                f"{what} come out NaN at {name} on this data (values up to {self.largest:.3g})"
+            )
+        return DataError(f"values up to {self.largest:.3g} make {what} overflow {kind} at {name}")
+
+
+#: Errors a model raises on an input it cannot take (a wrong shape, channel count, layout or
+#: dtype); memory errors and bnsurgery's own errors are not about the data.
+_MISFIT = (RuntimeError, ValueError, IndexError, TypeError, AssertionError)
+
+
+def _run(feed: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any) -> Any:
+    """``feed(model, batch)``; an error of the model on this batch becomes a :class:`DataError`
+    naming the batch's shape and the model's complaint."""
+    try:
+        return feed(model, batch)
+    except (BnSurgeryError, torch.cuda.OutOfMemoryError):
+        raise
+    except _MISFIT as exc:
+        text = str(exc).lower()
+        if "out of memory" in text or "can't allocate memory" in text:
+            raise  # the machine's limit, not the data's shape
+        raise _misfit(model, batch, exc) from exc
+
+
+def _misfit(model: nn.Module, batch: Any, exc: BaseException) -> DataError:
+    first = next(_tensors(batch), None)
+    what = f"batches of shape {tuple(first.shape)}" if first is not None else "batches"
+    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
+    shape = tuple(first.shape) if first is not None else ()
+    expects = getattr(conv, "in_channels", None)
+    if expects is not None and len(shape) >= 3 and shape[1] != expects:
+        hint = ""
+        if shape[-1] == expects:
+            hint = " (this looks like channels-last (N, H, W, C) data; permute to (N, C, H, W))"
+        return DataError(
+            f"{what} do not fit the model: it expects {expects} channels in dimension 1{hint}"
+        )
+    lines = str(exc).strip().splitlines()
+    complaint = lines[0][:300] if lines else ""
+    return DataError(f"{what} do not fit the model: {type(exc).__name__}: {complaint}")
 
 
 @contextlib.contextmanager
@@ -195,6 +300,24 @@ def _gather(moments: _Moments, channels: int, device: torch.device) -> _Moments:
     return merged
 
 
+def _check_ema(
+    chosen: list[tuple[str, nn.Module]],
+    old: dict[str, dict[str, torch.Tensor]],
+    check: _DataCheck,
+) -> None:
+    """After the momentum updates: a running statistic that was finite must still be."""
+    for name, bn in chosen:
+        for key in ("running_mean", "running_var"):
+            now, before = getattr(bn, key, None), old[name].get(key)
+            if not isinstance(now, torch.Tensor) or before is None:
+                continue
+            broken = ~torch.isfinite(now) & torch.isfinite(before)
+            if bool(broken.any()):
+                raise check.overflow(
+                    name, "BN statistics", now.dtype, bool(now[broken].isnan().any())
+                )
+
+
 def _world() -> int:
     import torch.distributed as dist
 
@@ -238,6 +361,9 @@ def recalibrate(
 
     Raises:
         UsageError: no data, an unknown mode, or a selection without BN layers with statistics.
+        DataError: a batch holds NaN or infinite values, the model cannot run on a batch (its
+            shape is named), or the new statistics are not finite in a BN's dtype (the layer is
+            named). The model is left exactly as it was.
 
     >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     >>> batches = [torch.randn(4, 1, 8, 8), torch.randn(2, 1, 8, 8)]
@@ -264,6 +390,7 @@ def recalibrate(
     old = {name: {k: b.clone() for k, b in bn.named_buffers(recurse=False)} for name, bn in chosen}
     saved_momentum = {name: getattr(bn, "momentum", None) for name, bn in chosen}
     batches = 0
+    check = _DataCheck()
     cast = (
         torch.autocast(device.type, dtype=autocast)
         if autocast is not None
@@ -278,14 +405,17 @@ def recalibrate(
                     bn.train()
                     if momentum is not None:
                         bn.momentum = momentum
-            for batch in data:
-                if num_batches is not None and batches >= num_batches:
-                    break
+            limit = None if num_batches is None else max(num_batches, 0)
+            for batch in itertools.islice(data, limit):  # no batch beyond num_batches
+                moved = _to(batch, device, cl)
+                check.batch(moved, batches)
                 with cast:
-                    feed(model, _to(batch, device, cl))
+                    _run(feed, model, moved)
                 batches += 1
                 if progress is not None:
                     progress(batches)
+            if mode == "ema":
+                _check_ema(chosen, old, check)
         except BaseException:
             if mode == "ema":  # put back what the momentum updates changed
                 for name, bn in chosen:
@@ -300,9 +430,9 @@ def recalibrate(
     if batches == 0:
         raise UsageError("the data yielded no batch")
     world = _world()
-    layers = []
-    for name, bn in chosen:
-        if mode == "exact":
+    new: dict[str, tuple[torch.Tensor, torch.Tensor, _Moments]] = {}
+    if mode == "exact":  # every layer's statistics, checked, before any is written
+        for name, bn in chosen:
             stats = moments[name]
             if world > 1:
                 stats = _gather(stats, bn.running_mean.numel(), bn.running_mean.device)
@@ -310,9 +440,19 @@ def recalibrate(
                 raise UsageError(
                     f"{name}: saw fewer than 2 values per channel; cannot estimate variance"
                 )
+            mean = stats.mean.to(bn.running_mean)
+            var = (stats.m2 / (stats.count - 1)).to(bn.running_var)
+            if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
+                nan = bool(torch.isnan(stats.mean).any() or torch.isnan(stats.m2).any())
+                raise check.overflow(name, "BN statistics", bn.running_var.dtype, nan)
+            new[name] = (mean, var, stats)
+    layers = []
+    for name, bn in chosen:
+        if mode == "exact":
+            mean, var, stats = new[name]
             with torch.no_grad():
-                bn.running_mean.copy_(stats.mean.to(bn.running_mean))
-                bn.running_var.copy_((stats.m2 / (stats.count - 1)).to(bn.running_var))
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
                 tracked = getattr(bn, "num_batches_tracked", None)
                 if isinstance(tracked, torch.Tensor):
                     tracked.fill_(stats.batches)

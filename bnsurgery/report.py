@@ -134,11 +134,18 @@ def recalibration_text(report: RecalibrationReport) -> str:
     return "\n".join(lines)
 
 
-def drift_plot(report: RecalibrationReport, path: str) -> None:
-    """A PNG bar chart of the mean per-channel KL per layer (needs matplotlib).
+def drift_plot(report: RecalibrationReport, path: str, *, force: bool = False) -> None:
+    """A PNG bar chart of the mean per-channel KL per layer (needs matplotlib), written
+    atomically (:func:`bnsurgery.outputs.atomic_write`).
+
+    Args:
+        report: the recalibration report.
+        path: the PNG file to write.
+        force: replace an existing file.
 
     Raises:
         UsageError: matplotlib is not installed.
+        OutputError: the file exists (without ``force``) or cannot be written.
     """
     try:
         import matplotlib
@@ -147,7 +154,7 @@ def drift_plot(report: RecalibrationReport, path: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError as exc:
         raise UsageError("--plot needs matplotlib: pip install 'bnsurgery[plot]'") from exc
-    from .checkpoint import atomic_write
+    from .outputs import atomic_write
 
     names = [d.name for d in report.layers]
     fig, ax = plt.subplots(figsize=(max(6.0, len(names) * 0.25), 4.0))
@@ -159,8 +166,10 @@ def drift_plot(report: RecalibrationReport, path: str) -> None:
     fig.tight_layout()
     from pathlib import Path
 
-    atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120), force=True)
-    plt.close(fig)
+    try:
+        atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120), force=force)
+    finally:
+        plt.close(fig)
 
 
 def swap_text(report: SwapReport) -> str:

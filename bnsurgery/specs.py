@@ -22,7 +22,8 @@ from .errors import SourceError, UsageError
 
 __all__ = ["Spec", "build", "default_input_size", "is_spec", "parse_spec"]
 
-_SPEC = re.compile(r"^(?P<ns>[A-Za-z_][\w.]*):(?P<name>[A-Za-z_][\w.\-]*)(?:\((?P<kw>.*)\))?$")
+_SPEC = re.compile(r"^(?P<ns>[A-Za-z_][\w.]*):(?P<name>[A-Za-z_][\w.\-]*)(?P<call>\(.*\))?$", re.S)
+_MAX_SPEC = 4096  # characters: a spec is a name and a few options
 
 
 @dataclass(frozen=True)
@@ -46,28 +47,60 @@ def is_spec(text: str) -> bool:
 
 
 def parse_spec(text: str) -> Spec:
-    """Parse ``ns:name(k=v, ...)``.
+    """Parse ``ns:name`` or ``ns:name(key=literal, ...)``: one call, keyword arguments only,
+    each a Python literal (numbers, strings, booleans, None, and tuples, lists, dicts of them).
 
     Raises:
-        UsageError: not a spec, or kwargs that are not Python literals.
+        UsageError: not a spec, or call syntax other than one call with keyword literals (the
+            offending part is named).
+
+    >>> parse_spec("timm:resnet18(num_classes=10)")
+    Spec(namespace='timm', name='resnet18', kwargs={'num_classes': 10})
     """
-    match = _SPEC.match(text.strip())
+    text = text.strip()
+    match = _SPEC.match(text) if len(text) <= _MAX_SPEC else None
     if not match:
         raise UsageError(
-            f"{text!r} is not an architecture spec; use timm:NAME, torchvision:NAME or "
-            "package.module:factory"
+            f"{_shown(text)} is not an architecture spec; use timm:NAME, torchvision:NAME or "
+            "package.module:factory, with optional (key=value, ...) arguments"
         )
-    kwargs: dict[str, Any] = {}
-    if match["kw"]:
-        try:
-            call = ast.parse(f"f({match['kw']})", mode="eval").body
-            assert isinstance(call, ast.Call) and not call.args
-            kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
-        except (SyntaxError, ValueError, AssertionError) as exc:
-            raise UsageError(
-                f"spec arguments in {text!r} must be keyword=literal pairs, e.g. num_classes=10"
-            ) from exc
+    kwargs = _keyword_literals(match["call"], text) if match["call"] else {}
     return Spec(match["ns"], match["name"], kwargs)
+
+
+def _shown(text: str) -> str:
+    return repr(text if len(text) <= 80 else text[:77] + "...")
+
+
+def _keyword_literals(call_text: str, text: str) -> dict[str, Any]:
+    """The keyword literals of ``(k=v, ...)``; anything else is a usage error naming it."""
+
+    def bad(what: str) -> UsageError:
+        return UsageError(
+            f"spec {_shown(text)}: {what}; arguments must be key=literal pairs, e.g. "
+            "timm:resnet18(num_classes=10)"
+        )
+
+    try:
+        tree = ast.parse(f"f{call_text}", mode="eval").body
+    except SyntaxError as exc:
+        raise bad(f"{_shown(call_text)} is not valid call syntax") from exc
+    if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
+        raise bad(f"{_shown(call_text)} is not one call")
+    if tree.args:
+        raise bad(f"positional argument {_shown(ast.unparse(tree.args[0]))}")
+    kwargs: dict[str, Any] = {}
+    for keyword in tree.keywords:
+        if keyword.arg is None:
+            raise bad(f"{_shown('**' + ast.unparse(keyword.value))} is not a keyword argument")
+        if keyword.arg in kwargs:
+            raise bad(f"{keyword.arg} is given twice")
+        try:
+            kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
+            shown = _shown(ast.unparse(keyword.value))
+            raise bad(f"{keyword.arg}={shown} is not a literal") from exc
+    return kwargs
 
 
 def _near(name: str, names: list[str]) -> str:

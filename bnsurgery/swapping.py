@@ -14,6 +14,7 @@ output of the BN it replaces. The report gives the fit error per layer before an
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,7 +38,7 @@ from .norms import (
     num_features,
     remainder_of,
 )
-from .recalibration import _to, default_forward
+from .recalibration import _DataCheck, _run, _to, default_forward
 from .select import select_batchnorms
 
 __all__ = ["TARGETS", "ChannelLayerNorm", "SwapReport", "auto_groups", "swap"]
@@ -325,8 +326,15 @@ def _fit(
     feed: Callable[[nn.Module, Any], Any],
     device: torch.device,
     num_batches: int | None,
+    check: _DataCheck | None = None,
 ) -> dict[str, tuple[float, float]]:
-    """Least-squares scale and shift per channel for each new norm, in forward order."""
+    """Least-squares scale and shift per channel for each new norm, in forward order.
+
+    Raises:
+        DataError: the model cannot run on a batch, or a fitted scale or shift is not finite in
+            the norm's dtype (nothing is written into that norm).
+    """
+    check = check or _DataCheck()
     errors: dict[str, tuple[float, float]] = {}
     batches = list(data) if not isinstance(data, list | tuple) else data
     if num_batches is not None:
@@ -359,7 +367,7 @@ def _fit(
         try:
             for batch in batches:
                 with contextlib.suppress(_StopForward):
-                    feed(model, _to(batch, device))
+                    _run(feed, model, _to(batch, device))
         finally:
             handle.remove()
         if not sums:
@@ -373,10 +381,15 @@ def _fit(
         before_a = target.weight.detach().double().cpu().reshape(-1)
         before_b = target.bias.detach().double().cpu().reshape(-1)
 
+        new_a = scale.reshape(target.weight.shape).to(target.weight)
+        new_b = shift.reshape(target.bias.shape).to(target.bias)
+        if not (bool(torch.isfinite(new_a).all()) and bool(torch.isfinite(new_b).all())):
+            nan = bool(torch.isnan(scale).any() or torch.isnan(shift).any())
+            raise check.overflow(name, "the fitted scale and shift", new_a.dtype, nan)
         errors[name] = (_rel_error(sums, before_a, before_b), _rel_error(sums, scale, shift))
         with torch.no_grad():
-            target.weight.copy_(scale.reshape(target.weight.shape).to(target.weight))
-            target.bias.copy_(shift.reshape(target.bias.shape).to(target.bias))
+            target.weight.copy_(new_a)
+            target.bias.copy_(new_b)
     return errors
 
 
@@ -400,7 +413,7 @@ def _forward_order(
         for m in modules
     ]
     try:
-        feed(model, _to(batch, device))
+        _run(feed, model, _to(batch, device))
     finally:
         for h in handles:
             h.remove()
@@ -443,6 +456,10 @@ def swap(
     Raises:
         UsageError: an unknown target (the valid ones are listed), bad group options, or a
             pattern that selects nothing.
+        DataError: a calibration batch holds NaN or infinite values, the model cannot run on
+            it (its shape is named), or a fitted scale or shift is not finite in the norm's
+            dtype (the layer is named). The model is left exactly as it was: every BN is put
+            back.
 
     >>> net = swap(nn.Sequential(nn.Conv2d(3, 72, 3), nn.BatchNorm2d(72)), "groupnorm")
     >>> type(net[1]).__name__, net[1].num_groups
@@ -473,6 +490,7 @@ def swap(
     swapped: list[Swapped] = []
     left: list[tuple[str, str]] = []
     placed: list[tuple[str, nn.Module, nn.Module]] = []
+    undo: list[tuple[nn.Module, str, nn.Module]] = []
     structure: list[dict[str, Any]] = []
     for name, bn in chosen:
         if isinstance(getattr(bn, "running_mean", None), nn.parameter.UninitializedBuffer):
@@ -493,6 +511,7 @@ def swap(
             continue
         for parent, child_name, path in parents:
             setattr(parent, child_name, new)
+            undo.append((parent, child_name, bn))
             if isinstance(to, str):
                 structure.append(
                     {"replace": path, "with": f"swap:{to}", "options": _replay_opts(new, opts)}
@@ -507,12 +526,23 @@ def swap(
         feed = forward or default_forward
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-        batches = list(calibrate)[: calibrate_batches or None]
-        if not batches:
-            raise UsageError("calibration data yielded no batch")
-        with eval_mode(model), torch.no_grad():
-            order = _forward_order(model, [new for _, _, new in placed], batches[0], feed, device)
-            errors = _fit(model, [placed[i] for i in order], batches, feed, device, None)
+        check = _DataCheck()
+        try:
+            batches = []
+            limit = max(calibrate_batches, 0) if calibrate_batches else None
+            for batch in itertools.islice(calibrate, limit):
+                check.batch(batch, len(batches))  # as each batch is produced
+                batches.append(batch)
+            if not batches:
+                raise UsageError("calibration data yielded no batch")
+            with eval_mode(model), torch.no_grad():
+                news = [new for _, _, new in placed]
+                order = _forward_order(model, news, batches[0], feed, device)
+                errors = _fit(model, [placed[i] for i in order], batches, feed, device, None, check)
+        except BaseException:  # nothing changed: every BN goes back where it was
+            for parent, child_name, bn in reversed(undo):
+                setattr(parent, child_name, bn)
+            raise
         report.swapped = [
             Swapped(s.bn, s.was, s.now, s.detail, *errors.get(s.bn, (None, None))) for s in swapped
         ]

@@ -86,7 +86,7 @@ def world(tmp_path: Path) -> dict[str, Path]:
         bnsurgery.load("tests.models:no_bn_net"), src / "no_bn.safetensors"
     )
     for case, value in (("nan_stats", float("nan")), ("inf_stats", float("inf"))):
-        broken = bnsurgery.load(files["model"])
+        broken = bnsurgery.load(files["model"], arch=ARCH)
         broken.bn1.running_var[3] = value
         files[case] = bnsurgery.save(broken, src / f"{case}.safetensors")
     files["malicious_pickle"] = src / "model.pt"
@@ -106,9 +106,21 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return found
 
 
-def command_args(command: str, world: dict[str, Path], source: Path | str) -> list[str]:
-    """A complete, valid invocation of ``command`` on ``source``, writing into ``out/``."""
+#: The factory the world's files record; a file may have it built only when the user names it.
+ARCH = "tests.models:simple_cnn"
+
+
+def command_args(
+    command: str, world: dict[str, Path], source: Path | str, *, name_arch: bool = True
+) -> list[str]:
+    """A complete, valid invocation of ``command`` on ``source``, writing into ``out/``.
+
+    For a file source, ``--arch`` names the factory the world's file records, as its owner
+    would (``name_arch=False`` leaves it out).
+    """
     args = [command, str(source)]
+    if name_arch and isinstance(source, Path):
+        args += ["--arch", "tests.models:no_bn_net" if source == world.get("no_bn") else ARCH]
     if command == "inspect":
         return [*args, "--input-size", "3,16,16"]
     args += ["-o", str(world["out"] / f"result-{command}.safetensors")]

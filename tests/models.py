@@ -11,10 +11,10 @@ from torch import nn
 class SimpleCNN(nn.Module):
     """Seed model: conv -> BatchNorm2d -> ReLU."""
 
-    def __init__(self):
+    def __init__(self, width: int = 16):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, padding=1)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU()
 
     def forward(self, x):
@@ -94,9 +94,9 @@ SEEDS = {
 }
 
 
-def simple_cnn() -> nn.Module:
-    """Factory for CLI tests (``tests.models:simple_cnn``)."""
-    return SimpleCNN()
+def simple_cnn(width: int = 16) -> nn.Module:
+    """Factory for CLI tests (``tests.models:simple_cnn``, ``...:simple_cnn(width=8)``)."""
+    return SimpleCNN(width)
 
 
 class Residual(nn.Module):

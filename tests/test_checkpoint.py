@@ -11,7 +11,13 @@ from torch import nn
 
 import bnsurgery
 from bnsurgery.checkpoint import atomic_write, default_output, output_format, unwrap_state_dict
-from bnsurgery.errors import OutputError, SourceError, UnsafePickleError, UsageError
+from bnsurgery.errors import (
+    OutputError,
+    SourceError,
+    UnsafeCodeError,
+    UnsafePickleError,
+    UsageError,
+)
 from bnsurgery.provenance import get_record
 from bnsurgery.specs import parse_spec
 
@@ -94,7 +100,7 @@ def test_pickled_payload_is_not_run_without_the_flag(tmp_path):
         "raw.pkl": lambda p: p.write_bytes(pickle.dumps(_Payload(marker), protocol=4)),
     }.items():
         writer(tmp_path / name)
-        with pytest.raises(UnsafePickleError, match="--trust-pickle"):
+        with pytest.raises(UnsafePickleError, match="--trust-code"):
             bnsurgery.load(tmp_path / name)
         assert not marker.exists()
 
@@ -106,10 +112,14 @@ def test_full_module_pickle_needs_trust(tmp_path):
     assert isinstance(bnsurgery.load(tmp_path / "full.pt", trust_pickle=True), nn.Sequential)
 
 
-def test_torchscript_source_loads(tmp_path):
+@pytest.mark.parametrize("name", ["m.ts", "renamed.pth", "renamed.safetensors"])
+def test_torchscript_source_loads_only_with_trust(tmp_path, name):
+    """TorchScript runs code when loaded: whatever its suffix, it needs trust_code."""
     scripted = torch.jit.script(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)))
-    scripted.save(str(tmp_path / "m.ts"))
-    assert isinstance(bnsurgery.load(tmp_path / "m.ts"), torch.jit.ScriptModule)
+    scripted.save(str(tmp_path / name))
+    with pytest.raises(UnsafeCodeError, match="TorchScript"):
+        bnsurgery.load(tmp_path / name)
+    assert isinstance(bnsurgery.load(tmp_path / name, trust_code=True), torch.jit.ScriptModule)
 
 
 @pytest.mark.parametrize(
@@ -193,8 +203,8 @@ def test_torchscript_and_pickle_outputs(tmp_path):
     bnsurgery.fold(model, x)
     bnsurgery.save(model, tmp_path / "m.ts", example_inputs=x)
     bnsurgery.save(model, tmp_path / "m.pt")
-    scripted = bnsurgery.load(tmp_path / "m.ts")
-    pickled = bnsurgery.load(tmp_path / "m.pt", trust_pickle=True)
+    scripted = bnsurgery.load(tmp_path / "m.ts", trust_code=True)
+    pickled = bnsurgery.load(tmp_path / "m.pt", trust_code=True)
     reference = output(model, x)
     assert torch.allclose(output(scripted, x), reference, atol=1e-5)
     assert torch.equal(output(pickled.eval(), x), reference)

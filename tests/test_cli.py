@@ -173,4 +173,12 @@ def test_existing_output_needs_force(tmp_path, capsys):
         capsys, "fold", "tests.models:simple_cnn", "--input-size", "3,8,8", "-o", out, "--force"
     )
     assert code == 0, err
-    assert bnsurgery.load(out) is not None
+    assert bnsurgery.load(out, arch="tests.models:simple_cnn") is not None
+
+
+def test_swap_choices_are_the_registry():
+    """``--to`` lists its names without importing torch; they must be the registry's."""
+    from bnsurgery.cli import SWAP_TARGETS
+    from bnsurgery.swapping import TARGETS
+
+    assert tuple(TARGETS) == SWAP_TARGETS

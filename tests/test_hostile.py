@@ -27,6 +27,7 @@ import torch
 import bnsurgery
 
 from .hostile import (
+    ARCH,
     COMMANDS,
     INTERRUPTED,
     NOTHING,
@@ -58,7 +59,7 @@ BAD_SOURCES = {
     "zip_not_checkpoint": (SOURCE, None),
     "other_architecture": (SOURCE, "missing keys (first conv1.weight)"),
     "shape_mismatch": (SOURCE, "conv1.weight"),
-    "malicious_pickle": (UNSAFE, "--trust-pickle"),
+    "malicious_pickle": (UNSAFE, "--trust-code"),
 }
 
 
@@ -126,7 +127,7 @@ def test_non_finite_statistics(case, command, world, capsys):
     if command == "inspect":
         assert ("NaN" if case == "nan_stats" else "inf") in out, out
     if command == "recalibrate":
-        fixed = bnsurgery.load(result)
+        fixed = bnsurgery.load(result, arch=ARCH)
         assert torch.isfinite(fixed.bn1.running_var).all()
 
 
