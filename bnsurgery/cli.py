@@ -68,9 +68,7 @@ def _source_options(func: Any, batch_default: int = 2) -> Any:
     options = [
         click.argument("source"),
         click.option("--arch", help="Architecture spec for a state-dict file, e.g. timm:resnet18."),
-        click.option(
-            "--weights", type=click.Path(), help="State dict to load into a spec's model."
-        ),
+        click.option("--weights", type=_PATH, help="State dict to load into a spec's model."),
         click.option(
             "--trust-code",
             "--trust-pickle",
@@ -178,6 +176,25 @@ def _not_nan(ctx: click.Context, param: click.Parameter, value: float | None) ->
     return value
 
 
+class _Path(click.Path):
+    """``click.Path`` that refuses a NUL character (click's own would raise ``ValueError``
+    from ``os.stat``) as a usage error."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, str) and "\0" in value:
+            self.fail("a path cannot hold a NUL character", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+_PATH = _Path()
+
+
+def _not_empty(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise click.BadParameter("an empty path", ctx=ctx, param=param)
+    return value
+
+
 def _check_output(
     out: Path,
     fmt: str | None,
@@ -210,7 +227,11 @@ def cli() -> None:
 def _output_options(func: Any) -> Any:
     options = [
         click.option(
-            "-o", "--output", type=click.Path(), help="Output file (default: beside the input)."
+            "-o",
+            "--output",
+            type=_PATH,
+            callback=_not_empty,
+            help="Output file (default: beside the input).",
         ),
         click.option(
             "--format",
@@ -403,7 +424,7 @@ def unfreeze_command(
 @click.option(
     "--calibrate",
     "calibrate_path",
-    type=click.Path(),
+    type=_PATH,
     help="Fit each new norm's scale and shift to the BN's output on this data (images or tensors).",
 )
 @click.option("--batches", type=click.IntRange(1, None), help="Use at most N calibration batches.")
@@ -491,7 +512,7 @@ def _distributed() -> tuple[int, int]:
     "--data",
     "data_path",
     required=True,
-    type=click.Path(),
+    type=_PATH,
     help="Folder of images (class subfolders optional) or tensor file (.pt, .npy, .safetensors).",
 )
 @click.option(
@@ -499,7 +520,12 @@ def _distributed() -> tuple[int, int]:
 )
 @click.option("--mode", type=click.Choice(["exact", "ema"]), default="exact", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--plot", type=click.Path(), help="Also write a PNG of the drift per layer.")
+@click.option(
+    "--plot",
+    type=_PATH,
+    callback=_not_empty,
+    help="Also write a PNG of the drift per layer.",
+)
 def recalibrate_command(
     source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, as_json, data_path, batches, mode, quiet, plot,
@@ -727,4 +753,6 @@ _OUT_OF_MEMORY = re.compile(r"can't allocate memory|not enough memory|out of mem
 
 def _say(prefix: str, text: str) -> None:
     """One diagnostic line on stderr, whatever the text holds (newlines from paths included)."""
-    click.echo(f"{prefix}: {' '.join(text.split())}", err=True)
+    folded = " ".join(text.split())
+    shown = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in folded)
+    click.echo(f"{prefix}: {shown}", err=True)

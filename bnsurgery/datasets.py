@@ -209,6 +209,8 @@ def batches_from_path(
     p = Path(path)
     if not exists(p):
         raise SourceError(f"{p}: no such file or folder")
+    if not is_dir(p) and not p.is_file():  # a FIFO or a device would block or never end
+        raise SourceError(f"{p}: is not a regular file nor a folder")
     dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), torch.float32)
     if is_dir(p):
         files = _image_files(p)

@@ -487,3 +487,44 @@ def test_running_out_of_memory_is_not_an_internal_error(failure, world, capsys, 
 
     monkeypatch.setattr(checkpoint, "load", exhausted)
     run_case(capsys, world, command_args("fold", world, world["model"]), RESOURCE, "memory")
+
+
+@pytest.mark.parametrize("role", ["source", "weights", "data", "calibrate"])
+@pytest.mark.parametrize("kind", ["fifo", "directory_as_file"])
+def test_inputs_that_are_not_regular_files(kind, role, world, capsys):
+    """A FIFO would block a reader forever: every input is refused unless it is a regular file
+    (or, for data, a folder of images)."""
+    import os
+
+    path = world["in"] / "odd"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    out = str(world["out"] / "x.safetensors")
+    if role == "source":
+        args = ["fold", str(path), "--arch", ARCH, "--input-size", "3,16,16", "-o", out]
+    elif role == "weights":
+        args = ["fold", ARCH, "--weights", str(path), "--input-size", "3,16,16", "-o", out]
+    elif role == "data":
+        args = [*command_args("recalibrate", world, world["model"])]
+        args[args.index("--data") + 1] = str(path)
+    else:
+        args = command_args("swap", world, world["model"], name_arch=True)
+        args[args.index("--to") + 1] = "groupnorm"
+        args += ["--calibrate", str(path)]
+    expected = 11 if kind == "directory_as_file" and role in ("data", "calibrate") else SOURCE
+    before = snapshot(world["out"])
+    code, _, err = run_cli(capsys, args)
+    check(code, err, expected, before, snapshot(world["out"]))
+
+
+@pytest.mark.parametrize("value", ["", "x\0y.safetensors"], ids=["empty", "nul"])
+@pytest.mark.parametrize("option", ["-o", "--plot"])
+def test_output_paths_that_are_not_paths(option, value, world, capsys):
+    args = command_args("recalibrate", world, world["model"])
+    if option == "-o":
+        args[args.index("-o") + 1] = value
+    else:
+        args += ["--plot", value]
+    run_case(capsys, world, args, USAGE, option)
