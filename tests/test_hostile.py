@@ -201,6 +201,7 @@ def _limit_file_size() -> None:  # runs in the child: a real "disk full" (EFBIG)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", [".safetensors", ".pt", ".ts"])
 @pytest.mark.parametrize("command", ["fold", "freeze", "swap"])
 def test_full_disk_subprocess(command, fmt, world):
@@ -226,6 +227,7 @@ SUBPROCESS_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
 def test_real_program_one_line(case, world):
     """``python -m bnsurgery``: what a user sees, warnings and all."""

@@ -485,6 +485,7 @@ def _environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
 
 
+@pytest.mark.slow
 def test_two_writers_exactly_one_wins(world, tmp_path):
     """Two real processes write the same output without --force: one exits 0, the other 5,
     and the output is one complete file."""
@@ -533,6 +534,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "signame", "expected"), [("fold", "SIGTERM", 143), ("freeze", "SIGHUP", 129)]
 )

@@ -137,6 +137,7 @@ def _rank(rank, world, port, shards, out):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_over_the_union(tmp_path):
     data = batches(sizes=(7, 2, 5, 1, 3))
     shards = [data[:3], data[3:]]

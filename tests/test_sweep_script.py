@@ -10,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+pytestmark = pytest.mark.slow  # each test runs the sweep script
+
 
 @pytest.fixture(scope="module")
 def sweep():
