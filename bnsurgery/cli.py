@@ -286,15 +286,12 @@ def fold_command(
 ):  # fmt: skip
     """Fold BN layers of SOURCE into neighbouring conv/linear layers, verified on example
     inputs, and write the folded model."""
-    from .checkpoint import default_output, save
+    from .checkpoint import save
     from .folding import fold
     from .provenance import last_report
     from .report import fold_text, to_json
 
-    out = Path(output) if output else default_output(source, "folded")
-    _check_output(out, fmt, force, (source, weights, arch))
-    model = _load(source, arch, weights, trust_code)
-    _require_batchnorm(model, source, "fold")
+    model, out = _open("fold", "folded", source, arch, weights, trust_code, output, fmt, force)
     inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=True)
     fold(model, inputs, include=include or None, exclude=exclude or None, tolerance=tolerance)
     report = last_report(model)
@@ -321,6 +318,35 @@ def _require_batchnorm(model: Any, source: str, verb: str) -> None:
         raise NothingToDoError(
             f"{source} has no BatchNorm layer; nothing to {verb}, nothing written"
         )
+
+
+def _open(
+    verb: str,
+    operation: str,
+    source: str,
+    arch: str | None,
+    weights: str | None,
+    trust_code: bool,
+    output: str | None,
+    fmt: str | None,
+    force: bool,
+    reads: tuple[str | None, ...] = (),
+    plot: str | None = None,
+    check: bool = True,
+) -> tuple[Any, Path]:
+    """What every writing command does first: check its outputs against everything it reads
+    (before any work; ``check=False`` on the ranks that write nothing), then load the model,
+    which must be an ``nn.Module`` holding BN. Returns the model and the output path."""
+    from .checkpoint import default_output
+
+    out = Path(output) if output else default_output(source, operation)
+    if check:
+        if plot:
+            _require_matplotlib()
+        _check_output(out, fmt, force, (source, weights, arch, *reads), plot=plot)
+    model = _load(source, arch, weights, trust_code)
+    _require_batchnorm(model, source, verb)
+    return model, out
 
 
 def _write(model, source, output, fmt, force, arch, operation, inputs=None, sizes=None) -> None:
@@ -354,19 +380,11 @@ def freeze_command(
 ):  # fmt: skip
     """Freeze BN layers of SOURCE (statistics, and affine unless --stats-only) and write a
     checkpoint that loads back frozen."""
-    from .checkpoint import default_output
     from .freezing import freeze
     from .provenance import last_report
     from .report import freeze_text, to_json
 
-    _check_output(
-        Path(output) if output else default_output(source, "frozen"),
-        fmt,
-        force,
-        (source, weights, arch),
-    )
-    model = _load(source, arch, weights, trust_code)
-    _require_batchnorm(model, source, "freeze")
+    model, _ = _open("freeze", "frozen", source, arch, weights, trust_code, output, fmt, force)
     freeze(model, include or None, exclude or None, stages=stages, train_affine=stats_only)
     report = last_report(model)
     click.echo(to_json(report) if as_json else freeze_text(report))
@@ -383,19 +401,11 @@ def unfreeze_command(
     output, fmt, force, include, exclude, as_json,
 ):  # fmt: skip
     """Undo a freeze: restore the original BN layers of SOURCE and write the model."""
-    from .checkpoint import default_output
     from .freezing import unfreeze
     from .provenance import last_report
     from .report import freeze_text, to_json
 
-    _check_output(
-        Path(output) if output else default_output(source, "unfrozen"),
-        fmt,
-        force,
-        (source, weights, arch),
-    )
-    model = _load(source, arch, weights, trust_code)
-    _require_batchnorm(model, source, "unfreeze")
+    model, _ = _open("unfreeze", "unfrozen", source, arch, weights, trust_code, output, fmt, force)
     unfreeze(model, include or None, exclude or None)
     report = last_report(model)
     if not report.changed:
@@ -435,20 +445,14 @@ def swap_command(
 ):  # fmt: skip
     """Replace BN layers of SOURCE by another norm (keeping their scale and shift, activations
     of norm-act layers, and optionally repairing the fit on data) and write the model."""
-    from .checkpoint import default_output
     from .datasets import batches_from_path
     from .provenance import last_report
     from .report import swap_text, to_json
     from .swapping import swap
 
-    _check_output(
-        Path(output) if output else default_output(source, target),
-        fmt,
-        force,
-        (source, weights, arch, calibrate_path),
+    model, _ = _open(
+        "swap", target, source, arch, weights, trust_code, output, fmt, force, (calibrate_path,)
     )
-    model = _load(source, arch, weights, trust_code)
-    _require_batchnorm(model, source, "swap")
     data = None
     with _DataFile(calibrate_path):
         if calibrate_path:
@@ -532,27 +536,26 @@ def recalibrate_command(
 ):  # fmt: skip
     """Recompute BN running statistics of SOURCE over data (exact population statistics) and
     write the model. Works under `torchrun --nproc-per-node N -m bnsurgery recalibrate ...`."""
-    from .checkpoint import default_output
     from .datasets import batches_from_path
     from .provenance import last_report
     from .recalibration import recalibrate
     from .report import drift_plot, recalibration_text, to_json
 
     rank, world = _distributed()
-    if rank == 0:
-        if plot:
-            _require_matplotlib()
-        _check_output(
-            Path(output) if output else default_output(source, "recalibrated"),
-            fmt,
-            force,
-            (source, weights, arch, data_path),
-            plot=plot,
-        )
-    if batch_size < 1:
-        raise UsageError("--batch-size must be at least 1")
-    model = _load(source, arch, weights, trust_code)
-    _require_batchnorm(model, source, "recalibrate")
+    model, _ = _open(
+        "recalibrate",
+        "recalibrated",
+        source,
+        arch,
+        weights,
+        trust_code,
+        output,
+        fmt,
+        force,
+        (data_path,),
+        plot=plot,
+        check=rank == 0,
+    )
     with _DataFile(data_path):
         data, total = batches_from_path(
             data_path,
