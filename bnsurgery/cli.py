@@ -299,7 +299,14 @@ def fold_command(
     click.echo(to_json(report) if as_json else fold_text(report))
     if not report.folded:
         raise NothingToDoError("no BN layer can be folded (reasons above); nothing written")
-    save(model, out, format=fmt, force=force, arch=arch, example_inputs=inputs)
+    save(
+        model,
+        out,
+        format=fmt,
+        force=force,
+        arch=_arch_to_record(model, arch),
+        example_inputs=inputs,
+    )
     click.echo(f"wrote {out}", err=True)
 
 
@@ -349,6 +356,14 @@ def _open(
     return model, out
 
 
+def _arch_to_record(model: Any, arch: str | None) -> str | None:
+    """The architecture the output records: the one the model was loaded as (``--arch`` naming
+    a file's factory without options resolves to the file's options), else ``--arch``."""
+    from .provenance import get_record
+
+    return get_record(model).get("arch") or arch
+
+
 def _write(model, source, output, fmt, force, arch, operation, inputs=None, sizes=None) -> None:
     """Save, tracing with example inputs where TorchScript is asked for and scripting fails.
 
@@ -359,7 +374,14 @@ def _write(model, source, output, fmt, force, arch, operation, inputs=None, size
     out = Path(output) if output else default_output(source, operation)
     if inputs is None and sizes is not None and output_format(out, fmt) == "torchscript":
         inputs = _example_inputs(model, source, arch, *sizes, required=False)
-    save(model, out, format=fmt, force=force, arch=arch, example_inputs=inputs)
+    save(
+        model,
+        out,
+        format=fmt,
+        force=force,
+        arch=_arch_to_record(model, arch),
+        example_inputs=inputs,
+    )
     click.echo(f"wrote {out}", err=True)
 
 

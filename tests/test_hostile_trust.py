@@ -136,6 +136,22 @@ def test_naming_the_factory_keeps_the_recorded_options(world, tmp_path):
     assert loaded.conv1.out_channels == 8
 
 
+def test_a_written_file_records_the_options_it_was_loaded_with(world, capsys):
+    """--arch naming the factory alone: the output records the file's options, not the bare
+    name (which would not fit the weights)."""
+    path = bnsurgery.save(
+        bnsurgery.load("tests.models:simple_cnn(width=8)"), world["in"] / "eight.safetensors"
+    )
+    args = command_args("freeze", world, path)
+    result = world["out"] / "result-freeze.safetensors"
+    run_case(capsys, world, args, 0, written=(str(result),))
+    assert bnsurgery.load(result, arch=ARCH).conv1.out_channels == 8
+    from safetensors import safe_open
+
+    with safe_open(str(result), framework="pt") as f:
+        assert json.loads(f.metadata()["bnsurgery"])["arch"] == "tests.models:simple_cnn(width=8)"
+
+
 # ------------------------------------------------------- registry records: allow-listed options
 
 REGISTRY_RECORDS = {
