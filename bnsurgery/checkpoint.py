@@ -26,12 +26,13 @@ write leaves nothing behind; an existing file is only replaced with ``force=True
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -347,11 +348,9 @@ def _build_fitting(
 ) -> nn.Module:
     """Build ``spec`` with ``structure`` replayed, once its state is known to fit ``shapes``.
 
-    The architecture is first built on the meta device (no memory for weights) and its keys
-    and shapes compared with the file's header, so a file cannot make us allocate a model it
-    does not hold the weights of. Constructors that cannot run on the meta device (a few
-    compute layer widths from tensor values) are built for real and compared afterwards; a
-    file can name those only with bounded options (:data:`bnsurgery.trust.OPTIONS`).
+    The architecture is first built without memory for its weights (:func:`_meta_build`) and
+    its keys and shapes compared with the file's header, so a file cannot make us allocate a
+    model it does not hold the weights of.
 
     Raises:
         SourceError: the state does not fit, or the structure does not fit the architecture.
@@ -368,18 +367,53 @@ def _build_fitting(
 
 
 def _meta_build(spec: Spec, structure: list[dict[str, Any]]) -> nn.Module | None:
+    """``spec`` built with its parameters and buffers on the meta device, or ``None``.
+
+    First with meta as the default device. Constructors that compute layer widths from tensor
+    values (torchvision's RegNets) fail there; they are built on the CPU with every parameter
+    and buffer moved to meta as it is registered, so memory peaks at one tensor. ``None`` only
+    where both fail: the real build then says what is wrong.
+    """
+    for context in (lambda: torch.device("meta"), _registered_on_meta):
+        try:
+            with context():
+                model = build(spec)
+        except Exception:
+            continue
+        try:
+            provenance.replay(model, structure)
+        except SourceError:
+            raise
+        except Exception:
+            return None
+        return model
+    return None
+
+
+@contextlib.contextmanager
+def _registered_on_meta() -> Iterator[None]:
+    """Move every parameter and buffer to the meta device as it is registered (this process's
+    ``nn.Module`` registration is patched meanwhile: not for use across threads)."""
+    register_parameter, register_buffer = nn.Module.register_parameter, nn.Module.register_buffer
+
+    def parameter(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register_parameter(self, name, param)
+        if param is not None and param.device.type != "meta":
+            self._parameters[name] = nn.Parameter(
+                param.detach().to("meta"), requires_grad=param.requires_grad
+            )
+
+    def buffer(self: nn.Module, name: str, tensor: torch.Tensor | None, persistent=True) -> None:
+        register_buffer(self, name, tensor, persistent)
+        if tensor is not None and tensor.device.type != "meta":
+            self._buffers[name] = tensor.detach().to("meta")
+
+    nn.Module.register_parameter, nn.Module.register_buffer = parameter, buffer  # type: ignore[method-assign]
     try:
-        with torch.device("meta"):
-            model = build(spec)
-    except Exception:
-        return None  # the real build says what is wrong, or succeeds (see _build_fitting)
-    try:
-        provenance.replay(model, structure)
-    except SourceError:
-        raise
-    except Exception:
-        return None
-    return model
+        yield
+    finally:
+        nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+        nn.Module.register_buffer = register_buffer  # type: ignore[method-assign]
 
 
 # -------------------------------------------------------------------------------- saving

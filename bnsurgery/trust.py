@@ -186,9 +186,9 @@ def _flags3(v: Any) -> bool:
     return isinstance(v, tuple | list) and len(v) == 3 and all(isinstance(b, bool) for b in v)
 
 
-#: The largest class count a file may record without the user naming the architecture; with
-#: it, some constructors (those that cannot be built on the meta device) would allocate a
-#: head this large before the file's shapes can be compared.
+#: The largest class count a file may record without the user naming the architecture (the
+#: file's shapes are compared on a weightless build first; this bounds what a constructor may
+#: be asked to do at all).
 MAX_CLASSES = 100_000
 _CLASSES = _int_in(0, MAX_CLASSES)
 

@@ -182,26 +182,38 @@ def test_registry_records_are_allow_listed(case, command, world, capsys):
     run_case(capsys, world, args, SOURCE, phrase)
 
 
-def test_a_tiny_file_cannot_make_us_build_a_huge_model(world, capsys, monkeypatch):
-    """A 200-byte file naming resnet50 with 100,000 classes (a 0.9 GB model) is refused after a
-    build on the meta device, before any weights are allocated."""
+@pytest.mark.parametrize(
+    "arch, head",
+    [
+        ("timm:resnet50(num_classes=100000)", "fc.bias"),
+        # its constructor computes widths from tensor values: it cannot run on the meta device
+        ("torchvision:regnet_x_400mf(num_classes=100000)", "fc.bias"),
+    ],
+    ids=["timm_resnet50", "torchvision_regnet"],
+)
+def test_a_tiny_file_cannot_make_us_build_a_huge_model(arch, head, world, capsys, monkeypatch):
+    """A 200-byte file naming a model with 100,000 classes is refused after a build whose
+    weights all live on the meta device, before any weights are allocated."""
     path = world["in"] / "tiny.safetensors"
-    meta = {"bnsurgery": json.dumps(record_of("timm:resnet50(num_classes=100000)"))}
-    save_file({"fc.bias": torch.zeros(4)}, str(path), metadata=meta)
+    save_file(
+        {head: torch.zeros(4)}, str(path), metadata={"bnsurgery": json.dumps(record_of(arch))}
+    )
     assert path.stat().st_size < 300
     from bnsurgery import checkpoint
 
-    devices = []
-    real_build = checkpoint.build
+    builds = []
+    real_build, registration = checkpoint.build, torch.nn.Module.register_parameter
 
     def spying_build(spec):
-        devices.append(torch.empty(0).device.type)  # the default device at build time
-        return real_build(spec)
+        model = real_build(spec)
+        builds.append({t.device.type for t in [*model.parameters(), *model.buffers()]})
+        return model
 
     monkeypatch.setattr(checkpoint, "build", spying_build)
     args = command_args("inspect", world, path, name_arch=False)
-    run_case(capsys, world, args, SOURCE, "fc.bias (4,) vs (100000,)")
-    assert devices == ["meta"], devices
+    run_case(capsys, world, args, SOURCE, f"{head} (4,) vs (100000,)")
+    assert builds == [{"meta"}], builds  # built once, weightless; never for real
+    assert torch.nn.Module.register_parameter is registration  # the patch is undone
 
 
 # --------------------------------------------------------------------- malformed metadata
