@@ -79,7 +79,8 @@ class FrozenBatchNorm(nn.Module):
         """The class of the BN this module froze."""
         return type(self.__dict__["_original"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # BN's name: bn(input=x) works
+        x = input
         if torch.is_grad_enabled() and (x.requires_grad or self._affine_requires_grad()):
             # Training through a frozen BN: one fused multiply-add, whose backward is a single
             # multiply (eval-mode batch_norm's backward costs more on the CPU).

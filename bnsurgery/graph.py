@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .errors import TraceError, UnsupportedModelError
-from .norms import is_batchnorm
+from .norms import call_input, is_batchnorm
 
 __all__ = ["Graph", "Node", "Trace", "Value", "as_args", "eval_mode", "trace"]
 
@@ -308,21 +308,24 @@ class _Recorder(TorchFunctionMode):
             if id(t) not in in_ids and id(t) not in self.state:
                 node.outputs.append(self._new_value(t, node, "op"))
 
-    # BN module calls (global hooks) -----------------------------------------------------
-    def pre_hook(self, module: nn.Module, args: tuple) -> None:
+    # BN module calls (hooks on each BN, with keyword arguments: bn(input=x) is a call too) --
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         if id(module) not in self.bn:
             return
         data = None
-        if not self.quiet and args and isinstance(args[0], torch.Tensor):
+        x = call_input(args, kwargs)
+        if not self.quiet and isinstance(x, torch.Tensor):
             self.quiet += 1
             try:
-                data = self.value_of(args[0])
+                data = self.value_of(x)
             finally:
                 self.quiet -= 1
         self.bn_stack.append((module, data))
         self.quiet += 1
 
-    def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+    def post_hook(
+        self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any
+    ) -> None:
         if id(module) not in self.bn or not self.bn_stack:
             return
         _, data = self.bn_stack.pop()
@@ -346,8 +349,12 @@ def _runtime(model: nn.Module, args: tuple[Any, ...]) -> Trace:
     recorder = _Recorder(model)
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     hooks = [
-        nn.modules.module.register_module_forward_pre_hook(recorder.pre_hook),
-        nn.modules.module.register_module_forward_hook(recorder.post_hook),
+        hook
+        for bn in {id(m): m for m in model.modules() if id(m) in recorder.bn}.values()
+        for hook in (
+            bn.register_forward_pre_hook(recorder.pre_hook, with_kwargs=True),
+            bn.register_forward_hook(recorder.post_hook, with_kwargs=True),
+        )
     ]
     try:
         with eval_mode(model), torch.no_grad():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -20,6 +21,7 @@ __all__ = [
     "BNStats",
     "NormActRemainder",
     "bn_stats",
+    "call_input",
     "check_finite",
     "has_activation",
     "is_batchnorm",
@@ -28,6 +30,19 @@ __all__ = [
     "num_features",
     "remainder_of",
 ]
+
+
+def call_input(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> Any:
+    """The input a norm module was called with: positionally, ``bn(x)``, or by keyword,
+    ``bn(input=x)`` as ``nn.BatchNorm2d.forward(input)`` allows (for hooks registered
+    ``with_kwargs=True``); ``None`` when there is none.
+
+    >>> call_input((), {"input": 1}), call_input((2,), {})
+    (1, 2)
+    """
+    if args:
+        return args[0]
+    return (kwargs or {}).get("input")
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:
@@ -174,8 +189,8 @@ class NormActRemainder(nn.Module):
         self.drop = drop
         self.act = act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(x))
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # the name BN's forward has
+        return self.act(self.drop(input))
 
 
 def remainder_of(module: nn.Module) -> nn.Module:

@@ -252,7 +252,8 @@ class _Moments:
 
 
 def _collecting_forward(moments: _Moments) -> Callable[..., torch.Tensor]:
-    def forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  # bn(input=x) works
+        x = input
         # One fused kernel normalises with the batch statistics and returns them.
         out, mean, invstd = torch.native_batch_norm(
             x, self.weight, self.bias, None, None, True, 0.0, self.eps

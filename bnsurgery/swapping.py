@@ -31,6 +31,7 @@ from .frozen import FrozenBatchNorm
 from .graph import eval_mode
 from .norms import (
     bn_stats,
+    call_input,
     check_finite,
     has_activation,
     is_batchnorm,
@@ -51,12 +52,16 @@ class ChannelLayerNorm(nn.LayerNorm):
     def __init__(self, num_channels: int, eps: float = 1e-5, affine: bool = True, **kw: Any):
         super().__init__(num_channels, eps=eps, elementwise_affine=affine, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        x = x.movedim(1, -1)
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.movedim(-1, 1)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Normalise ``input`` (called positionally or as ``input=``, like BN) and return it in
+        the layout it came in: a contiguous input gives a contiguous output, so the ``.view``
+        user code does after the norm it replaced keeps working."""
+        if input.dim() == 2:
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        normed = F.layer_norm(
+            input.movedim(1, -1), self.normalized_shape, self.weight, self.bias, self.eps
+        )
+        return torch.empty_like(input, dtype=normed.dtype).copy_(normed.movedim(-1, 1))
 
 
 class NormAct(nn.Module):
@@ -67,8 +72,8 @@ class NormAct(nn.Module):
         super().__init__()
         self.norm, self.drop, self.act = norm, drop, act
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.drop(self.norm(x)))
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # BN's name: bn(input=x) works
+        return self.act(self.drop(self.norm(input)))
 
 
 def auto_groups(channels: int, preferred: int = 32, min_group_size: int = 1) -> int:
@@ -344,8 +349,10 @@ def _fit(
     for name, bn, new in order:
         sums: dict[str, torch.Tensor] = {}
 
-        def hook(module: nn.Module, args: tuple, bn: nn.Module = bn, sums: dict = sums) -> None:
-            x = args[0]
+        def hook(
+            module: nn.Module, args: tuple, kwargs: dict, bn: nn.Module = bn, sums: dict = sums
+        ) -> None:
+            x = call_input(args, kwargs)
             z = _normalized(module, x).double()
             y = F.batch_norm(
                 x, bn.running_mean, bn.running_var, getattr(bn, "weight", None),
@@ -363,7 +370,7 @@ def _fit(
                 sums[key] = sums.get(key, 0) + value.cpu()
             raise _StopForward
 
-        handle = new.register_forward_pre_hook(hook)
+        handle = new.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             for batch in batches:
                 with contextlib.suppress(_StopForward):

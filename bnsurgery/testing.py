@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .graph import eval_mode
-from .norms import iter_batchnorms
+from .norms import call_input, iter_batchnorms
 
 __all__ = ["match_bn_to_data", "randomize_bn"]
 
@@ -69,14 +69,15 @@ def match_bn_to_data(model: nn.Module, args: tuple, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     done: set[int] = set()
 
-    def hook(module: nn.Module, inputs: tuple) -> None:
-        if id(module) in done or not inputs or not isinstance(inputs[0], torch.Tensor):
+    def hook(module: nn.Module, inputs: tuple, kwargs: dict) -> None:
+        x = call_input(inputs, kwargs)
+        if id(module) in done or not isinstance(x, torch.Tensor):
             return
         done.add(id(module))
         mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
         if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
             return
-        x = inputs[0].detach().double()
+        x = x.detach().double()
         c = x.shape[1]
         flat = x.transpose(0, 1).reshape(c, -1)
         data_var = flat.var(1, unbiased=flat.shape[1] > 1)
@@ -86,7 +87,9 @@ def match_bn_to_data(model: nn.Module, args: tuple, seed: int = 0) -> nn.Module:
         mean.copy_((data_mean + 0.1 * noise * data_var.sqrt()).to(mean))
         var.copy_((data_var * scale).clamp_min(1e-12).to(var))
 
-    handles = [m.register_forward_pre_hook(hook) for _, m in iter_batchnorms(model)]
+    handles = [
+        m.register_forward_pre_hook(hook, with_kwargs=True) for _, m in iter_batchnorms(model)
+    ]
     try:
         with eval_mode(model):
             model(*args)

@@ -226,3 +226,27 @@ def no_bn_net() -> nn.Module:
 def simple_mlp() -> nn.Module:
     """Factory (``tests.models:simple_mlp``): another architecture than ``simple_cnn``."""
     return SimpleMLP()
+
+
+class KeywordTutorial(nn.Module):
+    """Written as tutorials and PyTorch's own tests write it: each BN called by keyword,
+    ``bn(input=x)``, Dropout, and a flatten by ``.view`` right after the norm's activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, kernel_size=3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.25)
+        self.fc = nn.Linear(8 * 4 * 4, 6)
+        self.bn1d = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(input=self.conv(x)))
+        x = self.drop(x)
+        x = x.view(x.size(0), -1)
+        return self.bn1d(input=self.fc(x))
+
+
+def keyword_tutorial() -> nn.Module:
+    """Factory (``tests.models:keyword_tutorial``; inputs 3 x 4 x 4)."""
+    return KeywordTutorial()

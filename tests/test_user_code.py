@@ -1,0 +1,121 @@
+"""Models as people write them: a BN called by keyword (``bn(input=x)``) and a ``.view`` right
+after the norm. Every surgery must leave a model that runs, in eval and in train mode, after
+saving and loading, and fold must fold what it folds in timm's models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import bnsurgery
+from bnsurgery.swapping import TARGETS
+
+from .conftest import assert_same_function, output, prepared
+from .models import KeywordTutorial
+
+X = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+
+def model() -> KeywordTutorial:
+    return prepared(KeywordTutorial())
+
+
+def runs(net: torch.nn.Module) -> None:
+    """A forward pass in eval mode, one train step at batch size 2, and eval again."""
+    net.eval()
+    assert torch.isfinite(output(net, X)).all()
+    net.train()
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    out = net(X[:2])
+    out.square().mean().backward()
+    if trainable:
+        torch.optim.SGD(trainable, lr=1e-3).step()
+    net.eval()
+    assert torch.isfinite(output(net, X)).all()
+
+
+def test_fold_folds_keyword_calls():
+    net = model()
+    reference = copy.deepcopy(net)
+    bnsurgery.fold(net, X)
+    report = bnsurgery.last_report(net)
+    assert sorted(e.bn for e in report.folded) == ["bn", "bn1d"], report.left
+    assert_same_function(reference, net, (X,))
+    runs(net)
+
+
+def test_the_graph_walk_sees_a_keyword_call_as_the_bn_input():
+    plan = bnsurgery.plan_fold(model(), X)
+    assert not plan.skipped, plan.skipped
+
+
+@pytest.mark.parametrize("train_affine", [False, True])
+def test_freeze_keyword_calls(train_affine):
+    net = model()
+    reference = copy.deepcopy(net)
+    bnsurgery.freeze(net, train_affine=train_affine)
+    assert torch.equal(output(net, X), output(reference, X))
+    runs(net)
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_swap_keyword_calls_and_view_after_the_norm(target):
+    net = model()
+    bnsurgery.swap(net, target)  # instancenorm leaves the BatchNorm1d on (N, C), with a reason
+    if target == "syncbatchnorm":  # trains only inside a process group
+        assert torch.isfinite(output(net.eval(), X)).all()
+        return
+    runs(net)
+
+
+@pytest.mark.parametrize("target", ["groupnorm", "layernorm"])
+def test_swap_calibrated_on_keyword_calls(target):
+    net = model()
+    bnsurgery.swap(net, target, calibrate=[X, X[:3]])
+    report = bnsurgery.last_report(net)
+    assert {s.bn for s in report.swapped} == {"bn", "bn1d"}
+    assert all(s.fit_error_after is not None for s in report.swapped), report.swapped
+    runs(net)
+
+
+def test_layernorm_returns_the_layout_it_was_given():
+    from bnsurgery.swapping import ChannelLayerNorm
+
+    norm = ChannelLayerNorm(8)
+    x = torch.randn(2, 8, 3, 3)
+    assert norm(x).is_contiguous()
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    y = norm(input=channels_last)
+    assert y.stride() == channels_last.stride()
+    assert torch.equal(y, norm(x))
+
+
+def test_recalibrate_keyword_calls_first_principles():
+    net = model()
+    bnsurgery.recalibrate(net, [X, X[:3]], channels_last=False)
+    data = torch.cat([X, X[:3]])
+    with torch.no_grad():
+        conv = net.conv(data)
+    dims = (0, 2, 3)
+    assert torch.allclose(net.bn.running_mean, conv.mean(dims), atol=1e-5)
+    assert torch.allclose(net.bn.running_var, conv.var(dims), rtol=1e-4)
+    runs(net)
+
+
+def test_save_and_load_after_each_surgery(tmp_path):
+    for name, surgery in {
+        "fold": lambda n: bnsurgery.fold(n, X),
+        "freeze": bnsurgery.freeze,
+        "swap": lambda n: bnsurgery.swap(n, "layernorm"),
+    }.items():
+        net = model()
+        bnsurgery.save(
+            surgery(net), tmp_path / f"{name}.safetensors", arch="tests.models:keyword_tutorial"
+        )
+        loaded = bnsurgery.load(
+            tmp_path / f"{name}.safetensors", arch="tests.models:keyword_tutorial"
+        )
+        assert torch.equal(output(loaded.eval(), X), output(net.eval(), X)), name
+        runs(loaded)
