@@ -552,9 +552,16 @@ def _distributed() -> tuple[int, int]:
     callback=_not_empty,
     help="Also write a PNG of the drift per layer.",
 )
+@click.option(
+    "--channels-last/--no-channels-last",
+    default=None,
+    help="Run the pass in channels-last memory format (faster on the CPU). Default: on the "
+    "CPU, once the first batch shows the model makes no layout-sensitive call (x.view).",
+)
 def recalibrate_command(
     source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, as_json, data_path, batches, mode, quiet, plot,
+    channels_last,
 ):  # fmt: skip
     """Recompute BN running statistics of SOURCE over data (exact population statistics) and
     write the model. Works under `torchrun --nproc-per-node N -m bnsurgery recalibrate ...`."""
@@ -603,6 +610,7 @@ def recalibrate_command(
             num_batches=batches,
             mode=mode,
             progress=lambda done: bar.update(1),
+            channels_last=channels_last,
         )
     if rank != 0:
         return

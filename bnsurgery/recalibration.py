@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from . import provenance
 from .errors import BnSurgeryError, DataError, UsageError
@@ -205,29 +206,88 @@ def _misfit(model: nn.Module, batch: Any, exc: BaseException) -> DataError:
     return DataError(f"{what} do not fit the model: {type(exc).__name__}: {complaint}")
 
 
-@contextlib.contextmanager
-def _channels_last(model: nn.Module, device: torch.device, wanted: bool | None) -> Any:
-    """Run a 2-D convnet in channels-last memory format on the CPU, restored afterwards.
+#: Tensor methods whose result or success depends on the memory layout, not only on values.
+_LAYOUT_SENSITIVE = frozenset(
+    {
+        torch.Tensor.view,
+        torch.Tensor.stride,
+        torch.Tensor.is_contiguous,
+        torch.Tensor.data_ptr,
+        torch.Tensor.storage_offset,
+        torch.Tensor.untyped_storage,
+        torch.Tensor.as_strided,
+        torch.as_strided,
+    }
+)
+
+
+class _LayoutWatch(TorchFunctionMode):
+    """Records the first layout-sensitive call a forward pass makes (``x.view``, strides,
+    contiguity checks, raw storage): a model that makes none computes the same values, and
+    raises the same errors, in any memory format."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: str | None = None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        if self.seen is None and func in _LAYOUT_SENSITIVE:
+            self.seen = getattr(func, "__name__", str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _Layout:
+    """The memory format of the pass: channels-last only where nobody can tell.
 
     PyTorch's CPU batch-norm kernels in training mode are much faster on channels-last tensors
     (resnet50, batch 32 at 160 px: the whole pass 0.95 s against 1.26 s for the plain eval
-    forward in the default layout). Only the layout changes, not a value; it is used when every
-    4-D parameter and buffer is in the default layout and there is no 5-D one (``wanted=None``:
-    on the CPU only).
+    forward in the default layout). Only the layout changes, never a value, but user code can
+    see a layout: ``x.view(x.size(0), -1)`` after a conv fails on a channels-last tensor. So by
+    default (``wanted=None``, on the CPU, for a 2-D convnet whose 4-D weights are in the default
+    layout) the first batch runs in the default layout under :class:`_LayoutWatch`, and the rest
+    switch to channels-last only if that batch made no layout-sensitive call; ``wanted=True``
+    switches from the start, ``False`` never. The model's layout is restored afterwards.
     """
-    tensors = [*model.parameters(), *model.buffers()]
-    four = [t for t in tensors if t.dim() == 4 and t.is_floating_point()]
-    usable = bool(four) and all(t.is_contiguous() for t in four)
-    usable = usable and not any(t.dim() == 5 for t in tensors)
-    use = usable and (device.type == "cpu" if wanted is None else wanted)
-    if not use:
-        yield False
-        return
-    model.to(memory_format=torch.channels_last)
-    try:
-        yield True
-    finally:
-        model.to(memory_format=torch.contiguous_format)
+
+    def __init__(self, model: nn.Module, device: torch.device, wanted: bool | None) -> None:
+        tensors = [*model.parameters(), *model.buffers()]
+        four = [t for t in tensors if t.dim() == 4 and t.is_floating_point()]
+        usable = bool(four) and all(t.is_contiguous() for t in four)
+        usable = usable and not any(t.dim() == 5 for t in tensors)
+        self.model = model
+        self.watching = usable and wanted is None and device.type == "cpu"
+        self.active = False
+        self.note: str | None = None
+        if usable and wanted:
+            self._switch()
+
+    def _switch(self) -> None:
+        self.model.to(memory_format=torch.channels_last)
+        self.active = True
+
+    @contextlib.contextmanager
+    def batch(self) -> Any:
+        """Run one batch; the first one, when watching, decides the rest."""
+        if not self.watching:
+            yield
+            return
+        watch = _LayoutWatch()
+        with watch:
+            yield
+        self.watching = False
+        if watch.seen is None:
+            self._switch()
+        else:
+            self.note = (
+                f"ran in the default memory layout: the model calls Tensor.{watch.seen}, "
+                "which channels-last could break (--channels-last, channels_last=True, "
+                "forces it)"
+            )
+
+    def restore(self) -> None:
+        if self.active:
+            self.model.to(memory_format=torch.contiguous_format)
+            self.active = False
 
 
 class _Moments:
@@ -355,7 +415,9 @@ def recalibrate(
         momentum: for ``"ema"``: override each BN's momentum during the pass.
         progress: called with the number of batches done after each batch.
         channels_last: run the pass in channels-last memory format (2-D convnets; the model's
-            layout is restored afterwards). Default: on the CPU, where it is much faster.
+            layout is restored afterwards). Default: on the CPU, where it is much faster, once
+            the first batch has shown that the model makes no layout-sensitive call such as
+            ``x.view`` (the report notes it when it does).
 
     Returns:
         The model. :func:`bnsurgery.last_report` gives a :class:`RecalibrationReport`.
@@ -397,7 +459,8 @@ def recalibrate(
         if autocast is not None
         else contextlib.nullcontext()
     )
-    with eval_mode(model), torch.no_grad(), _channels_last(model, device, channels_last) as cl:
+    layout = _Layout(model, device, channels_last)
+    with eval_mode(model), torch.no_grad():
         try:
             for name, bn in chosen:
                 if mode == "exact":
@@ -408,9 +471,9 @@ def recalibrate(
                         bn.momentum = momentum
             limit = None if num_batches is None else max(num_batches, 0)
             for batch in itertools.islice(data, limit):  # no batch beyond num_batches
-                moved = _to(batch, device, cl)
+                moved = _to(batch, device, layout.active)
                 check.batch(moved, batches)
-                with cast:
+                with cast, layout.batch():
                     _run(feed, model, moved)
                 batches += 1
                 if progress is not None:
@@ -424,6 +487,7 @@ def recalibrate(
                         buffer.copy_(old[name][key])
             raise
         finally:
+            layout.restore()
             for name, bn in chosen:
                 bn.__dict__.pop("forward", None)
                 if mode == "ema":
@@ -474,6 +538,8 @@ def recalibrate(
             )
         )
     report = RecalibrationReport(mode, batches, layers, world)
+    if layout.note:
+        report.notes.append(layout.note)
     provenance.record_step(model, {"op": "recalibrate", "mode": mode, "batches": batches}, [])
     provenance.set_report(model, report)
     return model

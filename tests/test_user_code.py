@@ -93,9 +93,12 @@ def test_layernorm_returns_the_layout_it_was_given():
 
 
 def test_recalibrate_keyword_calls_first_principles():
+    """The default pass: the model flattens with .view, so it stays in the default layout."""
     net = model()
-    bnsurgery.recalibrate(net, [X, X[:3]], channels_last=False)
-    data = torch.cat([X, X[:3]])
+    bnsurgery.recalibrate(net, [X, X[:3], X[1:]])
+    assert "Tensor.view" in " ".join(bnsurgery.last_report(net).notes)
+    assert all(p.is_contiguous() for p in net.parameters())
+    data = torch.cat([X, X[:3], X[1:]])
     with torch.no_grad():
         conv = net.conv(data)
     dims = (0, 2, 3)
@@ -119,3 +122,29 @@ def test_save_and_load_after_each_surgery(tmp_path):
         )
         assert torch.equal(output(loaded.eval(), X), output(net.eval(), X)), name
         runs(loaded)
+
+
+def _layouts_seen_by(net: torch.nn.Module, batches: list[torch.Tensor], **kwargs) -> list[bool]:
+    """Whether the BN input was channels-last, batch by batch (read after the pass: a check
+    during it would itself be a layout-sensitive call)."""
+    inputs: list[torch.Tensor] = []
+    handle = net.bn1.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach()))
+    try:
+        bnsurgery.recalibrate(net, batches, **kwargs)
+    finally:
+        handle.remove()
+    return [x.is_contiguous(memory_format=torch.channels_last) for x in inputs]
+
+
+def test_recalibrate_uses_channels_last_only_after_a_layout_blind_first_batch():
+    from .models import SimpleCNN
+
+    batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
+    net = prepared(SimpleCNN())
+    assert _layouts_seen_by(net, batches) == [False, True, True]
+    assert bnsurgery.last_report(net).notes == []
+    assert all(p.is_contiguous() for p in net.parameters())  # restored
+    net = prepared(SimpleCNN())
+    assert _layouts_seen_by(net, batches, channels_last=True) == [True, True, True]
+    net = prepared(SimpleCNN())
+    assert _layouts_seen_by(net, batches, channels_last=False) == [False, False, False]
