@@ -107,6 +107,9 @@ def load(
 
     Returns:
         The model. It remembers its architecture, so :func:`save` can write the safe format.
+        A model bnsurgery builds (from a spec, a state dict or a bnsurgery file) is in eval
+        mode, as a checkpoint is for inference until you call ``model.train()``; a pickled
+        module keeps the mode it was saved in.
 
     Raises:
         SourceError: missing or unreadable file, unknown architecture, weights that do not fit.
@@ -129,7 +132,7 @@ def load(
         if weights is not None:
             state = read_state_dict(weights, trust_code=trust_code)
             load_state_dict_into(model, state, str(spec))
-        return model
+        return model.eval()
     if weights is not None:
         raise UsageError("--weights goes with an architecture spec source, not with a file")
     _check_readable(path)
@@ -159,7 +162,7 @@ def load(
     model = build(trust.arch)
     provenance.set_arch(model, str(trust.arch))
     load_state_dict_into(model, unwrap_state_dict(obj, path), str(trust.arch))
-    return model
+    return model.eval()
 
 
 def _short(exc: BaseException) -> str:
@@ -340,7 +343,7 @@ def _load_safetensors(path: Path, trust: Trust) -> nn.Module:
     rec = provenance.get_record(model)
     rec["arch"] = str(spec)
     rec["steps"] = steps
-    return model
+    return model.eval()
 
 
 def _build_fitting(

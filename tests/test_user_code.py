@@ -148,3 +148,34 @@ def test_recalibrate_uses_channels_last_only_after_a_layout_blind_first_batch():
     assert _layouts_seen_by(net, batches, channels_last=True) == [True, True, True]
     net = prepared(SimpleCNN())
     assert _layouts_seen_by(net, batches, channels_last=False) == [False, False, False]
+
+
+def test_models_bnsurgery_builds_are_in_eval_mode(tmp_path):
+    """Nobody chose a mode for a model built from a spec, a state dict or a bnsurgery file:
+    it comes back in eval mode. A pickled module keeps the mode it was saved in."""
+    spec = "tests.models:keyword_tutorial"
+    assert not bnsurgery.load(spec).training
+    net = bnsurgery.load(spec)
+    torch.save(net.state_dict(), tmp_path / "state.pt")
+    assert not bnsurgery.load(tmp_path / "state.pt", arch=spec).training
+    bnsurgery.save(net, tmp_path / "m.safetensors")
+    assert not bnsurgery.load(tmp_path / "m.safetensors", arch=spec).training
+    torch.save(net.train(), tmp_path / "full.pt")
+    pickled = bnsurgery.load(tmp_path / "full.pt", trust_code=True)
+    assert pickled.training and all(m.training for m in pickled.modules())
+
+
+def test_cli_outputs_run_in_eval_mode(tmp_path, capsys):
+    """A TorchScript output of a model with Dropout gives the same output twice, and fold does
+    not report a train mode nobody chose."""
+    from bnsurgery.cli import main
+
+    out = tmp_path / "frozen.ts"
+    spec = "tests.models:keyword_tutorial"
+    assert main(["freeze", spec, "--input-size", "3,4,4", "-o", str(out)]) == 0
+    scripted = bnsurgery.load(out, trust_code=True)
+    assert torch.equal(scripted(X), scripted(X))
+    code = main(["fold", spec, "--input-size", "3,4,4", "-o", str(tmp_path / "f.safetensors")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "train mode" not in captured.out + captured.err
