@@ -616,6 +616,8 @@ def recalibrate_command(
         return
     report = last_report(model)
     click.echo(to_json(report) if as_json else recalibration_text(report))
+    if not report.layers:
+        raise NothingToDoError("no BN layer saw enough data (reasons above); nothing written")
     plotted = None
     if plot:
         from .outputs import identity

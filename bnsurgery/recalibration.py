@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from . import provenance
@@ -62,6 +63,8 @@ class RecalibrationReport:
     layers: list[LayerDrift]
     world_size: int = 1
     notes: list[str] = field(default_factory=list)
+    #: BN layers whose statistics were kept, and why (not called, fewer than 2 values)
+    left: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +73,7 @@ class RecalibrationReport:
             "world_size": self.world_size,
             "notes": list(self.notes),
             "layers": [asdict(layer) for layer in self.layers],
+            "left": [{"bn": n, "reason": r} for n, r in self.left],
         }
 
 
@@ -298,6 +302,7 @@ class _Moments:
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
         self.batches = 0
+        self.empty = 0  # calls on empty batches (counted, nothing to merge)
 
     def add(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         mean, m2 = mean.double(), m2.double()
@@ -314,6 +319,12 @@ class _Moments:
 def _collecting_forward(moments: _Moments) -> Callable[..., torch.Tensor]:
     def forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  # bn(input=x) works
         x = input
+        if x.numel() == 0:  # an empty batch (a detection head without detections) adds nothing
+            moments.empty += 1
+            out = F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+            return self.act(self.drop(out)) if has_activation(self) else out
         # One fused kernel normalises with the batch statistics and returns them.
         out, mean, invstd = torch.native_batch_norm(
             x, self.weight, self.bias, None, None, True, 0.0, self.eps
@@ -420,7 +431,9 @@ def recalibrate(
             ``x.view`` (the report notes it when it does).
 
     Returns:
-        The model. :func:`bnsurgery.last_report` gives a :class:`RecalibrationReport`.
+        The model. :func:`bnsurgery.last_report` gives a :class:`RecalibrationReport`; a BN
+        the data never reached, or that saw fewer than 2 values per channel (empty batches
+        count none), keeps its statistics and is listed in ``report.left`` with the reason.
 
     Raises:
         UsageError: no data, an unknown mode, or a selection without BN layers with statistics.
@@ -496,15 +509,25 @@ def recalibrate(
         raise UsageError("the data yielded no batch")
     world = _world()
     new: dict[str, tuple[torch.Tensor, torch.Tensor, _Moments]] = {}
+    left: list[tuple[str, str]] = []
     if mode == "exact":  # every layer's statistics, checked, before any is written
         for name, bn in chosen:
             stats = moments[name]
             if world > 1:
                 stats = _gather(stats, bn.running_mean.numel(), bn.running_mean.device)
-            if stats.mean is None or stats.m2 is None or stats.count < 2:
-                raise UsageError(
-                    f"{name}: saw fewer than 2 values per channel; cannot estimate variance"
+            if stats.mean is None or stats.m2 is None:
+                seen = "saw only empty batches" if moments[name].empty else "not called"
+                left.append((name, f"{seen} on this data: its statistics are kept"))
+                continue
+            if stats.count < 2:
+                left.append(
+                    (
+                        name,
+                        f"saw {stats.count} value per channel, fewer than the 2 a variance "
+                        "needs: its statistics are kept",
+                    )
                 )
+                continue
             mean = stats.mean.to(bn.running_mean)
             var = (stats.m2 / (stats.count - 1)).to(bn.running_var)
             if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
@@ -514,6 +537,8 @@ def recalibrate(
     layers = []
     for name, bn in chosen:
         if mode == "exact":
+            if name not in new:
+                continue
             mean, var, stats = new[name]
             with torch.no_grad():
                 bn.running_mean.copy_(mean)
@@ -537,7 +562,7 @@ def recalibrate(
                 float(kl.max()) if kl.numel() else math.nan,
             )
         )
-    report = RecalibrationReport(mode, batches, layers, world)
+    report = RecalibrationReport(mode, batches, layers, world, left=left)
     if layout.note:
         report.notes.append(layout.note)
     provenance.record_step(model, {"op": "recalibrate", "mode": mode, "batches": batches}, [])

@@ -130,6 +130,7 @@ def recalibration_text(report: RecalibrationReport) -> str:
     where = f" on {report.world_size} processes" if report.world_size > 1 else ""
     done = f"recalibrated {len(report.layers)} BN layers over {report.batches} batches"
     lines.append(f"{done}{where} ({report.mode})")
+    lines += [f"left {name}: {reason}" for name, reason in report.left]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 

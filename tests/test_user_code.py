@@ -179,3 +179,45 @@ def test_cli_outputs_run_in_eval_mode(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "train mode" not in captured.out + captured.err
+
+
+class Branchy(torch.nn.Module):
+    """A BN on a branch the data never takes, and a head that sees empty batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.unused = torch.nn.BatchNorm2d(4)  # built, never called (as in Hugging Face DPT)
+        self.head = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        keep = y.mean((1, 2, 3)) > 1e9  # no sample qualifies: the head sees (0, C, H, W)
+        return y, self.head(y[keep])
+
+
+def test_recalibrate_skips_uncalled_and_empty_fed_bns_and_changes_nothing_else():
+    net = prepared(Branchy())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    batches = [torch.randn(3, 3, 5, 5) for _ in range(2)]
+    bnsurgery.recalibrate(net, batches)
+    report = bnsurgery.last_report(net)
+    assert [d.name for d in report.layers] == ["bn"]
+    reasons = dict(report.left)
+    assert "not called" in reasons["unused"]
+    assert "saw only empty batches" in reasons["head"]
+    for key in ("unused.running_mean", "unused.running_var", "head.running_var"):
+        assert torch.equal(net.state_dict()[key], before[key]), key
+    with torch.no_grad():
+        conv = net.conv(torch.cat(batches))
+    assert torch.allclose(net.bn.running_mean, conv.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_recalibrate_says_when_a_bn_saw_one_value_per_channel():
+    net = prepared(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2)))
+    before = net[1].running_var.clone()
+    bnsurgery.recalibrate(net, [torch.randn(1, 3)])
+    report = bnsurgery.last_report(net)
+    assert report.layers == [] and "saw 1 value" in dict(report.left)["1"]
+    assert torch.equal(net[1].running_var, before)
