@@ -11,13 +11,14 @@
 Batches are plain tensors, made lazily, one at a time, and cast to the model's dtype; under
 ``torch.distributed`` each rank takes every ``world``-th batch.
 
-A tensor file is checked when it is read: it must hold a floating-point (or ``uint8`` pixel)
-tensor of samples ``(N, C, ...)`` with at least one sample; a file that cannot be read at all is
-a :class:`~bnsurgery.errors.SourceError`, one that holds pickled code (refused unrun) an
-:class:`~bnsurgery.errors.UnsafeCodeError`, and readable data that cannot be used a
-:class:`~bnsurgery.errors.DataError`. Every message names the file. A ``.npy`` file is mapped
-before it is copied, so a header claiming more data than the file holds fails instead of
-allocating it.
+A tensor file is fed to the model as it is, so it is checked when it is read: it must hold a
+floating-point tensor of samples ``(N, C, ...)``, preprocessed as the model expects, with at
+least one sample (integers, raw ``uint8`` pixels included, are refused rather than rescaled in
+silence). A file that cannot be read at all is a :class:`~bnsurgery.errors.SourceError`, one
+that holds pickled code (refused unrun) an :class:`~bnsurgery.errors.UnsafeCodeError`, and
+readable data that cannot be used a :class:`~bnsurgery.errors.DataError`. Every message
+names the file. A ``.npy`` file is mapped before it is copied, so a header claiming more data
+than the file holds fails instead of allocating it.
 """
 
 from __future__ import annotations
@@ -146,11 +147,13 @@ def _samples(path: Path, value: Any) -> torch.Tensor:
         )
     if shape[0] == 0 or value.numel() == 0:
         raise DataError(f"{path}: holds no samples (a tensor of shape {shape})")
-    if not value.is_floating_point() and value.dtype != torch.uint8:
+    if not value.is_floating_point():
         kind = str(value.dtype).removeprefix("torch.")
+        what = "raw pixels (0 to 255)" if value.dtype == torch.uint8 else "not images or features"
         raise DataError(
-            f"{path}: holds {kind} values, not images or features; save floating-point "
-            "samples (or uint8 pixels)"
+            f"{path}: holds {kind} values, {what}; a tensor file is fed to the model as it is, "
+            "so save floating-point samples preprocessed the way the model expects (scaled and "
+            "normalised), or pass a folder of images"
         )
     return value
 
@@ -204,7 +207,8 @@ def batches_from_path(
         UnsafeCodeError: a tensor file that holds pickled code (it was not run).
         DataError: a folder without images; a tensor file whose content cannot be used (no
             tensor, fewer than 2 dimensions, no samples, an integer or bool dtype other than
-            ``uint8``, values that overflow the model's dtype).
+            integer (raw ``uint8`` pixels included: never fed unscaled) or bool dtype, values
+            that overflow the model's dtype).
     """
     p = Path(path)
     if not exists(p):

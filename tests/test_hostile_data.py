@@ -83,6 +83,11 @@ def _integer_labels(folder: Path, world) -> Path:
     return _save(folder, "labels.pt", torch.randint(0, 10, SHAPE))
 
 
+def _raw_pixels(folder: Path, world) -> Path:
+    """uint8 pixels: fed as they are they would be 0 to 255, not what the model was trained on."""
+    return _save(folder, "pixels.npy", np.full(SHAPE, 200, dtype=np.uint8))
+
+
 def _bool_mask(folder: Path, world) -> Path:
     return _save(folder, "mask.npy", np.zeros(SHAPE, dtype=bool))
 
@@ -152,6 +157,7 @@ CASES: dict[str, tuple[Callable, int, tuple[str, ...]]] = {
     "dict_without_tensor": (_dict_without_tensor, DATA, ("no tensor", "labels")),
     "integer_labels": (_integer_labels, DATA, ("int64 values",)),
     "bool_mask": (_bool_mask, DATA, ("bool values",)),
+    "raw_uint8_pixels": (_raw_pixels, DATA, ("uint8 values, raw pixels",)),
     "float64_overflow": (_float64_overflow, DATA, ("overflow the model's float32",)),
     "safetensors_without_tensor": (_safetensors_without_tensor, DATA, ("no tensor",)),
     "pickle_payload": (_pickle_payload, UNSAFE, ("not run",)),
