@@ -89,6 +89,7 @@ def load(
     weights: str | os.PathLike[str] | None = None,
     trust_code: bool = False,
     trust_pickle: bool | None = None,
+    search_cwd: bool = False,
 ) -> nn.Module:
     """Load a model from a spec or a file (see the module docstring), on the CPU.
 
@@ -104,6 +105,9 @@ def load(
         trust_code: allow files to run code: full pickles, TorchScript archives, and
             ``package.module:factory`` architectures recorded in a file.
         trust_pickle: the old name of ``trust_code``.
+        search_cwd: import the ``package.module:factory`` that ``source`` or ``arch`` names from
+            the current folder first, as ``python -m`` does (the command line sets it); never a
+            factory that only a file names.
 
     Returns:
         The model. It remembers its architecture, so :func:`save` can write the safe format.
@@ -127,7 +131,7 @@ def load(
     path = Path(text)
     if not exists(path) and is_spec(text):
         spec = parse_spec(text)
-        model = build(spec)
+        model = build(spec, search_cwd=search_cwd)
         provenance.set_arch(model, str(spec))
         if weights is not None:
             state = read_state_dict(weights, trust_code=trust_code)
@@ -138,7 +142,7 @@ def load(
     _check_readable(path)
     kind = kind_of(path)
     if kind is Kind.SAFETENSORS:
-        return _load_safetensors(path, trust)
+        return _load_safetensors(path, trust, search_cwd)
     if kind is Kind.TORCHSCRIPT:
         require_code_trust(trust, path, "is a TorchScript archive, and loading one runs its code")
         try:
@@ -159,7 +163,7 @@ def load(
             f"{path} holds a state dict (weights only); pass --arch (for example "
             "--arch timm:resnet18) to say which architecture it belongs to"
         )
-    model = build(trust.arch)
+    model = build(trust.arch, search_cwd=search_cwd)
     provenance.set_arch(model, str(trust.arch))
     load_state_dict_into(model, unwrap_state_dict(obj, path), str(trust.arch))
     return model.eval()
@@ -328,7 +332,7 @@ def _record(meta: Mapping[str, str], path: Path) -> dict[str, Any]:
     return record
 
 
-def _load_safetensors(path: Path, trust: Trust) -> nn.Module:
+def _load_safetensors(path: Path, trust: Trust, search_cwd: bool = False) -> nn.Module:
     meta, shapes = _safetensors_header(path)
     record = _record(meta, path)
     spec = choose_arch(record.get("arch"), trust, path)
@@ -338,7 +342,11 @@ def _load_safetensors(path: Path, trust: Trust) -> nn.Module:
         )
     structure = recorded_structure(record.get("structure"), path)
     steps = recorded_steps(record.get("steps"), path)
-    model = _build_fitting(spec, structure, shapes)
+    named = trust.arch is not None and (trust.arch.namespace, trust.arch.name) == (
+        spec.namespace,
+        spec.name,
+    )
+    model = _build_fitting(spec, structure, shapes, search_cwd=search_cwd and named)
     load_state_dict_into(model, read_state_dict(path), str(spec))
     rec = provenance.get_record(model)
     rec["arch"] = str(spec)
@@ -347,7 +355,11 @@ def _load_safetensors(path: Path, trust: Trust) -> nn.Module:
 
 
 def _build_fitting(
-    spec: Spec, structure: list[dict[str, Any]], shapes: Mapping[str, tuple[int, ...]]
+    spec: Spec,
+    structure: list[dict[str, Any]],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    search_cwd: bool = False,
 ) -> nn.Module:
     """Build ``spec`` with ``structure`` replayed, once its state is known to fit ``shapes``.
 
@@ -358,18 +370,20 @@ def _build_fitting(
     Raises:
         SourceError: the state does not fit, or the structure does not fit the architecture.
     """
-    skeleton = _meta_build(spec, structure)
+    skeleton = _meta_build(spec, structure, search_cwd)
     if skeleton is not None:
         own = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
         problem = state_mismatch(own, shapes)
         if problem:
             raise SourceError(f"weights do not fit {spec}: {problem}")
-    model = build(spec)
+    model = build(spec, search_cwd=search_cwd)
     provenance.replay(model, structure)
     return model
 
 
-def _meta_build(spec: Spec, structure: list[dict[str, Any]]) -> nn.Module | None:
+def _meta_build(
+    spec: Spec, structure: list[dict[str, Any]], search_cwd: bool = False
+) -> nn.Module | None:
     """``spec`` built with its parameters and buffers on the meta device, or ``None``.
 
     First with meta as the default device. Constructors that compute layer widths from tensor
@@ -380,7 +394,7 @@ def _meta_build(spec: Spec, structure: list[dict[str, Any]]) -> nn.Module | None
     for context in (lambda: torch.device("meta"), _registered_on_meta):
         try:
             with context():
-                model = build(spec)
+                model = build(spec, search_cwd=search_cwd)
         except Exception:
             continue
         try:

@@ -107,7 +107,8 @@ def _source_options(func: Any, batch_default: int = 2) -> Any:
 def _load(source: str, arch: str | None, weights: str | None, trust_code: bool):
     from .checkpoint import load
 
-    return load(source, arch=arch, weights=weights, trust_code=trust_code)
+    # specs the user types import from the current folder, as under python -m
+    return load(source, arch=arch, weights=weights, trust_code=trust_code, search_cwd=True)
 
 
 def _example_inputs(

@@ -161,7 +161,10 @@ def _module_file(text: str) -> Path | None:
         namespace = parse_spec(text).namespace
         if namespace in ("timm", "torchvision"):
             return None
-        spec = importlib.util.find_spec(namespace)
+        from .specs import importable_from_cwd
+
+        with importable_from_cwd():  # where the command line imports it from
+            spec = importlib.util.find_spec(namespace)
     except Exception:  # an unknown or broken package: loading will say so
         return None
     origin = getattr(spec, "origin", None) if spec is not None else None

@@ -8,10 +8,14 @@ arguments go in parentheses as Python literals: ``timm:resnet18(num_classes=10)`
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib
 import inspect
+import os
 import re
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +24,14 @@ from torch import nn
 
 from .errors import SourceError, UsageError
 
-__all__ = ["Spec", "build", "default_input_size", "is_spec", "parse_spec"]
+__all__ = [
+    "Spec",
+    "build",
+    "default_input_size",
+    "importable_from_cwd",
+    "is_spec",
+    "parse_spec",
+]
 
 _SPEC = re.compile(r"^(?P<ns>[A-Za-z_][\w.]*):(?P<name>[A-Za-z_][\w.\-]*)(?P<call>\(.*\))?$", re.S)
 _MAX_SPEC = 4096  # characters: a spec is a name and a few options
@@ -108,17 +119,38 @@ def _near(name: str, names: list[str]) -> str:
     return f"; did you mean {', '.join(near)}?" if near else ""
 
 
-def build(spec: Spec | str) -> nn.Module:
+def build(spec: Spec | str, *, search_cwd: bool = False) -> nn.Module:
     """Build the randomly initialised model a spec names (seeded: the same weights every time).
+
+    Args:
+        spec: the spec.
+        search_cwd: import a ``package.module:factory`` from the current folder first, as
+            ``python -m`` does; for specs the user typed, never for one a file names.
 
     Raises:
         SourceError: unknown model, a factory that fails or does not return an ``nn.Module``.
     """
     if isinstance(spec, str):
         spec = parse_spec(spec)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), importable_from_cwd(search_cwd):
         torch.manual_seed(0)  # the same random init in every process and every run
         return _build(spec)
+
+
+@contextlib.contextmanager
+def importable_from_cwd(enabled: bool = True) -> Iterator[None]:
+    """While inside, modules in the current folder can be imported (it leads ``sys.path``, as
+    under ``python -m``); ``sys.path`` is as it was afterwards."""
+    if not enabled:
+        yield
+        return
+    folder = os.getcwd()
+    sys.path.insert(0, folder)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(folder)
 
 
 def _build(spec: Spec) -> nn.Module:

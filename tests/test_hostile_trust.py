@@ -204,8 +204,8 @@ def test_a_tiny_file_cannot_make_us_build_a_huge_model(arch, head, world, capsys
     builds = []
     real_build, registration = checkpoint.build, torch.nn.Module.register_parameter
 
-    def spying_build(spec):
-        model = real_build(spec)
+    def spying_build(spec, **kwargs):
+        model = real_build(spec, **kwargs)
         builds.append({t.device.type for t in [*model.parameters(), *model.buffers()]})
         return model
 

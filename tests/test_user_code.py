@@ -221,3 +221,30 @@ def test_recalibrate_says_when_a_bn_saw_one_value_per_channel():
     report = bnsurgery.last_report(net)
     assert report.layers == [] and "saw 1 value" in dict(report.left)["1"]
     assert torch.equal(net[1].running_var, before)
+
+
+def test_the_command_imports_typed_specs_from_the_current_folder(tmp_path, monkeypatch, capsys):
+    """bnsurgery fold mynets:build works from the folder that holds mynets.py, as python -m
+    does; a file that records a factory of that folder does not get it imported without the
+    user naming it."""
+    import sys
+
+    from bnsurgery.cli import main
+
+    (tmp_path / "mynets_here.py").write_text(
+        "from tests.models import KeywordTutorial\n\ndef build():\n    return KeywordTutorial()\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    path_before = list(sys.path)
+    out = tmp_path / "net.safetensors"
+    args = ["fold", "mynets_here:build", "--input-size", "3,4,4", "-o", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert sys.path == path_before
+    sys.modules.pop("mynets_here", None)
+    assert main(["inspect", str(out)]) == 4  # the file names the factory: refused
+    sys.modules.pop("mynets_here", None)
+    assert main(["inspect", str(out), "--trust-code"]) == 3  # allowed, but not from here
+    assert "mynets_here" in capsys.readouterr().err
+    sys.modules.pop("mynets_here", None)
+    assert main(["inspect", str(out), "--arch", "mynets_here:build"]) == 0
+    sys.modules.pop("mynets_here", None)
