@@ -33,8 +33,10 @@ from .errors import UnsupportedModelError, VerificationError
 from .graph import Graph, Node, Trace, Value, as_args, eval_mode, trace
 from .norms import (
     bn_stats,
+    carry_hooks,
     check_finite,
     has_activation,
+    has_hooks,
     is_batchnorm,
     num_features,
     remainder_of,
@@ -425,7 +427,7 @@ def _apply_edit(
     else:
         for module_name, attr in owners.of(bias):
             txn.set(model.get_submodule(module_name), attr, new_b)
-    replacement = remainder_of(bn)
+    replacement = carry_hooks(bn, remainder_of(bn))
     for parent, child_name, path in provenance.parents(model, bn):
         txn.set(parent, child_name, replacement)
         structure.append({"replace": path, "with": provenance.structure_kind(replacement)})
@@ -693,6 +695,12 @@ def fold(
         _, structure = _apply(model, plan)
         if plan.edits and example_inputs is None:
             notes.append("not verified: no example inputs")
+    hooked = [e.bn for e in plan.edits if has_hooks(model.get_submodule(e.bn))]
+    if hooked:
+        notes.append(
+            f"hooks of {', '.join(hooked)} fire on the module that replaced each BN: they see "
+            "the folded value where the BN's input was (that input no longer exists)"
+        )
     report = FoldReport(
         folded=plan.edits,
         left=plan.skipped,

@@ -21,7 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import provenance
 from .errors import UsageError
 from .frozen import FrozenBatchNorm
-from .norms import bn_stats, check_finite, is_batchnorm
+from .norms import bn_stats, carry_hooks, check_finite, is_batchnorm
 from .select import select_batchnorms
 
 __all__ = ["FreezeReport", "freeze", "stage_names", "trainable_parameters", "unfreeze"]
@@ -141,7 +141,7 @@ def freeze(
         if bn_stats(bn) is None:
             left.append((name, "no running statistics (track_running_stats=False) to freeze"))
             continue
-        frozen = FrozenBatchNorm(bn, train_affine=train_affine)
+        frozen = carry_hooks(bn, FrozenBatchNorm(bn, train_affine=train_affine))
         parents = list(provenance.parents(model, bn))
         if not parents:
             left.append((name, "the model itself is the BN; use FrozenBatchNorm(model)"))

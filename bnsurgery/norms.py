@@ -22,6 +22,8 @@ __all__ = [
     "NormActRemainder",
     "bn_stats",
     "call_input",
+    "carry_hooks",
+    "has_hooks",
     "check_finite",
     "has_activation",
     "is_batchnorm",
@@ -43,6 +45,42 @@ def call_input(args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> A
     if args:
         return args[0]
     return (kwargs or {}).get("input")
+
+
+#: The hook tables a module that replaces a BN takes over (forward and backward; not the
+#: state-dict hooks, whose meaning belongs to the BN class).
+_HOOK_TABLES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+)
+
+
+def carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """Make ``new`` fire the hooks registered on ``old``, as ``torch.ao`` fusion keeps them.
+
+    The hook tables are shared, not copied: a handle the user holds removes the hook from both,
+    and the original module (``unfreeze``, a swap back) still has them. Returns ``new``.
+    """
+    for table in _HOOK_TABLES:
+        if hasattr(old, table):
+            setattr(new, table, getattr(old, table))
+    if getattr(old, "_is_full_backward_hook", None) is not None:
+        new._is_full_backward_hook = old._is_full_backward_hook
+    return new
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """True when forward or backward hooks are registered on ``module`` itself."""
+    return any(
+        bool(getattr(module, table, None))
+        for table in _HOOK_TABLES
+        if table not in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs")
+    )
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:

@@ -32,6 +32,7 @@ from .graph import eval_mode
 from .norms import (
     bn_stats,
     call_input,
+    carry_hooks,
     check_finite,
     has_activation,
     is_batchnorm,
@@ -512,6 +513,8 @@ def swap(
             continue
         if not isinstance(new, nn.Module):
             raise UsageError(f"the swap callable returned a {type(new).__name__} for {name}")
+        if new is not bn:
+            carry_hooks(bn, new)
         parents = provenance.parents(model, bn)
         if not parents:
             left.append((name, "the model itself is the BN"))

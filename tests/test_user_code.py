@@ -248,3 +248,39 @@ def test_the_command_imports_typed_specs_from_the_current_folder(tmp_path, monke
     sys.modules.pop("mynets_here", None)
     assert main(["inspect", str(out), "--arch", "mynets_here:build"]) == 0
     sys.modules.pop("mynets_here", None)
+
+
+@pytest.mark.parametrize("surgery", ["fold", "freeze", "swap_layernorm", "swap_frozen"])
+def test_hooks_on_a_bn_keep_firing_and_their_handles_still_remove_them(surgery):
+    net = model()
+    calls: list[str] = []
+    pre = net.bn.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    post = net.bn.register_forward_hook(lambda m, args, out: calls.append("post"))
+    apply = {
+        "fold": lambda n: bnsurgery.fold(n, X),
+        "freeze": bnsurgery.freeze,
+        "swap_layernorm": lambda n: bnsurgery.swap(n, "layernorm"),
+        "swap_frozen": lambda n: bnsurgery.swap(n, "frozen"),
+    }[surgery]
+    apply(net)
+    assert type(net.bn) is not torch.nn.BatchNorm2d
+    calls.clear()
+    output(net, X)
+    assert calls == ["pre", "post"], calls
+    if surgery == "fold":
+        assert any("hooks of bn" in n for n in bnsurgery.last_report(net).notes)
+    pre.remove()
+    post.remove()
+    calls.clear()
+    output(net, X)
+    assert calls == []
+
+
+def test_unfreeze_gives_back_the_bn_with_its_hooks():
+    net = model()
+    calls: list[str] = []
+    net.bn.register_forward_hook(lambda m, args, out: calls.append("post"))
+    bnsurgery.unfreeze(bnsurgery.freeze(net))
+    assert type(net.bn) is torch.nn.BatchNorm2d
+    output(net, X)
+    assert calls == ["post"]
