@@ -493,6 +493,9 @@ def save(
         OutputError: the file exists (or appears while writing), is not a regular file, its
             folder is missing or read-only, or the write failed.
     """
+    from .graph import unwrapped
+
+    model = unwrapped(model)  # torch.compile, DataParallel: the keys load() builds
     out = Path(path)
     fmt = output_format(out, format)
     if fmt == "safetensors":

@@ -33,7 +33,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .errors import TraceError, UnsupportedModelError
 from .norms import call_input, is_batchnorm
 
-__all__ = ["Graph", "Node", "Trace", "Value", "as_args", "eval_mode", "trace"]
+__all__ = ["Graph", "Node", "Trace", "Value", "as_args", "eval_mode", "trace", "unwrapped"]
 
 #: torch functions with a weight that a BN can be folded into: kind, argument names.
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -150,6 +150,29 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, tuple | list):
         return tuple(example_inputs)
     return (example_inputs,)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module a wrapper runs: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``),
+    ``DataParallel`` and ``DistributedDataParallel`` (``module``), however nested.
+
+    Passes that rely on hooks run it eagerly (a compiled graph skips hooks added after it was
+    compiled), and :func:`bnsurgery.save` writes it, so the file has the keys :func:`bnsurgery.
+    load` builds.
+
+    >>> net = nn.Linear(2, 2)
+    >>> unwrapped(nn.DataParallel(net)) is net
+    True
+    """
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import provenance
 from .errors import BnSurgeryError, DataError, UsageError
-from .graph import eval_mode
+from .graph import eval_mode, unwrapped
 from .norms import has_activation
 from .select import select_batchnorms
 
@@ -179,10 +179,12 @@ _MISFIT = (RuntimeError, ValueError, IndexError, TypeError, AssertionError)
 
 
 def _run(feed: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any) -> Any:
-    """``feed(model, batch)``; an error of the model on this batch becomes a :class:`DataError`
-    naming the batch's shape and the model's complaint."""
+    """``feed(model, batch)``, on the module a ``torch.compile``/``DataParallel`` wrapper runs
+    (eagerly: these passes rely on hooks, which a compiled graph skips); an error of the model
+    on this batch becomes a :class:`DataError` naming the batch's shape and the model's
+    complaint."""
     try:
-        return feed(model, batch)
+        return feed(unwrapped(model), batch)
     except (BnSurgeryError, torch.cuda.OutOfMemoryError):
         raise
     except _MISFIT as exc:

@@ -16,6 +16,7 @@ from .conftest import assert_same_function, output, prepared
 from .models import KeywordTutorial
 
 X = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+BACKEND = "eager"  # dynamo as torch.compile runs it, without a C++ build
 
 
 def model() -> KeywordTutorial:
@@ -284,3 +285,38 @@ def test_unfreeze_gives_back_the_bn_with_its_hooks():
     assert type(net.bn) is torch.nn.BatchNorm2d
     output(net, X)
     assert calls == ["post"]
+
+
+def _wrapped(net: torch.nn.Module, how: str) -> torch.nn.Module:
+    if how == "compiled":
+        wrapped = torch.compile(net, backend=BACKEND)
+        output(wrapped, X)  # compiled before the surgery adds its hooks
+        return wrapped
+    return torch.nn.DataParallel(net)
+
+
+@pytest.mark.parametrize("how", ["compiled", "data_parallel"])
+def test_swap_repair_on_a_wrapped_model_fits(how):
+    net = model()
+    wrapped = _wrapped(net, how)
+    bnsurgery.swap(wrapped, "groupnorm", calibrate=[X, X[:3]])
+    report = bnsurgery.last_report(wrapped)
+    assert report.swapped and all(s.fit_error_after is not None for s in report.swapped)
+
+
+@pytest.mark.parametrize("how", ["compiled", "data_parallel"])
+def test_recalibrate_on_a_wrapped_model(how):
+    net = model()
+    wrapped = _wrapped(net, how)
+    bnsurgery.recalibrate(wrapped, [X, X[:3]])
+    with torch.no_grad():
+        conv = net.conv(torch.cat([X, X[:3]]))
+    assert torch.allclose(net.bn.running_mean, conv.mean((0, 2, 3)), atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["compiled", "data_parallel"])
+def test_save_of_a_wrapped_model_loads_back(how, tmp_path):
+    net = bnsurgery.load("tests.models:keyword_tutorial")
+    path = bnsurgery.save(_wrapped(net, how), tmp_path / "wrapped.safetensors")
+    loaded = bnsurgery.load(path, arch="tests.models:keyword_tutorial")
+    assert torch.equal(output(loaded, X), output(net.eval(), X))
