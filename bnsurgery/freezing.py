@@ -131,7 +131,15 @@ def freeze(
     structure: list[dict[str, Any]] = []
     for name, bn in chosen:
         if isinstance(bn, FrozenBatchNorm):
-            left.append((name, "already frozen by bnsurgery"))
+            if bn.train_affine == bool(train_affine):
+                left.append((name, "already frozen by bnsurgery"))
+                continue
+            bn.set_train_affine(train_affine)  # freeze(..., train_affine=True) frees the affine
+            paths = {path for _, _, path in provenance.parents(model, bn)}
+            for edit in provenance.get_record(model)["structure"]:
+                if edit.get("with") == "frozen" and edit.get("replace") in paths:
+                    edit["train_affine"] = bool(train_affine)
+            changed.append(name)
             continue
         if not isinstance(bn, _BatchNorm):
             left.append((name, f"already frozen ({type(bn).__name__})"))

@@ -74,6 +74,15 @@ class FrozenBatchNorm(nn.Module):
                 param.requires_grad_(self.train_affine and param.requires_grad)
         self.training = bn.training
 
+    def set_train_affine(self, train_affine: bool) -> None:
+        """Free the affine (``True``: trainable again, as it was before the freeze) or fix it
+        (``False``); the statistics stay frozen either way."""
+        self.train_affine = bool(train_affine)
+        was = self.__dict__["_original_flags"]["requires_grad"]
+        for name, param in self._parameters.items():
+            if param is not None:
+                param.requires_grad_(self.train_affine and was.get(name, True))
+
     @property
     def original_type(self) -> type[nn.Module]:
         """The class of the BN this module froze."""

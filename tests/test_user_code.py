@@ -320,3 +320,22 @@ def test_save_of_a_wrapped_model_loads_back(how, tmp_path):
     path = bnsurgery.save(_wrapped(net, how), tmp_path / "wrapped.safetensors")
     loaded = bnsurgery.load(path, arch="tests.models:keyword_tutorial")
     assert torch.equal(output(loaded, X), output(net.eval(), X))
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_a_second_freeze_changes_whether_the_affine_trains(first, tmp_path):
+    """README: freeze everything, then freeze(..., train_affine=True) on some layers frees
+    their affine (statistics stay frozen); saved and loaded, the choice holds."""
+    net = model()
+    bnsurgery.freeze(net, train_affine=first)
+    bnsurgery.freeze(net, include="bn1d", train_affine=not first)
+    assert bnsurgery.last_report(net).changed == ["bn1d"]
+    assert net.bn1d.weight.requires_grad is (not first)
+    assert net.bn.weight.requires_grad is first
+    path = bnsurgery.save(net, tmp_path / "f.safetensors", arch="tests.models:keyword_tutorial")
+    loaded = bnsurgery.load(path, arch="tests.models:keyword_tutorial")
+    assert loaded.bn1d.weight.requires_grad is (not first)
+    assert loaded.bn.weight.requires_grad is first
+    stats = net.bn1d.running_mean.clone()
+    runs(net)
+    assert torch.equal(net.bn1d.running_mean, stats)
