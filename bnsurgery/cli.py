@@ -354,7 +354,42 @@ def _open(
         _check_output(out, fmt, force, (source, weights, arch, *reads), plot=plot)
     model = _load(source, arch, weights, trust_code)
     _require_batchnorm(model, source, verb)
+    if check:
+        _require_savable(model, source, out, fmt, arch)
     return model, out
+
+
+def _device(text: str | None) -> Any:
+    """``--device``, checked before any work: a device this machine has."""
+    import torch
+
+    if text is None:
+        return torch.device("cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"--device {text!r} is not a device (e.g. cpu, cuda, cuda:1)") from exc
+    if device.type == "cuda" and (
+        not torch.cuda.is_available()
+        or (device.index is not None and device.index >= torch.cuda.device_count())
+    ):
+        raise UsageError(f"--device {text}: no such CUDA device on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {text}: only cpu and cuda devices are supported")
+    return device
+
+
+def _require_savable(model: Any, source: str, out: Path, fmt: str | None, arch: str | None):
+    """Before the surgery: a .safetensors output records the architecture, which a pickled
+    module does not carry."""
+    from .checkpoint import output_format
+
+    if output_format(out, fmt) == "safetensors" and not _arch_to_record(model, arch):
+        raise UsageError(
+            f"{source} holds a pickled module whose architecture is unknown, and the "
+            f"safetensors output {out} records it: pass --arch package.module:factory, or write "
+            "a pickle (-o NAME.pt)"
+        )
 
 
 def _arch_to_record(model: Any, arch: str | None) -> str | None:
@@ -458,7 +493,9 @@ def unfreeze_command(
     "--calibrate",
     "calibrate_path",
     type=_PATH,
-    help="Fit each new norm's scale and shift to the BN's output on this data (images or tensors).",
+    help="Fit each new norm's scale and shift to the BN's output on this data: a folder of "
+    "images (resized, cropped and normalised with the model's timm data config), or a tensor file "
+    "(.pt, .npy, .safetensors) of float samples (N, C, ...) preprocessed as the model expects.",
 )
 @click.option("--batches", type=click.IntRange(1, None), help="Use at most N calibration batches.")
 def swap_command(
@@ -540,7 +577,9 @@ def _distributed() -> tuple[int, int]:
     "data_path",
     required=True,
     type=_PATH,
-    help="Folder of images (class subfolders optional) or tensor file (.pt, .npy, .safetensors).",
+    help="A folder of images (class subfolders optional; resized, cropped and normalised with the "
+    "model's timm data config or --input-size), or a tensor file (.pt, .npy, .safetensors) of "
+    "float samples (N, C, ...) preprocessed as the model expects, fed as they are.",
 )
 @click.option(
     "--batches", type=click.IntRange(1, None), help="Use at most N batches (per process)."
@@ -559,18 +598,35 @@ def _distributed() -> tuple[int, int]:
     help="Run the pass in channels-last memory format (faster on the CPU). Default: on the "
     "CPU, once the first batch shows the model makes no layout-sensitive call (x.view).",
 )
+@click.option(
+    "--momentum",
+    type=click.FloatRange(0, 1, min_open=True),
+    callback=_not_nan,
+    help="With --mode ema: each BN's momentum during the pass (default: its own).",
+)
+@click.option(
+    "--autocast",
+    type=click.Choice(["bfloat16", "float16"]),
+    help="Run the pass under torch.autocast with this dtype (statistics merge in float64).",
+)
+@click.option("--device", help="Run the pass on this device, e.g. cuda or cuda:1 (default: cpu).")
 def recalibrate_command(
     source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, as_json, data_path, batches, mode, quiet, plot,
-    channels_last,
+    channels_last, momentum, autocast, device,
 ):  # fmt: skip
     """Recompute BN running statistics of SOURCE over data (exact population statistics) and
     write the model. Works under `torchrun --nproc-per-node N -m bnsurgery recalibrate ...`."""
+    import torch
+
     from .datasets import batches_from_path
     from .provenance import last_report
     from .recalibration import recalibrate
     from .report import drift_plot, recalibration_text, to_json
 
+    if momentum is not None and mode != "ema":
+        raise UsageError("--momentum goes with --mode ema (exact statistics use no momentum)")
+    target = _device(device)
     rank, world = _distributed()
     model, _ = _open(
         "recalibrate",
@@ -603,19 +659,28 @@ def recalibrate_command(
         else _NoBar() as bar,
         _DataFile(data_path),
     ):
-        recalibrate(
-            model,
-            data,
-            include=include or None,
-            exclude=exclude or None,
-            num_batches=batches,
-            mode=mode,
-            progress=lambda done: bar.update(1),
-            channels_last=channels_last,
-        )
+        model.to(target)
+        try:
+            recalibrate(
+                model,
+                data,
+                include=include or None,
+                exclude=exclude or None,
+                num_batches=batches,
+                mode=mode,
+                momentum=momentum,
+                autocast=getattr(torch, autocast) if autocast else None,
+                device=target,
+                progress=lambda done: bar.update(1),
+                channels_last=channels_last,
+            )
+        finally:
+            model.to("cpu")  # saved from the CPU, whatever ran the pass
     if rank != 0:
         return
     report = last_report(model)
+    if batches is not None and report.batches < batches:
+        report.notes.append(f"--batches {batches}: the data held {report.batches}, all used")
     click.echo(to_json(report) if as_json else recalibration_text(report))
     if not report.layers:
         raise NothingToDoError("no BN layer saw enough data (reasons above); nothing written")

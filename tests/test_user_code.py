@@ -339,3 +339,42 @@ def test_a_second_freeze_changes_whether_the_affine_trains(first, tmp_path):
     stats = net.bn1d.running_mean.clone()
     runs(net)
     assert torch.equal(net.bn1d.running_mean, stats)
+
+
+def test_a_pickled_source_without_arch_is_refused_before_the_work(tmp_path, capsys):
+    """A .safetensors output records the architecture; a pickled module has none: said before
+    the surgery runs (no fold report printed), in the command line's words. A pickle output
+    works."""
+    from bnsurgery.cli import main
+
+    torch.save(model(), tmp_path / "full.pt")
+    args = ["fold", str(tmp_path / "full.pt"), "--trust-code", "--input-size", "3,4,4"]
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the fold did not run
+    err = captured.err
+    assert "--arch" in err and "-o NAME.pt" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "full.folded.safetensors").exists()
+    assert main([*args, "-o", str(tmp_path / "folded.pt")]) == 0
+
+
+@pytest.mark.parametrize(
+    "extra, code, phrase",
+    [
+        (["--momentum", "0.5"], 2, "--momentum goes with --mode ema"),
+        (["--mode", "ema", "--momentum", "0.5"], 0, "wrote"),
+        (["--autocast", "bfloat16"], 0, "wrote"),
+        (["--batches", "50"], 0, "the data held 3, all used"),
+        (["--device", "xyz"], 2, "not a device"),
+        (["--no-channels-last"], 0, "wrote"),
+    ],
+)
+def test_recalibrate_options(extra, code, phrase, tmp_path, capsys):
+    from bnsurgery.cli import main
+
+    torch.save(torch.randn(6, 3, 4, 4), tmp_path / "d.pt")
+    args = ["recalibrate", "tests.models:keyword_tutorial", "--data", str(tmp_path / "d.pt")]
+    args += ["--batch-size", "2", "-o", str(tmp_path / "r.safetensors"), *extra]
+    assert main(args) == code
+    captured = capsys.readouterr()
+    assert phrase in captured.out + captured.err
