@@ -287,12 +287,11 @@ def fold_command(
 ):  # fmt: skip
     """Fold BN layers of SOURCE into neighbouring conv/linear layers, verified on example
     inputs, and write the folded model."""
-    from .checkpoint import save
     from .folding import fold
     from .provenance import last_report
     from .report import fold_text, to_json
 
-    model, out = _open("fold", "folded", source, arch, weights, trust_code, output, fmt, force)
+    model = _open("fold", "folded", source, arch, weights, trust_code, output, fmt, force)
     inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=True)
     fold(model, inputs, include=include or None, exclude=exclude or None, tolerance=tolerance)
     report = last_report(model)
@@ -300,15 +299,7 @@ def fold_command(
     click.echo(to_json(report) if as_json else fold_text(report))
     if not report.folded:
         raise NothingToDoError("no BN layer can be folded (reasons above); nothing written")
-    save(
-        model,
-        out,
-        format=fmt,
-        force=force,
-        arch=_arch_to_record(model, arch),
-        example_inputs=inputs,
-    )
-    click.echo(f"wrote {out}", err=True)
+    _write(model, source, output, fmt, force, arch, "folded", inputs=inputs)
 
 
 def _require_batchnorm(model: Any, source: str, verb: str) -> None:
@@ -341,10 +332,11 @@ def _open(
     reads: tuple[str | None, ...] = (),
     plot: str | None = None,
     check: bool = True,
-) -> tuple[Any, Path]:
+) -> Any:
     """What every writing command does first: check its outputs against everything it reads
     (before any work; ``check=False`` on the ranks that write nothing), then load the model,
-    which must be an ``nn.Module`` holding BN. Returns the model and the output path."""
+    which must be an ``nn.Module`` holding BN and, for a .safetensors output, have a known
+    architecture. Returns the model."""
     from .checkpoint import default_output
 
     out = Path(output) if output else default_output(source, operation)
@@ -356,7 +348,7 @@ def _open(
     _require_batchnorm(model, source, verb)
     if check:
         _require_savable(model, source, out, fmt, arch)
-    return model, out
+    return model
 
 
 def _device(text: str | None) -> Any:
@@ -442,7 +434,7 @@ def freeze_command(
     from .provenance import last_report
     from .report import freeze_text, to_json
 
-    model, _ = _open("freeze", "frozen", source, arch, weights, trust_code, output, fmt, force)
+    model = _open("freeze", "frozen", source, arch, weights, trust_code, output, fmt, force)
     freeze(model, include or None, exclude or None, stages=stages, train_affine=stats_only)
     report = last_report(model)
     click.echo(to_json(report) if as_json else freeze_text(report))
@@ -463,7 +455,7 @@ def unfreeze_command(
     from .provenance import last_report
     from .report import freeze_text, to_json
 
-    model, _ = _open("unfreeze", "unfrozen", source, arch, weights, trust_code, output, fmt, force)
+    model = _open("unfreeze", "unfrozen", source, arch, weights, trust_code, output, fmt, force)
     unfreeze(model, include or None, exclude or None)
     report = last_report(model)
     if not report.changed:
@@ -510,7 +502,7 @@ def swap_command(
     from .report import swap_text, to_json
     from .swapping import swap
 
-    model, _ = _open(
+    model = _open(
         "swap", target, source, arch, weights, trust_code, output, fmt, force, (calibrate_path,)
     )
     data = None
@@ -628,7 +620,7 @@ def recalibrate_command(
         raise UsageError("--momentum goes with --mode ema (exact statistics use no momentum)")
     target = _device(device)
     rank, world = _distributed()
-    model, _ = _open(
+    model = _open(
         "recalibrate",
         "recalibrated",
         source,
