@@ -500,37 +500,42 @@ def swap(
     placed: list[tuple[str, nn.Module, nn.Module]] = []
     undo: list[tuple[nn.Module, str, nn.Module]] = []
     structure: list[dict[str, Any]] = []
-    for name, bn in chosen:
-        if isinstance(getattr(bn, "running_mean", None), nn.parameter.UninitializedBuffer):
-            raise UsageError(f"{name}: an uninitialised lazy BN; run one forward pass first")
-        if fit and not isinstance(getattr(bn, "running_var", None), torch.Tensor):
-            left.append((name, "no running statistics to calibrate against"))
-            continue
-        try:
-            new = build(bn, opts)
-        except _Leave as why:
-            left.append((name, str(why)))
-            continue
-        if not isinstance(new, nn.Module):
-            raise UsageError(f"the swap callable returned a {type(new).__name__} for {name}")
-        if new is not bn:
-            carry_hooks(bn, new)
-        parents = provenance.parents(model, bn)
-        if not parents:
-            left.append((name, "the model itself is the BN"))
-            continue
-        for parent, child_name, path in parents:
-            setattr(parent, child_name, new)
-            undo.append((parent, child_name, bn))
-            if isinstance(to, str):
-                structure.append(
-                    {"replace": path, "with": f"swap:{to}", "options": _replay_opts(new, opts)}
-                )
-            else:
-                structure.append({"replace": path, "with": "custom"})
-        detail = f"groups={new.num_groups}" if isinstance(new, nn.GroupNorm) else ""
-        swapped.append(Swapped(name, type(bn).__name__, type(new).__name__, detail))
-        placed.append((name, bn, new))
+    try:  # all or nothing: a BN that cannot be swapped puts back every one swapped before it
+        for name, bn in chosen:
+            if isinstance(getattr(bn, "running_mean", None), nn.parameter.UninitializedBuffer):
+                raise UsageError(f"{name}: an uninitialised lazy BN; run one forward pass first")
+            if fit and not isinstance(getattr(bn, "running_var", None), torch.Tensor):
+                left.append((name, "no running statistics to calibrate against"))
+                continue
+            try:
+                new = build(bn, opts)
+            except _Leave as why:
+                left.append((name, str(why)))
+                continue
+            if not isinstance(new, nn.Module):
+                raise UsageError(f"the swap callable returned a {type(new).__name__} for {name}")
+            if new is not bn:
+                carry_hooks(bn, new)
+            parents = provenance.parents(model, bn)
+            if not parents:
+                left.append((name, "the model itself is the BN"))
+                continue
+            for parent, child_name, path in parents:
+                setattr(parent, child_name, new)
+                undo.append((parent, child_name, bn))
+                if isinstance(to, str):
+                    structure.append(
+                        {"replace": path, "with": f"swap:{to}", "options": _replay_opts(new, opts)}
+                    )
+                else:
+                    structure.append({"replace": path, "with": "custom"})
+            detail = f"groups={new.num_groups}" if isinstance(new, nn.GroupNorm) else ""
+            swapped.append(Swapped(name, type(bn).__name__, type(new).__name__, detail))
+            placed.append((name, bn, new))
+    except BaseException:
+        for parent, child_name, bn in reversed(undo):
+            setattr(parent, child_name, bn)
+        raise
     report = SwapReport(target_name, swapped, left, calibrated=fit)
     if fit and placed:
         feed = forward or default_forward

@@ -378,3 +378,32 @@ def test_recalibrate_options(extra, code, phrase, tmp_path, capsys):
     assert main(args) == code
     captured = capsys.readouterr()
     assert phrase in captured.out + captured.err
+
+
+@pytest.mark.parametrize("how", ["groups_that_do_not_divide_a_later_bn", "factory_that_fails"])
+def test_swap_is_all_or_nothing(how):
+    """A BN that cannot be swapped puts back every one swapped before it."""
+    from bnsurgery.errors import UsageError
+
+    net = prepared(
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 10, 1), torch.nn.BatchNorm2d(10), torch.nn.Conv2d(10, 16, 1),
+            torch.nn.BatchNorm2d(16),
+        )
+    )  # fmt: skip
+    before = [type(m) for m in net.modules()]
+    calls = []
+
+    def factory(bn):
+        calls.append(bn)
+        if len(calls) == 2:
+            raise RuntimeError("this factory cannot build the second one")
+        return torch.nn.GroupNorm(1, bn.num_features)
+
+    if how == "factory_that_fails":
+        with pytest.raises(RuntimeError):
+            bnsurgery.swap(net, factory)
+    else:
+        with pytest.raises(UsageError, match="does not divide 16"):
+            bnsurgery.swap(net, "groupnorm", groups=5)
+    assert [type(m) for m in net.modules()] == before
