@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from . import provenance
-from .errors import SourceError, UsageError
+from .errors import SourceError, UsageError, brief
 from .outputs import atomic_write, exists, is_dir
 from .specs import Spec, build, is_spec, parse_spec
 from .trust import (
@@ -148,9 +148,7 @@ def load(
         try:
             return torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
-            raise SourceError(
-                f"{path}: not a loadable TorchScript archive ({_short(exc)})"
-            ) from exc
+            raise SourceError(f"{path}: not a loadable TorchScript archive ({brief(exc)})") from exc
     obj = read_torch_file(path, trust, kind)
     if isinstance(obj, nn.Module):
         return obj
@@ -167,11 +165,6 @@ def load(
     provenance.set_arch(model, str(trust.arch))
     load_state_dict_into(model, unwrap_state_dict(obj, path), str(trust.arch))
     return model.eval()
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
 
 
 def _check_readable(path: Path) -> None:
@@ -209,13 +202,13 @@ def read_torch_file(path: Path, trust: Trust, kind: Kind | None = None) -> Any:
             trust, path, f"holds pickled Python objects{what}, and unpickling them runs code"
         )
     except MemoryError as exc:
-        raise SourceError(f"{path}: not a PyTorch checkpoint (it asks for {_short(exc)})") from exc
+        raise SourceError(f"{path}: not a PyTorch checkpoint (it asks for {brief(exc)})") from exc
     except Exception as exc:
-        raise SourceError(f"{path}: not a PyTorch checkpoint ({_short(exc)})") from exc
+        raise SourceError(f"{path}: not a PyTorch checkpoint ({brief(exc)})") from exc
     try:
         return torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise SourceError(f"{path}: unpickling failed ({_short(exc)})") from exc
+        raise SourceError(f"{path}: unpickling failed ({brief(exc)})") from exc
 
 
 def unwrap_state_dict(obj: Any, where: Any = "checkpoint") -> dict[str, torch.Tensor]:
@@ -258,7 +251,7 @@ def read_state_dict(
         try:
             return dict(load_file(str(p), device="cpu"))
         except Exception as exc:
-            raise SourceError(f"{p}: not a valid safetensors file ({_short(exc)})") from exc
+            raise SourceError(f"{p}: not a valid safetensors file ({brief(exc)})") from exc
     if kind is Kind.TORCHSCRIPT:
         raise SourceError(f"{p}: is a TorchScript archive, not a state dict")
     trust = Trust(code=trust_code or bool(trust_pickle))
@@ -310,7 +303,7 @@ def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int
             meta = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     except Exception as exc:
-        raise SourceError(f"{path}: not a valid safetensors file ({_short(exc)})") from exc
+        raise SourceError(f"{path}: not a valid safetensors file ({brief(exc)})") from exc
     return meta, shapes
 
 
@@ -342,11 +335,8 @@ def _load_safetensors(path: Path, trust: Trust, search_cwd: bool = False) -> nn.
         )
     structure = recorded_structure(record.get("structure"), path)
     steps = recorded_steps(record.get("steps"), path)
-    named = trust.arch is not None and (trust.arch.namespace, trust.arch.name) == (
-        spec.namespace,
-        spec.name,
-    )
-    model = _build_fitting(spec, structure, shapes, search_cwd=search_cwd and named)
+    # the current folder only for a factory the user named, never for one only the file names
+    model = _build_fitting(spec, structure, shapes, search_cwd=search_cwd and trust.named(spec))
     load_state_dict_into(model, read_state_dict(path), str(spec))
     rec = provenance.get_record(model)
     rec["arch"] = str(spec)
@@ -545,7 +535,7 @@ def _to_torchscript(model: nn.Module, example_inputs: Any) -> torch.jit.ScriptMo
     except Exception as exc:
         if example_inputs is None:
             raise UsageError(
-                f"torch.jit.script failed ({_short(exc)}); give example inputs to trace it "
+                f"torch.jit.script failed ({brief(exc)}); give example inputs to trace it "
                 "instead (--input-size)"
             ) from exc
     from .graph import as_args, eval_mode

@@ -33,19 +33,13 @@ import torch
 from torch import nn
 
 from .checkpoint import exists, is_dir
-from .errors import DataError, SourceError, UnsafeCodeError
+from .errors import DataError, SourceError, UnsafeCodeError, brief
 from .trust import Kind, Trust, kind_of
 
 __all__ = ["IMAGE_SUFFIXES", "batches_from_path"]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 _TENSOR_KEYS = ("images", "inputs", "x", "data")
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    text = (text[:200] + "...") if len(text) > 200 else text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _unsafe(path: Path, what: str) -> UnsafeCodeError:
@@ -65,7 +59,7 @@ def _read_npy(path: Path) -> Any:
         if "Python objects" in str(exc):  # object arrays
             raise _unsafe(path, "pickled Python objects") from exc
         raise SourceError(
-            f"{path}: not a readable .npy file, truncated or corrupt ({_short(exc)})"
+            f"{path}: not a readable .npy file, truncated or corrupt ({brief(exc, typed=True)})"
         ) from exc
     if not isinstance(mapped, np.ndarray):
         raise DataError(f"{path}: holds a {type(mapped).__name__}, not one array of samples")
@@ -117,7 +111,8 @@ def _load_tensor(path: Path) -> torch.Tensor:
     except (DataError, UnsafeCodeError, SourceError):
         raise
     except Exception as exc:
-        raise SourceError(f"{path}: cannot read calibration tensors ({_short(exc)})") from exc
+        what = brief(exc, typed=True)
+        raise SourceError(f"{path}: cannot read calibration tensors ({what})") from exc
     return _samples(path, value)
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "StatisticsError",
     "DataError",
     "ResourceError",
+    "brief",
 ]
 
 
@@ -106,3 +107,17 @@ class ResourceError(BnSurgeryError):
     memory, or an allocation the operating system refused. Nothing was written."""
 
     exit_code = 12
+
+
+def brief(exc: BaseException, *, typed: bool = False) -> str:
+    """An exception in one short line for an error message: its text with whitespace folded,
+    cut at 200 characters (``typed``: after its class name); the class name if it has none.
+
+    >>> brief(ValueError("bad\\n  value")), brief(KeyError(), typed=True)
+    ('bad value', 'KeyError')
+    """
+    text = " ".join(str(exc).split())
+    text = (text[:200] + "...") if len(text) > 200 else text
+    if not text:
+        return type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if typed else text

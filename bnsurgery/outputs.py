@@ -33,7 +33,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from .errors import BnSurgeryError, OutputError
+from .errors import BnSurgeryError, OutputError, brief
 
 __all__ = [
     "Identity",
@@ -387,11 +387,6 @@ def _publish(tmp: str, out: Path, force: bool) -> None:
     os.replace(tmp, out)
 
 
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return (text[:200] + "...") if len(text) > 200 else (text or type(exc).__name__)
-
-
 def atomic_write(
     out: str | os.PathLike[str], write: Callable[[str], None], *, force: bool = False
 ) -> Path:
@@ -442,6 +437,6 @@ def atomic_write(
         if isinstance(exc, Exception) and not isinstance(exc, BnSurgeryError):
             # writers report a full disk or a file size limit in their own exception types
             # (torch: RuntimeError from its stream writer; safetensors: its own error)
-            raise OutputError(f"{out}: write failed ({_short(exc)})") from exc
+            raise OutputError(f"{out}: write failed ({brief(exc)})") from exc
         raise
     return out

@@ -64,6 +64,13 @@ class Trust:
     code: bool = False
     arch: Spec | None = None
 
+    def named(self, spec: Spec) -> bool:
+        """True when the user's ``arch`` names the same callable as ``spec`` (options aside)."""
+        return self.arch is not None and (self.arch.namespace, self.arch.name) == (
+            spec.namespace,
+            spec.name,
+        )
+
 
 class Kind(enum.Enum):
     """What a file is, judged from its bytes."""
@@ -270,18 +277,13 @@ def recorded_arch(text: Any, trust: Trust, where: Path | str) -> Spec:
                     f"which a file may not set; if you meant it, pass --arch {str(spec)!r}"
                 )
         return spec
-    named = trust.arch
-    if trust.code or (named is not None and _same_callable(named, spec)):
+    if trust.code or trust.named(spec):
         return spec
     raise UnsafeCodeError(
         f"{where}: records architecture {spec.namespace}:{spec.name}, which would import and "
         f"call code; it was not run. Pass --arch {spec.namespace}:{spec.name} if that is your "
         f"own factory, or {FLAG} if you trust the file"
     )
-
-
-def _same_callable(a: Spec, b: Spec) -> bool:
-    return (a.namespace, a.name) == (b.namespace, b.name)
 
 
 def choose_arch(recorded: Any, trust: Trust, where: Path | str) -> Spec | None:
@@ -296,7 +298,7 @@ def choose_arch(recorded: Any, trust: Trust, where: Path | str) -> Spec | None:
         raise SourceError(f"{where}: corrupt bnsurgery metadata (arch is not a string)")
     if not recorded:
         return named
-    if named is not None and not (_same_callable(named, _peek(recorded)) and not named.kwargs):
+    if named is not None and not (trust.named(_peek(recorded)) and not named.kwargs):
         return named
     return recorded_arch(recorded, trust, where)
 
