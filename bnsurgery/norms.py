@@ -4,17 +4,23 @@ bnsurgery works on every module that normalises with per-channel running statist
 ``nn.BatchNorm1d/2d/3d``, ``nn.SyncBatchNorm``, lazy BN once initialised, their subclasses
 (timm's ``BatchNormAct2d`` and ``SyncBatchNormAct``), and the frozen variants that keep the
 statistics as buffers (torchvision's and timm's ``FrozenBatchNorm2d``, timm's
-``FrozenBatchNormAct2d``).
+``FrozenBatchNormAct2d``, detectron2's, and Hugging Face's ``*FrozenBatchNorm2d``, whose epsilon
+is read off their forward: :func:`is_frozen_batchnorm`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
@@ -23,6 +29,7 @@ __all__ = [
     "bn_stats",
     "call_input",
     "carry_hooks",
+    "eps_of",
     "has_hooks",
     "check_finite",
     "has_activation",
@@ -86,16 +93,90 @@ def has_hooks(module: nn.Module) -> bool:
 def is_frozen_batchnorm(module: nn.Module) -> bool:
     """True for frozen BN modules that keep weight, bias and statistics as buffers.
 
-    Recognised by shape rather than by import, so torchvision's, timm's and detectron2-style
-    classes all qualify: a class named ``Frozen*BatchNorm*`` with the four buffers and ``eps``.
+    Recognised by shape and behaviour rather than by import, so torchvision's, timm's,
+    detectron2's and Hugging Face's classes (``DetrFrozenBatchNorm2d``, ``RTDetrFrozenBatchNorm2d``
+    and their kind) all qualify: a class whose name holds ``Frozen`` and ``BatchNorm``, with the
+    four buffers, and either an ``eps`` attribute or (with no parameters and no submodules) a
+    forward that computes the BN formula with an epsilon of its own (found by :func:`eps_of`).
     """
     name = type(module).__name__
-    if not (name.startswith("Frozen") and "BatchNorm" in name):
+    if not ("Frozen" in name and "BatchNorm" in name):
         return False
     buffers = dict(module.named_buffers(recurse=False))
-    return all(k in buffers for k in ("weight", "bias", "running_mean", "running_var")) and hasattr(
-        module, "eps"
-    )
+    if not all(k in buffers for k in ("weight", "bias", "running_mean", "running_var")):
+        return False
+    if hasattr(module, "eps"):
+        return True
+    if next(module.parameters(recurse=False), None) is not None or next(module.children(), None):
+        return False  # only a plain buffers-and-forward module is probed
+    return _probed_eps(module) is not None
+
+
+def eps_of(module: nn.Module) -> float:
+    """The epsilon a BN module adds to the variance: its ``eps`` attribute, or, for frozen BN
+    classes that hard-code it in their forward (Hugging Face's), the value their forward uses.
+
+    >>> eps_of(nn.BatchNorm2d(3, eps=1e-3))
+    0.001
+    """
+    eps = getattr(module, "eps", None)
+    if eps is None:
+        eps = _probed_eps(module)
+        if eps is None:
+            raise TypeError(f"{type(module).__name__} is not a BN module with a known epsilon")
+    return float(eps)
+
+
+#: Epsilons found by running a module's forward, per module (a class may take it as an
+#: argument under another name): ``None`` when its forward is not the BN formula.
+_PROBED: weakref.WeakKeyDictionary[nn.Module, float | None] = weakref.WeakKeyDictionary()
+
+
+def _probed_eps(module: nn.Module) -> float | None:
+    """The epsilon of a frozen BN's forward, found on a float64 copy of it, or ``None`` when its
+    forward is not ``(x - mean) / sqrt(var + eps) * weight + bias`` per channel.
+
+    With mean 0, variance 0, weight 1 and bias 0, an input of ones gives ``1 / sqrt(eps)``; the
+    value is then checked on random statistics and inputs against ``F.batch_norm``.
+    """
+    if module in _PROBED:
+        return _PROBED[module]
+    eps = None
+    with contextlib.suppress(Exception):  # a forward that fails on the probe is not a BN's
+        eps = _probe(module)
+    _PROBED[module] = eps
+    return eps
+
+
+def _probe(module: nn.Module) -> float | None:
+    c = module.running_mean.numel()
+    probe = copy.copy(module)  # a shallow copy with buffers of its own: the module is untouched
+    probe._buffers = dict(module._buffers)
+    probe._forward_pre_hooks, probe._forward_hooks = OrderedDict(), OrderedDict()
+
+    def run(mean, var, weight, bias, x) -> torch.Tensor:
+        keys = ("running_mean", "running_var", "weight", "bias")
+        probe._buffers.update(zip(keys, (mean, var, weight, bias), strict=True))
+        with torch.no_grad():
+            return probe.forward(x)
+
+    f64 = {"dtype": torch.float64}
+    ones, zeros = torch.ones(c, **f64), torch.zeros(c, **f64)
+    for shape in ((1, c, 1, 1), (1, c)):  # 2-d frozen BN, then 1-d
+        with contextlib.suppress(Exception):
+            out = run(zeros, zeros, ones, zeros, torch.ones(shape, **f64))
+            break
+    else:
+        return None
+    if out.shape != shape or not bool(torch.isfinite(out).all()) or bool((out <= 0).any()):
+        return None
+    eps = float(f"{float(out.reshape(-1)[0]) ** -2:.12g}")  # 1e-5 exactly, not 1.0000000000002e-5
+    g = torch.Generator().manual_seed(0)
+    stats = [torch.randn(c, generator=g, **f64) for _ in range(4)]
+    stats[1] = stats[1].abs() + 0.5
+    x = torch.randn((2, *shape[1:]), generator=g, **f64)
+    expected = F.batch_norm(x, *stats, False, 0.0, eps)
+    return eps if torch.allclose(run(*stats, x), expected, rtol=1e-9, atol=1e-12) else None
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -174,7 +255,7 @@ def bn_stats(module: nn.Module) -> BNStats | None:
         var=as64(var, 1.0),
         weight=as64(getattr(module, "weight", None), 1.0),
         bias=as64(getattr(module, "bias", None), 0.0),
-        eps=float(module.eps),
+        eps=eps_of(module),
     )
 
 

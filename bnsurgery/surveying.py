@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import BnSurgeryError
 from .frozen import FrozenBatchNorm
-from .norms import has_activation, is_batchnorm, is_frozen_batchnorm
+from .norms import eps_of, has_activation, is_batchnorm, is_frozen_batchnorm
 
 __all__ = ["BNInfo", "Survey", "survey"]
 
@@ -127,6 +127,8 @@ def _info(name: str, module: nn.Module, fold: str) -> BNInfo:
         channels = mean.numel()
     momentum = getattr(module, "momentum", None)
     eps = getattr(module, "eps", None)
+    if eps is None and is_frozen_batchnorm(module):
+        eps = eps_of(module)  # hard-coded in its forward (Hugging Face's frozen BN)
     return BNInfo(
         name=name,
         type=str(getattr(module, "original_name", None) or type(module).__name__),

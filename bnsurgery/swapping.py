@@ -34,6 +34,7 @@ from .norms import (
     call_input,
     carry_hooks,
     check_finite,
+    eps_of,
     has_activation,
     is_batchnorm,
     is_frozen_batchnorm,
@@ -146,10 +147,10 @@ def _groupnorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
     if has_activation(bn):
         from timm.layers import GroupNormAct
 
-        new = GroupNormAct(num_features(bn), g, eps=bn.eps, affine=affine, apply_act=False)
+        new = GroupNormAct(num_features(bn), g, eps=eps_of(bn), affine=affine, apply_act=False)
         new.drop, new.act = bn.drop, bn.act
         return _carry(new, bn, affine)
-    return _carry(nn.GroupNorm(g, num_features(bn), eps=bn.eps, affine=affine), bn, affine)
+    return _carry(nn.GroupNorm(g, num_features(bn), eps=eps_of(bn), affine=affine), bn, affine)
 
 
 def _layernorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
@@ -157,10 +158,10 @@ def _layernorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
     if has_activation(bn):
         from timm.layers import LayerNormAct2d
 
-        new = LayerNormAct2d(num_features(bn), eps=bn.eps, affine=affine, apply_act=False)
+        new = LayerNormAct2d(num_features(bn), eps=eps_of(bn), affine=affine, apply_act=False)
         new.drop, new.act = bn.drop, bn.act
         return _carry(new, bn, affine)
-    return _carry(ChannelLayerNorm(num_features(bn), eps=bn.eps, affine=affine), bn, affine)
+    return _carry(ChannelLayerNorm(num_features(bn), eps=eps_of(bn), affine=affine), bn, affine)
 
 
 def _instancenorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
@@ -174,7 +175,7 @@ def _instancenorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
     d = next((v for cls, v in dims.items() if isinstance(bn, cls)), 2)
     cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[d]
     affine = _affine(bn, opts.get("force_affine", False))
-    new = _carry(cls(num_features(bn), eps=bn.eps, affine=affine), bn, affine)
+    new = _carry(cls(num_features(bn), eps=eps_of(bn), affine=affine), bn, affine)
     return _with_act(new, bn)
 
 
@@ -231,10 +232,10 @@ def _batchnorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
     if has_activation(bn) or "BatchNormAct2d" in origin:
         from timm.layers import BatchNormAct2d
 
-        new: nn.Module = BatchNormAct2d(num_features(bn), eps=bn.eps, apply_act=False)
+        new: nn.Module = BatchNormAct2d(num_features(bn), eps=eps_of(bn), apply_act=False)
         new.drop, new.act = getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity())
     else:
-        new = _BN_CLASSES[dims](num_features(bn), eps=bn.eps)
+        new = _BN_CLASSES[dims](num_features(bn), eps=eps_of(bn))
     if isinstance(bn, _BatchNorm):  # SyncBatchNorm and friends: same state, exactly
         new.momentum, new.affine, new.track_running_stats = (
             bn.momentum,
@@ -250,7 +251,7 @@ def _batchnorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(new, name).copy_(getattr(bn, name))
-    return new.to(bn.running_mean.device, bn.running_mean.dtype)
+    return new.to(bn.running_mean.device, bn.running_mean.dtype).train(bn.training)
 
 
 def _identity(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
@@ -357,7 +358,7 @@ def _fit(
             z = _normalized(module, x).double()
             y = F.batch_norm(
                 x, bn.running_mean, bn.running_var, getattr(bn, "weight", None),
-                getattr(bn, "bias", None), False, 0.0, bn.eps,
+                getattr(bn, "bias", None), False, 0.0, eps_of(bn),
             ).double()  # fmt: skip
             dims = [0, *range(2, x.dim())]
             for key, value in (

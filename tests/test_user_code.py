@@ -407,3 +407,80 @@ def test_swap_is_all_or_nothing(how):
         with pytest.raises(UsageError, match="does not divide 16"):
             bnsurgery.swap(net, "groupnorm", groups=5)
     assert [type(m) for m in net.modules()] == before
+
+
+class HubFrozenBatchNorm2d(torch.nn.Module):
+    """Hugging Face's ``DetrFrozenBatchNorm2d`` as transformers writes it: buffers only, no
+    ``eps`` attribute, the epsilon hard-coded in the forward (``RTDetr...`` and others alike)."""
+
+    def __init__(self, n: int, epsilon: float = 1e-5) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.ones(n))
+        self.register_buffer("bias", torch.zeros(n))
+        self.register_buffer("running_mean", torch.zeros(n))
+        self.register_buffer("running_var", torch.ones(n))
+        self.epsilon = epsilon
+
+    def forward(self, x):
+        weight = self.weight.reshape(1, -1, 1, 1)
+        bias = self.bias.reshape(1, -1, 1, 1)
+        running_var = self.running_var.reshape(1, -1, 1, 1)
+        running_mean = self.running_mean.reshape(1, -1, 1, 1)
+        scale = weight * (running_var + self.epsilon).rsqrt()
+        return x * scale + (bias - running_mean * scale)
+
+
+class NotAFrozenBatchNorm2d(HubFrozenBatchNorm2d):
+    """Named like a frozen BN, with its buffers, but its forward is something else."""
+
+    def forward(self, x):
+        return x * self.weight.reshape(1, -1, 1, 1).abs().sqrt()
+
+
+class HubBackbone(torch.nn.Module):
+    def __init__(self, norm=HubFrozenBatchNorm2d) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = norm(6)
+        self.head = torch.nn.Linear(6 * 16, 4)
+
+    def forward(self, pixel_values):
+        x = torch.relu(self.bn(self.conv(pixel_values)))
+        return self.head(x.view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("epsilon", [1e-5, 1e-3, 0.1])
+def test_hugging_face_frozen_bn_is_a_bn_with_its_own_epsilon(epsilon):
+    from bnsurgery.norms import bn_stats, eps_of, is_batchnorm
+
+    bn = HubFrozenBatchNorm2d(4, epsilon)
+    assert is_batchnorm(bn) and eps_of(bn) == epsilon
+    assert bn_stats(bn).eps == epsilon
+    assert not is_batchnorm(NotAFrozenBatchNorm2d(4))
+    meta = HubFrozenBatchNorm2d(4, epsilon).to("meta")  # how load builds models: no values
+    assert is_batchnorm(meta) and eps_of(meta) == epsilon
+
+
+def test_every_surgery_on_hugging_face_frozen_bn(tmp_path):
+    net = prepared(HubBackbone())
+    fold_net = copy.deepcopy(net)
+    bnsurgery.fold(fold_net, X)
+    assert [e.bn for e in bnsurgery.last_report(fold_net).folded] == ["bn"]
+    assert isinstance(fold_net.bn, torch.nn.Identity)
+    assert_same_function(net, fold_net, (X,))
+
+    frozen = bnsurgery.freeze(copy.deepcopy(net))
+    assert isinstance(frozen.bn, HubFrozenBatchNorm2d)  # already frozen: left, with its reason
+    assert "already frozen" in dict(bnsurgery.last_report(frozen).left)["bn"]
+
+    trainable = bnsurgery.swap(copy.deepcopy(net), "batchnorm")
+    assert type(trainable.bn) is torch.nn.BatchNorm2d and trainable.bn.eps == 1e-5
+    assert_same_function(net, trainable, (X,), tol=1e-6)
+    runs(trainable)
+
+    grouped = bnsurgery.swap(copy.deepcopy(net), "groupnorm", calibrate=[X])
+    assert isinstance(grouped.bn, torch.nn.GroupNorm)
+    runs(grouped)
+
+    info = {b.name: b for b in bnsurgery.survey(net, X).layers}
+    assert set(info) == {"bn"} and info["bn"].eps == 1e-5
