@@ -5,8 +5,8 @@ Three steps, each usable alone:
 1. :func:`plan_fold` walks the graph (:mod:`bnsurgery.graph`) and returns a :class:`FoldPlan`:
    which BN goes into which layer, and for every other BN the reason it is left.
 2. :func:`apply_plan` rewrites the weights (float64 maths in :mod:`bnsurgery.foldmath`) and
-   replaces each folded BN by ``nn.Identity`` (or by the activation and drop of a timm norm-act
-   layer), as one transaction that can be rolled back.
+   replaces each folded BN by an identity (:class:`~bnsurgery.norms.FoldedBatchNorm`, or the
+   activation and drop of a timm norm-act layer), as one transaction that can be rolled back.
 3. :func:`fold` does both, then verifies the output on the example inputs and rolls everything
    back if it moved beyond tolerance.
 
@@ -40,6 +40,8 @@ from .norms import (
     is_batchnorm,
     num_features,
     remainder_of,
+    user_hooks,
+    user_hooks_suspended,
 )
 from .select import select_batchnorms
 from .verify import default_tolerance, max_relative_error
@@ -287,6 +289,28 @@ def _consumer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
     )
 
 
+def _hook_between(model: nn.Module, upstream: str, downstream: str) -> str | None:
+    """A user hook on the way from module ``upstream`` to module ``downstream``, which a fold
+    would merge into one layer: the forward hooks of ``upstream`` and of its parents that do
+    not hold ``downstream``, and the pre-hooks of ``downstream`` and of its parents that do not
+    hold ``upstream``. Such a hook sees, or changes, the tensor between the two, which the fold
+    removes (PyTorch's ``fuse_modules`` drops these hooks; bnsurgery does not fold there).
+    """
+    if user_hooks(None, "_forward_hooks") or user_hooks(None, "_forward_pre_hooks"):
+        return "a global module hook (register_module_forward_hook) sees every layer's tensors"
+    up, down = upstream.split("."), downstream.split(".")
+    shared = 0
+    while shared < min(len(up), len(down)) and up[shared] == down[shared]:
+        shared += 1
+    sides = ((up, "_forward_hooks", "a forward hook"), (down, "_forward_pre_hooks", "a pre-hook"))
+    for path, table, what in sides:
+        for depth in range(len(path), shared, -1):
+            name = ".".join(path[:depth])
+            if user_hooks(model.get_submodule(name), table):
+                return f"{what} on `{name}` sees the tensor between `{upstream}` and `{downstream}`"
+    return None
+
+
 def _why_not(bn: nn.Module, graph: Graph, sites: list[Node]) -> str | None:
     if isinstance(getattr(bn, "running_mean", None), nn.parameter.UninitializedBuffer):
         return "an uninitialised lazy BN (run one forward pass first)"
@@ -359,6 +383,11 @@ def plan_fold(
                 edit = find(graph, owners, bn, sites)
             except _Reject as why:
                 reasons.append(f"{placement}: {why}")
+                continue
+            ends = (edit.into, name) if placement == "producer" else (name, edit.into)
+            hooked = _hook_between(model, *ends)
+            if hooked:
+                reasons.append(f"{placement}: {hooked}, which folding would remove")
                 continue
             edits.append(FoldEdit(name, *list(asdict(edit).values())[1:]))
             break
@@ -517,15 +546,16 @@ def _unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> di
         handles.append(exit_.register_forward_hook(leave))
         results.append((edits, pending, state))
 
-    for name, edits in units.items():
-        if isinstance(model.get_submodule(name), _ConvNd | nn.Linear):
-            watch(name, edits)
-    try:
-        with eval_mode(model), torch.no_grad():
-            model(*args)
-    finally:
-        for h in handles:
-            h.remove()
+    with user_hooks_suspended(model):  # first: the hooks watch() registers are ours
+        for name, edits in units.items():
+            if isinstance(model.get_submodule(name), _ConvNd | nn.Linear):
+                watch(name, edits)
+        try:
+            with eval_mode(model), torch.no_grad():
+                model(*args)
+        finally:
+            for h in handles:
+                h.remove()
     for edits, pending, state in results:
         if state["calls"] and not pending and not state["broken"]:
             for e in edits:
@@ -570,7 +600,7 @@ def _verified(
         if not plan.edits:
             return plan, 0.0, structure
         try:
-            with eval_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad(), user_hooks_suspended(model):
                 error = max_relative_error(reference, model(*args))
         except BaseException:
             txn.rollback()
@@ -672,7 +702,7 @@ def fold(
     >>> m = fold(m, torch.randn(1, 3, 8, 8))
     >>> report = provenance.last_report(m)
     >>> type(m[1]).__name__, report.bn_count, len(report.folded)
-    ('Identity', 1, 1)
+    ('FoldedBatchNorm', 1, 1)
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise UnsupportedModelError("TorchScript modules cannot be folded; fold the eager model")
@@ -698,8 +728,14 @@ def fold(
     hooked = [e.bn for e in plan.edits if has_hooks(model.get_submodule(e.bn))]
     if hooked:
         notes.append(
-            f"hooks of {', '.join(hooked)} fire on the module that replaced each BN: they see "
-            "the folded value where the BN's input was (that input no longer exists)"
+            f"hooks of {', '.join(hooked)} fire on the module that replaced each BN, on the "
+            "same outer tensor (its output, for a BN folded into the layer before; its input, "
+            "for one folded into the layer after); the other argument is the folded value"
+        )
+    if plan.edits and callable(getattr(model, "fuse_model", None)):
+        notes.append(
+            "this model's own fuse_model() (torchvision's quantizable models) fuses conv, BN and "
+            "ReLU by module type and refuses a folded BN: call it instead of fold, not after"
         )
     report = FoldReport(
         folded=plan.edits,

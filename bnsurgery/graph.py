@@ -31,7 +31,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .errors import TraceError, UnsupportedModelError
-from .norms import call_input, is_batchnorm
+from .norms import call_input, is_batchnorm, user_hooks_suspended
 
 __all__ = ["Graph", "Node", "Trace", "Value", "as_args", "eval_mode", "trace", "unwrapped"]
 
@@ -369,6 +369,11 @@ class _Recorder(TorchFunctionMode):
 
 
 def _runtime(model: nn.Module, args: tuple[Any, ...]) -> Trace:
+    with user_hooks_suspended(model):  # the walk is not a forward pass the user made
+        return _walk(model, args)
+
+
+def _walk(model: nn.Module, args: tuple[Any, ...]) -> Trace:
     recorder = _Recorder(model)
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     hooks = [

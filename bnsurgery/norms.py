@@ -25,12 +25,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = [
     "BNStats",
+    "FoldedBatchNorm",
     "NormActRemainder",
     "bn_stats",
     "call_input",
     "carry_hooks",
     "eps_of",
     "has_hooks",
+    "user_hooks",
+    "user_hooks_suspended",
     "check_finite",
     "has_activation",
     "is_batchnorm",
@@ -88,6 +91,63 @@ def has_hooks(module: nn.Module) -> bool:
         for table in _HOOK_TABLES
         if table not in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs")
     )
+
+
+def _is_torch_hook(hook: Any) -> bool:
+    """True for hooks PyTorch itself installs as part of a module's function (``weight_norm``'s
+    and ``spectral_norm``'s weight computation, pruning masks, quantisation observers)."""
+    fn = getattr(hook, "__func__", None) or getattr(hook, "func", None) or hook
+    where = getattr(fn, "__module__", None) or type(fn).__module__
+    return where == "torch" or where.startswith("torch.")
+
+
+#: The forward-pass hook tables a user hook can sit in, and the global ones.
+_FORWARD_TABLES = ("_forward_pre_hooks", "_forward_hooks")
+_GLOBAL_TABLES = ("_global_forward_pre_hooks", "_global_forward_hooks")
+
+
+def user_hooks(module: nn.Module | None, table: str) -> list[Any]:
+    """The hooks of ``module``'s ``table`` (``"_forward_pre_hooks"`` or ``"_forward_hooks"``)
+    that its user registered: every one but PyTorch's own (:func:`_is_torch_hook`). With
+    ``module=None``, the global ones, which fire on every module."""
+    if module is None:
+        from torch.nn.modules import module as torch_module
+
+        hooks = getattr(torch_module, f"_global{table}", {})
+    else:
+        hooks = getattr(module, table, {})
+    return [h for h in hooks.values() if not _is_torch_hook(h)]
+
+
+@contextlib.contextmanager
+def user_hooks_suspended(model: nn.Module) -> Iterator[None]:
+    """Run bnsurgery's own forward passes (the graph walk, the fold's checks) without firing
+    the user's forward hooks and pre-hooks, module and global: a hook that counts calls or
+    collects features must not see passes the user never made. PyTorch's own hooks stay (a
+    ``weight_norm`` conv computes its weight in one).
+
+    The hooks are taken out of their tables in place and put back in their order, so tables
+    that :func:`carry_hooks` shares between a BN and its replacement stay shared; hooks bnsurgery
+    registers inside the block are its own to remove.
+    """
+    from torch.nn.modules import module as torch_module
+
+    tables = [getattr(torch_module, name) for name in _GLOBAL_TABLES]
+    tables += [getattr(m, name) for m in model.modules() for name in _FORWARD_TABLES]
+    saved = []
+    for table in {id(t): t for t in tables}.values():
+        if any(not _is_torch_hook(h) for h in table.values()):
+            saved.append((table, list(table.items())))
+            for key in [k for k, h in table.items() if not _is_torch_hook(h)]:
+                del table[key]
+    try:
+        yield
+    finally:
+        for table, items in saved:
+            added = [(k, h) for k, h in table.items() if k not in dict(items)]
+            table.clear()
+            table.update(items)
+            table.update(added)
 
 
 def is_frozen_batchnorm(module: nn.Module) -> bool:
@@ -312,11 +372,52 @@ class NormActRemainder(nn.Module):
         return self.act(self.drop(input))
 
 
+class FoldedBatchNorm(nn.Identity):
+    """What is left of a plain BN once it is folded into a neighbouring layer: the identity.
+
+    To code that fuses BN layers itself by reading their tensors (ultralytics' ``fuse()``, run
+    by every ``YOLO.predict``; mmcv's and hand-written ``fuse_conv_and_bn``) it also reads as
+    a BN whose function is the identity: weight 1, bias 0, mean 0, and a variance with
+    ``running_var + eps == 1`` exactly in its dtype, so such a fuser folds it into nothing
+    rather than crashing on a missing ``running_mean``. These tensors are non-persistent
+    buffers: the state dict is ``nn.Identity``'s (empty), and the forward never reads them.
+    Type-exact fusers (``torch.ao.quantization.fuse_modules``, torchvision's ``fuse_model``)
+    still refuse it: run those instead of fold.
+
+    >>> left = FoldedBatchNorm(nn.BatchNorm2d(3))
+    >>> bool((left.running_var + left.eps == 1).all()), len(left.state_dict())
+    (True, 0)
+    """
+
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        like = bn.running_mean
+        self.num_features = like.numel()
+        self.eps = eps_of(bn)
+        factory = {"dtype": like.dtype, "device": like.device}
+        var = torch.full((self.num_features,), 1.0 - self.eps, **factory)
+        for _ in range(4):  # settle on the value whose sum with eps rounds to exactly one
+            total = var + self.eps
+            if bool((total == 1).all()):
+                break
+            var = torch.nextafter(var, torch.where(total > 1, 0.0, 2.0).to(var))
+        for name, value in (
+            ("weight", torch.ones_like(var)),
+            ("bias", torch.zeros_like(var)),
+            ("running_mean", torch.zeros_like(var)),
+            ("running_var", var),
+        ):
+            self.register_buffer(name, value, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, folded"
+
+
 def remainder_of(module: nn.Module) -> nn.Module:
     """The module that replaces a BN whose normalisation was folded elsewhere.
 
-    ``nn.Identity`` for plain BN; a :class:`NormActRemainder` keeping the activation and drop
-    of a norm-act layer.
+    A :class:`FoldedBatchNorm` (an identity) for plain BN; a :class:`NormActRemainder` keeping
+    the activation and drop of a norm-act layer.
     """
     if has_activation(module):
         drop = getattr(module, "drop", None)
@@ -325,4 +426,6 @@ def remainder_of(module: nn.Module) -> nn.Module:
             drop if isinstance(drop, nn.Module) else nn.Identity(),
             act if isinstance(act, nn.Module) else nn.Identity(),
         )
-    return nn.Identity()
+    if bn_stats(module) is None:  # no statistics (track_running_stats=False, lazy): no BN view
+        return nn.Identity()
+    return FoldedBatchNorm(module)

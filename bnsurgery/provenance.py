@@ -113,7 +113,7 @@ def _frozen(old: nn.Module, edit: dict[str, Any]) -> nn.Module:
 
 #: Structural edit kinds: how to build the replacement from the module being replaced.
 _BUILDERS = {
-    "identity": lambda old, edit: nn.Identity(),
+    "identity": lambda old, edit: remainder_of(old),
     "norm_act_remainder": lambda old, edit: remainder_of(old),
     "frozen": _frozen,
 }

@@ -255,7 +255,11 @@ def test_the_command_imports_typed_specs_from_the_current_folder(tmp_path, monke
 def test_hooks_on_a_bn_keep_firing_and_their_handles_still_remove_them(surgery):
     net = model()
     calls: list[str] = []
-    pre = net.bn.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    # a pre-hook of a BN folded into the conv before it would sit between the two: fold
+    # leaves such a BN (next test); its forward hook sees the same output after the fold
+    pre = None
+    if surgery != "fold":
+        pre = net.bn.register_forward_pre_hook(lambda m, args: calls.append("pre"))
     post = net.bn.register_forward_hook(lambda m, args, out: calls.append("post"))
     apply = {
         "fold": lambda n: bnsurgery.fold(n, X),
@@ -264,17 +268,111 @@ def test_hooks_on_a_bn_keep_firing_and_their_handles_still_remove_them(surgery):
         "swap_frozen": lambda n: bnsurgery.swap(n, "frozen"),
     }[surgery]
     apply(net)
+    assert calls == []  # the surgery's own passes fire no user hook
     assert type(net.bn) is not torch.nn.BatchNorm2d
-    calls.clear()
     output(net, X)
-    assert calls == ["pre", "post"], calls
+    assert calls == (["post"] if pre is None else ["pre", "post"]), calls
     if surgery == "fold":
         assert any("hooks of bn" in n for n in bnsurgery.last_report(net).notes)
-    pre.remove()
-    post.remove()
+    for handle in (pre, post):
+        if handle is not None:
+            handle.remove()
     calls.clear()
     output(net, X)
     assert calls == []
+
+
+class Doubler:
+    """A user hook that changes what its module returns (a forward hook) or receives (a
+    pre-hook), and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, module, args, out=None):
+        self.calls += 1
+        if isinstance(out, dict):  # a pre-hook with keyword arguments: bn(input=x)
+            return args, {k: 2 * v for k, v in out.items()}
+        return 2 * out if out is not None else (2 * args[0],)
+
+
+@pytest.mark.parametrize(
+    ("where", "kind"),
+    [("conv", "forward"), ("bn", "pre"), ("", "forward_of_a_parent")],
+)
+def test_fold_leaves_a_bn_with_a_hook_between_it_and_its_layer(where, kind):
+    net = model()
+    if kind == "forward_of_a_parent":  # conv inside a block whose output a hook changes
+        net.conv = torch.nn.Sequential(net.conv)
+        where = "conv"
+    hook = Doubler()
+    module = net.get_submodule(where)
+    if kind == "pre":
+        module.register_forward_pre_hook(hook, with_kwargs=True)
+    else:
+        module.register_forward_hook(hook)
+    reference = copy.deepcopy(net)
+    bnsurgery.fold(net, X)
+    assert hook.calls == 0
+    left = {s.bn: s.reason for s in bnsurgery.last_report(net).left}
+    assert "bn" in left and "hook" in left["bn"], left
+    assert isinstance(net.bn, torch.nn.BatchNorm2d)
+    assert_same_function(reference, net, (X,))  # with the hook, as the user runs it
+    assert hook.calls == 1
+
+
+def test_internal_passes_keep_torchs_own_hooks_and_put_the_users_back_in_order():
+    from bnsurgery.norms import user_hooks_suspended
+
+    conv = torch.nn.Conv2d(3, 3, 1)
+    first = conv.register_forward_pre_hook(lambda *a: None)
+    conv = torch.nn.utils.weight_norm(conv)  # computes its weight in a torch pre-hook
+    conv.register_forward_pre_hook(lambda *a: None)
+    before = list(conv._forward_pre_hooks.items())
+    with torch.no_grad():
+        conv.weight_g.mul_(3)  # only the torch hook makes the weight follow
+    with user_hooks_suspended(conv):
+        assert [type(h).__name__ for h in conv._forward_pre_hooks.values()] == ["WeightNorm"]
+        out = conv(X[:1])
+    assert list(conv._forward_pre_hooks.items()) == before
+    assert torch.allclose(out, conv(X[:1]))
+    first.remove()
+    assert len(conv._forward_pre_hooks) == 2
+
+
+def test_fold_and_inspect_fire_no_user_hook():
+    net = model()
+    reference = copy.deepcopy(net)
+    calls: list[str] = []
+
+    def observe(*args):
+        calls.append("hook")
+
+    # hooks outside each conv-BN pair: the folds happen and the hooks fire as before
+    handles = [net.register_forward_hook(observe), net.conv.register_forward_pre_hook(observe)]
+    handles += [net.get_submodule(n).register_forward_hook(observe) for n in ("bn", "bn1d")]
+    try:
+        bnsurgery.survey(net, X)
+        bnsurgery.fold(net, X)
+        assert calls == []
+        assert [e.bn for e in bnsurgery.last_report(net).folded] == ["bn", "bn1d"]
+        assert_same_function(reference, net, (X,))
+        assert calls == ["hook"] * 4
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_a_global_module_hook_fires_not_in_fold_and_keeps_every_bn():
+    net, calls = model(), []
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: calls.append(1))
+    try:
+        bnsurgery.fold(net, X)
+        assert calls == []
+        assert all("global module hook" in s.reason for s in bnsurgery.last_report(net).left)
+        assert not bnsurgery.last_report(net).folded
+    finally:
+        handle.remove()
 
 
 def test_unfreeze_gives_back_the_bn_with_its_hooks():
@@ -484,3 +582,56 @@ def test_every_surgery_on_hugging_face_frozen_bn(tmp_path):
 
     info = {b.name: b for b in bnsurgery.survey(net, X).layers}
     assert set(info) == {"bn"} and info["bn"].eps == 1e-5
+
+
+class YoloConv(torch.nn.Module):
+    """ultralytics' ``Conv`` as it is written: conv, ``bn`` and act, and the fused forward its
+    model's ``fuse()`` switches to after folding ``bn`` itself by reading its tensors."""
+
+    def __init__(self, c1: int, c2: int) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c1, c2, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(c2)
+        self.act = torch.nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+    def forward_fuse(self, x):
+        return self.act(self.conv(x))
+
+
+def yolo_fuse(model: torch.nn.Module) -> torch.nn.Module:
+    """ultralytics' ``BaseModel.fuse``: every Conv that still has a ``bn`` gets it folded in."""
+    from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+    for m in model.modules():
+        if isinstance(m, YoloConv) and hasattr(m, "bn"):
+            bn = m.bn
+            m.conv.weight, m.conv.bias = fuse_conv_bn_weights(
+                m.conv.weight, m.conv.bias, bn.running_mean, bn.running_var, bn.eps, bn.weight,
+                bn.bias,
+            )  # fmt: skip
+            delattr(m, "bn")
+            m.forward = m.forward_fuse
+    return model
+
+
+def test_a_models_own_bn_fuser_still_runs_after_fold():
+    net = prepared(torch.nn.Sequential(YoloConv(3, 8), YoloConv(8, 4)))
+    reference = copy.deepcopy(net)
+    bnsurgery.fold(net, X)
+    assert len(bnsurgery.last_report(net).folded) == 2
+    assert_same_function(reference, net, (X,))
+    folded_twice = yolo_fuse(copy.deepcopy(net))  # what YOLO.predict does before predicting
+    assert not any(hasattr(m, "bn") for m in folded_twice.modules() if isinstance(m, YoloConv))
+    assert torch.equal(output(folded_twice, X), output(net, X))  # the leftover is an exact 1
+
+
+def test_fold_tells_that_torchvisions_fuse_model_cannot_follow():
+    from torchvision.models import quantization
+
+    net = prepared(quantization.resnet18(weights=None, quantize=False))
+    x = torch.randn(1, 3, 32, 32)
+    bnsurgery.fold(net, x)
+    assert any("fuse_model()" in n for n in bnsurgery.last_report(net).notes)
