@@ -74,14 +74,27 @@ def _source_options(func: Any, batch_default: int = 2) -> Any:
             "--trust-pickle",
             "trust_code",
             is_flag=True,
+            is_eager=True,  # known when --inputs is read, wherever it stands
             help="Allow the files you name to run code when loaded: full pickles, TorchScript, "
             "and package.module:factory architectures recorded in a file. Only for files you "
             "trust. (--trust-pickle is the old name.)",
         ),
         click.option(
             "--input-size",
+            callback=_one_kind_of_inputs,
             help="Per-sample input size, e.g. 3,224,224 (default: from timm's config, or "
             "torchvision's for image classifiers).",
+        ),
+        click.option(
+            "--inputs",
+            "inputs_file",
+            type=_PATH,
+            callback=_read_inputs,
+            help="Example inputs from a tensor file, instead of --input-size (several inputs, "
+            "integer ones, keywords): .safetensors (keys are keyword arguments, or 0, 1, ... "
+            "positional ones), .npy (one tensor), .pt (a tensor, a tuple or list of "
+            "positional inputs, or a dict of keyword inputs). Used as they are (--batch-size "
+            "and --seed do not apply), floating tensors cast to the model's dtype.",
         ),
         click.option(
             "--batch-size",
@@ -104,6 +117,25 @@ def _source_options(func: Any, batch_default: int = 2) -> Any:
     return func
 
 
+def _one_kind_of_inputs(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """--input-size and --inputs each say what the example inputs are: one of them at most
+    (checked by whichever click processes second)."""
+    other = "input_size" if param.name == "inputs_file" else "inputs_file"
+    if value is not None and ctx.params.get(other) is not None:
+        raise click.UsageError("--inputs and --input-size both give the example inputs; pass one")
+    return value
+
+
+def _read_inputs(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """--inputs, read and checked as it is parsed, before any work starts."""
+    value = _one_kind_of_inputs(ctx, param, _not_empty(ctx, param, value))
+    if value is None:
+        return None
+    from .datasets import read_example_inputs
+
+    return read_example_inputs(value, trust_code=bool(ctx.params.get("trust_code")))
+
+
 def _load(source: str, arch: str | None, weights: str | None, trust_code: bool):
     from .checkpoint import load
 
@@ -118,14 +150,21 @@ def _example_inputs(
     size_text: str | None,
     batch: int,
     seed: int,
+    given: Any = None,
+    *,
     required: bool,
 ):
-    """Seeded random inputs of the model's dtype, or None when the size is unknown."""
+    """The inputs of ``given`` (``--inputs``) as positional arguments of the model, or seeded
+    random inputs of the model's dtype, or None when the size is unknown."""
     import torch
 
     from .checkpoint import exists
     from .specs import default_input_size, is_spec
 
+    if given is not None:
+        from .datasets import example_arguments
+
+        return example_arguments(model, given)
     size = _parse_size(size_text)
     if size is None:
         spec = source if is_spec(source) and not exists(Path(source)) else arch
@@ -254,10 +293,26 @@ def _output_options(func: Any) -> Any:
     return func
 
 
+#: More reader processes than this is a typo, not a machine.
+MAX_WORKERS = 256
+
+_workers_option = click.option(
+    "--workers",
+    type=click.IntRange(0, MAX_WORKERS),
+    default=0,
+    show_default=True,
+    help="Processes that read and preprocess a folder of images (a torch DataLoader's "
+    "num_workers; 0 reads them in this process); same batches either way. No effect on a "
+    "tensor file, which is read once.",
+)
+
+
 @cli.command("inspect")
 @_source_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def inspect_command(source, arch, weights, trust_code, input_size, batch_size, seed, as_json):
+def inspect_command(
+    source, arch, weights, trust_code, input_size, inputs_file, batch_size, seed, as_json
+):
     """Survey the BN layers of SOURCE: state, statistics health and the fold plan."""
     import torch
 
@@ -267,7 +322,9 @@ def inspect_command(source, arch, weights, trust_code, input_size, batch_size, s
     model = _load(source, arch, weights, trust_code)
     inputs = None
     if not isinstance(model, torch.jit.ScriptModule):
-        inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=False)
+        inputs = _example_inputs(
+            model, source, arch, input_size, batch_size, seed, inputs_file, required=False
+        )
     result = survey(model, inputs)
     click.echo(to_json(result) if as_json else survey_text(result))
 
@@ -282,7 +339,7 @@ def inspect_command(source, arch, weights, trust_code, input_size, batch_size, s
     help="Max relative output error (default by dtype).",
 )
 def fold_command(
-    source, arch, weights, trust_code, input_size, batch_size, seed,
+    source, arch, weights, trust_code, input_size, inputs_file, batch_size, seed,
     output, fmt, force, include, exclude, tolerance, as_json,
 ):  # fmt: skip
     """Fold BN layers of SOURCE into neighbouring conv/linear layers, verified on example
@@ -291,8 +348,12 @@ def fold_command(
     from .provenance import last_report
     from .report import fold_text, to_json
 
-    model = _open("fold", "folded", source, arch, weights, trust_code, output, fmt, force)
-    inputs = _example_inputs(model, source, arch, input_size, batch_size, seed, required=True)
+    model = _open(
+        "fold", "folded", source, arch, weights, trust_code, output, fmt, force, (inputs_file,)
+    )
+    inputs = _example_inputs(
+        model, source, arch, input_size, batch_size, seed, inputs_file, required=True
+    )
     fold(model, inputs, include=include or None, exclude=exclude or None, tolerance=tolerance)
     report = last_report(model)
     assert report is not None
@@ -395,7 +456,8 @@ def _arch_to_record(model: Any, arch: str | None) -> str | None:
 def _write(model, source, output, fmt, force, arch, operation, inputs=None, sizes=None) -> None:
     """Save, tracing with example inputs where TorchScript is asked for and scripting fails.
 
-    ``sizes``: ``(input_size, batch_size, seed)`` to make those inputs when none are given.
+    ``sizes``: ``(input_size, batch_size, seed[, inputs_file])`` to make those inputs when
+    none are given.
     """
     from .checkpoint import default_output, output_format, save
 
@@ -425,7 +487,7 @@ def _write(model, source, output, fmt, force, arch, operation, inputs=None, size
     help="Only BN layers in the first N stages (1 = the stem).",
 )
 def freeze_command(
-    source, arch, weights, trust_code, input_size, batch_size, seed,
+    source, arch, weights, trust_code, input_size, inputs_file, batch_size, seed,
     output, fmt, force, include, exclude, as_json, stats_only, stages,
 ):  # fmt: skip
     """Freeze BN layers of SOURCE (statistics, and affine unless --stats-only) and write a
@@ -434,20 +496,23 @@ def freeze_command(
     from .provenance import last_report
     from .report import freeze_text, to_json
 
-    model = _open("freeze", "frozen", source, arch, weights, trust_code, output, fmt, force)
+    model = _open(
+        "freeze", "frozen", source, arch, weights, trust_code, output, fmt, force, (inputs_file,)
+    )
     freeze(model, include or None, exclude or None, stages=stages, train_affine=stats_only)
     report = last_report(model)
     click.echo(to_json(report) if as_json else freeze_text(report))
     if not report.changed:
         raise NothingToDoError("no BN layer to freeze (reasons above); nothing written")
-    _write(model, source, output, fmt, force, arch, "frozen", sizes=(input_size, batch_size, seed))
+    sizes = (input_size, batch_size, seed, inputs_file)
+    _write(model, source, output, fmt, force, arch, "frozen", sizes=sizes)
 
 
 @cli.command("unfreeze")
 @_source_options
 @_output_options
 def unfreeze_command(
-    source, arch, weights, trust_code, input_size, batch_size, seed,
+    source, arch, weights, trust_code, input_size, inputs_file, batch_size, seed,
     output, fmt, force, include, exclude, as_json,
 ):  # fmt: skip
     """Undo a freeze: restore the original BN layers of SOURCE and write the model."""
@@ -455,15 +520,17 @@ def unfreeze_command(
     from .provenance import last_report
     from .report import freeze_text, to_json
 
-    model = _open("unfreeze", "unfrozen", source, arch, weights, trust_code, output, fmt, force)
+    reads = (inputs_file,)
+    model = _open(
+        "unfreeze", "unfrozen", source, arch, weights, trust_code, output, fmt, force, reads
+    )
     unfreeze(model, include or None, exclude or None)
     report = last_report(model)
     if not report.changed:
         raise NothingToDoError("no layer frozen by bnsurgery; nothing to unfreeze, nothing written")
     click.echo(to_json(report) if as_json else freeze_text(report))
-    _write(
-        model, source, output, fmt, force, arch, "unfrozen", sizes=(input_size, batch_size, seed)
-    )
+    sizes = (input_size, batch_size, seed, inputs_file)
+    _write(model, source, output, fmt, force, arch, "unfrozen", sizes=sizes)
 
 
 @cli.command("swap")
@@ -490,10 +557,11 @@ def unfreeze_command(
     "(.pt, .npy, .safetensors) of float samples (N, C, ...) preprocessed as the model expects.",
 )
 @click.option("--batches", type=click.IntRange(1, None), help="Use at most N calibration batches.")
+@_workers_option
 def swap_command(
     source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, as_json, target, groups, group_size, dims,
-    calibrate_path, batches,
+    calibrate_path, batches, inputs_file, workers,
 ):  # fmt: skip
     """Replace BN layers of SOURCE by another norm (keeping their scale and shift, activations
     of norm-act layers, and optionally repairing the fit on data) and write the model."""
@@ -503,14 +571,16 @@ def swap_command(
     from .swapping import swap
 
     model = _open(
-        "swap", target, source, arch, weights, trust_code, output, fmt, force, (calibrate_path,)
-    )
+        "swap", target, source, arch, weights, trust_code, output, fmt, force,
+        (calibrate_path, inputs_file),
+    )  # fmt: skip
     data = None
     with _DataFile(calibrate_path):
         if calibrate_path:
             data, _ = batches_from_path(
-                calibrate_path, model, batch_size=batch_size, input_size=_parse_size(input_size)
-            )
+                calibrate_path, model, batch_size=batch_size, input_size=_parse_size(input_size),
+                workers=workers,
+            )  # fmt: skip
         swap(
             model,
             target,
@@ -526,7 +596,8 @@ def swap_command(
     click.echo(to_json(report) if as_json else swap_text(report))
     if not report.swapped:
         raise NothingToDoError("no BN layer swapped (reasons above); nothing written")
-    _write(model, source, output, fmt, force, arch, target, sizes=(input_size, batch_size, seed))
+    sizes = (input_size, batch_size, seed, inputs_file)
+    _write(model, source, output, fmt, force, arch, target, sizes=sizes)
 
 
 class _DataFile:
@@ -602,10 +673,11 @@ def _distributed() -> tuple[int, int]:
     help="Run the pass under torch.autocast with this dtype (statistics merge in float64).",
 )
 @click.option("--device", help="Run the pass on this device, e.g. cuda or cuda:1 (default: cpu).")
+@_workers_option
 def recalibrate_command(
-    source, arch, weights, trust_code, input_size, batch_size, seed,
+    source, arch, weights, trust_code, input_size, inputs_file, batch_size, seed,
     output, fmt, force, include, exclude, as_json, data_path, batches, mode, quiet, plot,
-    channels_last, momentum, autocast, device,
+    channels_last, momentum, autocast, device, workers,
 ):  # fmt: skip
     """Recompute BN running statistics of SOURCE over data (exact population statistics) and
     write the model. Works under `torchrun --nproc-per-node N -m bnsurgery recalibrate ...`."""
@@ -630,7 +702,7 @@ def recalibrate_command(
         output,
         fmt,
         force,
-        (data_path,),
+        (data_path, inputs_file),
         plot=plot,
         check=rank == 0,
     )
@@ -642,6 +714,7 @@ def recalibrate_command(
             input_size=_parse_size(input_size),
             rank=rank,
             world=world,
+            workers=workers,
         )
     total = min(total, batches) if batches is not None else total
     show = not quiet and rank == 0 and sys.stderr.isatty()
@@ -692,7 +765,7 @@ def recalibrate_command(
             force,
             arch,
             "recalibrated",
-            sizes=(input_size, batch_size, seed),
+            sizes=(input_size, batch_size, seed, inputs_file),
         )
     except BaseException:
         _discard(plot, plotted)  # the plot alone would be half the output
