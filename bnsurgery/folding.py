@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_flatten
 
 from . import foldmath, provenance
 from .errors import UnsupportedModelError, VerificationError
-from .graph import Graph, Node, Trace, Value, as_args, eval_mode, trace
+from .graph import Graph, Node, Trace, Value, as_args, eval_mode, on_unwrapped, trace
 from .norms import (
     bn_stats,
     carry_hooks,
@@ -324,6 +324,7 @@ def _why_not(bn: nn.Module, graph: Graph, sites: list[Node]) -> str | None:
     return None
 
 
+@on_unwrapped
 def plan_fold(
     model: nn.Module,
     example_inputs: Any = None,
@@ -656,6 +657,7 @@ def _output_dtype(output: Any) -> str:
     return str(floats[0]).replace("torch.", "") if floats else "its dtype"
 
 
+@on_unwrapped
 def fold(
     model: nn.Module,
     example_inputs: Any = None,

@@ -21,6 +21,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import provenance
 from .errors import UsageError
 from .frozen import FrozenBatchNorm
+from .graph import on_unwrapped
 from .norms import bn_stats, carry_hooks, check_finite, is_batchnorm
 from .select import select_batchnorms
 
@@ -76,6 +77,7 @@ def _in_stages(model: nn.Module, stages: int) -> set[str]:
     }
 
 
+@on_unwrapped
 def freeze(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
@@ -164,6 +166,7 @@ def freeze(
     return model
 
 
+@on_unwrapped
 def unfreeze(
     model: nn.Module,
     include: str | Sequence[str] | None = None,

@@ -18,8 +18,9 @@ Nothing here relies on module registration order, and nothing here changes the m
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,17 @@ from torch.utils.weak import WeakTensorKeyDictionary
 from .errors import TraceError, UnsupportedModelError
 from .norms import call_input, is_batchnorm, user_hooks_suspended
 
-__all__ = ["Graph", "Node", "Trace", "Value", "as_args", "eval_mode", "trace", "unwrapped"]
+__all__ = [
+    "Graph",
+    "Node",
+    "Trace",
+    "Value",
+    "as_args",
+    "eval_mode",
+    "on_unwrapped",
+    "trace",
+    "unwrapped",
+]
 
 #: torch functions with a weight that a BN can be folded into: kind, argument names.
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -150,6 +161,21 @@ def as_args(example_inputs: Any) -> tuple[Any, ...]:
     if isinstance(example_inputs, tuple | list):
         return tuple(example_inputs)
     return (example_inputs,)
+
+
+def on_unwrapped(surgery: Callable[..., Any]) -> Callable[..., Any]:
+    """Make ``surgery(model, ...)`` work on the module a wrapper runs (:func:`unwrapped`): layer
+    names without ``_orig_mod.`` or ``module.``, eager passes (a compiled graph skips the hooks
+    a pass adds), and the record :func:`bnsurgery.save` writes. A surgery that returns the
+    module it worked on returns what it was given, the wrapper."""
+
+    @functools.wraps(surgery)
+    def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        inner = unwrapped(model)
+        result = surgery(inner, *args, **kwargs)
+        return model if result is inner else result
+
+    return run
 
 
 def unwrapped(model: nn.Module) -> nn.Module:

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import BnSurgeryError, SourceError
+from .graph import unwrapped
 from .norms import NormActRemainder, remainder_of
 
 __all__ = [
@@ -38,7 +39,9 @@ _ATTR = "_bnsurgery_record"
 
 
 def get_record(model: nn.Module) -> dict[str, Any]:
-    """The model's record: ``{"arch": str | None, "steps": [...], "structure": [...]}``."""
+    """The model's record: ``{"arch": str | None, "steps": [...], "structure": [...]}``
+    (of the module a ``torch.compile`` or DataParallel wrapper runs, which surgeries change)."""
+    model = unwrapped(model)
     record = model.__dict__.get(_ATTR)
     if record is None:
         record = {"arch": None, "steps": [], "structure": []}
@@ -51,12 +54,12 @@ _REPORTS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary(
 
 def set_report(model: nn.Module, report: Any) -> None:
     """Remember the report of the last surgery applied to this model object."""
-    _REPORTS[model] = report
+    _REPORTS[unwrapped(model)] = report
 
 
 def last_report(model: nn.Module) -> Any:
     """The report of the last surgery (fold, freeze, ...) applied to this model object."""
-    return _REPORTS.get(model)
+    return _REPORTS.get(unwrapped(model))
 
 
 def set_arch(model: nn.Module, arch: str | None) -> None:

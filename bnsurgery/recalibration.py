@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import provenance
 from .errors import BnSurgeryError, DataError, UsageError
-from .graph import eval_mode, unwrapped
+from .graph import eval_mode, on_unwrapped, unwrapped
 from .norms import has_activation
 from .select import select_batchnorms
 
@@ -398,6 +398,7 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+@on_unwrapped
 def recalibrate(
     model: nn.Module,
     data: Iterable[Any],

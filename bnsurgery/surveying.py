@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import BnSurgeryError
 from .frozen import FrozenBatchNorm
+from .graph import on_unwrapped
 from .norms import eps_of, has_activation, is_batchnorm, is_frozen_batchnorm
 
 __all__ = ["BNInfo", "Survey", "survey"]
@@ -146,6 +147,7 @@ def _info(name: str, module: nn.Module, fold: str) -> BNInfo:
     )
 
 
+@on_unwrapped
 def survey(model: nn.Module, example_inputs: Any = None) -> Survey:
     """Survey every BN layer of ``model`` without changing it.
 

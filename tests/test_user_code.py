@@ -420,6 +420,33 @@ def test_save_of_a_wrapped_model_loads_back(how, tmp_path):
     assert torch.equal(output(loaded, X), output(net.eval(), X))
 
 
+@pytest.mark.parametrize("how", ["compiled", "data_parallel"])
+@pytest.mark.parametrize("surgery", ["fold", "freeze", "recalibrate", "survey"])
+def test_a_surgery_on_a_wrapped_model_works_on_the_model_inside(how, surgery, tmp_path):
+    net = prepared(bnsurgery.load("tests.models:keyword_tutorial"))
+    reference = copy.deepcopy(net)
+    wrapped = _wrapped(net, how)
+    if surgery == "survey":  # names as the model has them, not _orig_mod.bn or module.bn
+        assert [i.name for i in bnsurgery.survey(wrapped, X).layers] == ["bn", "bn1d"]
+        return
+    result = {
+        "fold": lambda w: bnsurgery.fold(w, X),
+        "freeze": bnsurgery.freeze,
+        "recalibrate": lambda w: bnsurgery.recalibrate(w, [X, X[:3]]),
+    }[surgery](wrapped)
+    assert result is wrapped
+    report = bnsurgery.last_report(wrapped)
+    assert report is bnsurgery.last_report(net)
+    names = [getattr(e, "bn", e) for e in getattr(report, "folded", None) or []]
+    assert all(not str(n).startswith(("_orig_mod", "module")) for n in names)
+    path = bnsurgery.save(wrapped, tmp_path / "m.safetensors")
+    loaded = bnsurgery.load(path, arch="tests.models:keyword_tutorial")
+    assert type(loaded.bn) is type(net.bn)
+    assert torch.allclose(output(loaded, X), output(net.eval(), X), atol=1e-6)
+    if surgery != "recalibrate":
+        assert_same_function(reference, loaded, (X,))
+
+
 @pytest.mark.parametrize("first", [False, True])
 def test_a_second_freeze_changes_whether_the_affine_trains(first, tmp_path):
     """README: freeze everything, then freeze(..., train_affine=True) on some layers frees
