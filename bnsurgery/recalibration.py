@@ -290,6 +290,22 @@ class _Layout:
                 "forces it)"
             )
 
+    @contextlib.contextmanager
+    def explained(self) -> Any:
+        """A model that fails on channels-last batches (a ``.view`` of a conv's output) is told
+        so, and how to run it: the complaint alone blames the data."""
+        try:
+            yield
+        except DataError as exc:
+            text = str(exc)
+            if not self.active or not any(k in text for k in ("stride", "view size")):
+                raise
+            raise DataError(
+                "the model fails on channels-last batches, the format --channels-last "
+                "(channels_last=True) forces: its code depends on the memory layout (a .view "
+                "of a conv's output); run without it"
+            ) from exc
+
     def restore(self) -> None:
         if self.active:
             self.model.to(memory_format=torch.contiguous_format)
@@ -489,7 +505,7 @@ def recalibrate(
             for batch in itertools.islice(data, limit):  # no batch beyond num_batches
                 moved = _to(batch, device, layout.active)
                 check.batch(moved, batches)
-                with cast, layout.batch():
+                with cast, layout.batch(), layout.explained():
                     _run(feed, model, moved)
                 batches += 1
                 if progress is not None:

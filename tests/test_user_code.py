@@ -492,6 +492,7 @@ def test_a_pickled_source_without_arch_is_refused_before_the_work(tmp_path, caps
         (["--batches", "50"], 0, "the data held 3, all used"),
         (["--device", "xyz"], 2, "not a device"),
         (["--no-channels-last"], 0, "wrote"),
+        (["--channels-last"], 11, "depends on the memory layout (a .view"),  # forced on .view
     ],
 )
 def test_recalibrate_options(extra, code, phrase, tmp_path, capsys):
