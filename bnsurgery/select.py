@@ -40,16 +40,19 @@ def select_batchnorms(
     classes.
 
     Raises:
-        UsageError: a pattern selects nothing; the message suggests the nearest names.
+        UsageError: a pattern, included or excluded, matches no BN layer (a typo in an exclude
+            would otherwise act on the very layers it meant to spare); the message suggests
+            the nearest names.
     """
     include_list, exclude_list = _as_list(include), _as_list(exclude)
     every = list(iter_batchnorms(model))
     names = [n for n, _ in every]
-    for pattern in include_list:
-        if not any(_matches(n, pattern) for n in names):
-            near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
-            hint = f"; nearest BN names: {', '.join(near)}" if near else ""
-            raise UsageError(f"--include {pattern!r} matches no BN layer{hint}")
+    for option, patterns in (("--include", include_list), ("--exclude", exclude_list)):
+        for pattern in patterns:
+            if not any(_matches(n, pattern) for n in names):
+                near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
+                hint = f"; nearest BN names: {', '.join(near)}" if near else ""
+                raise UsageError(f"{option} {pattern!r} matches no BN layer{hint}")
     chosen = [
         (n, m)
         for n, m in every
