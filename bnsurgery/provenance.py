@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import BnSurgeryError, SourceError
 from .graph import unwrapped
-from .norms import NormActRemainder, remainder_of
+from .norms import NormActRemainder, carry_hooks, remainder_of
 
 __all__ = [
     "add_zero_bias",
@@ -147,9 +147,12 @@ def replay(model: nn.Module, structure: list[dict[str, Any]]) -> None:
                 if kind.startswith("swap:"):
                     from .swapping import rebuild
 
-                    setattr(parent, child, rebuild(old, kind[5:], edit.get("options", {})))
+                    new = rebuild(old, kind[5:], edit.get("options", {}))
                 else:
-                    setattr(parent, child, _BUILDERS[kind](old, edit))
+                    new = _BUILDERS[kind](old, edit)
+                # hooks the architecture's own code registered on the BN fire on its
+                # replacement, as they did when the surgery was made
+                setattr(parent, child, carry_hooks(old, new))
             elif "add_bias" in edit:
                 module = model.get_submodule(edit["add_bias"])
                 add_zero_bias(module, int(edit["channels"]), module.weight)

@@ -250,3 +250,36 @@ class KeywordTutorial(nn.Module):
 def keyword_tutorial() -> nn.Module:
     """Factory (``tests.models:keyword_tutorial``; inputs 3 x 4 x 4)."""
     return KeywordTutorial()
+
+
+class Shift:
+    """A forward hook the model's own code registers: it adds 0.25 to what its module returns
+    (so dropping it changes the function) and counts its calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return output + 0.25
+
+
+class HookedInInit(nn.Module):
+    """Conv -> BN -> ReLU -> Linear, whose ``__init__`` registers a hook on its BN (inputs
+    3 x 4 x 4): a rebuilt checkpoint must fire it on whatever replaced the BN."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 16, 2)
+        self.shift = Shift()
+        self.bn.register_forward_hook(self.shift)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def hooked_in_init() -> nn.Module:
+    """Factory (``tests.models:hooked_in_init``)."""
+    return HookedInInit()

@@ -663,3 +663,20 @@ def test_fold_tells_that_torchvisions_fuse_model_cannot_follow():
     x = torch.randn(1, 3, 32, 32)
     bnsurgery.fold(net, x)
     assert any("fuse_model()" in n for n in bnsurgery.last_report(net).notes)
+
+
+@pytest.mark.parametrize("surgery", ["fold", "freeze", "swap_frozen", "swap_groupnorm"])
+def test_a_hook_the_architecture_registers_fires_after_save_and_load(surgery, tmp_path):
+    spec = "tests.models:hooked_in_init"
+    net = prepared(bnsurgery.load(spec))
+    {
+        "fold": lambda n: bnsurgery.fold(n, X),
+        "freeze": bnsurgery.freeze,
+        "swap_frozen": lambda n: bnsurgery.swap(n, "frozen"),
+        "swap_groupnorm": lambda n: bnsurgery.swap(n, "groupnorm"),
+    }[surgery](net)
+    loaded = bnsurgery.load(bnsurgery.save(net, tmp_path / "m.safetensors"), arch=spec)
+    assert type(loaded.bn) is type(net.bn)
+    before = loaded.shift.calls
+    torch.testing.assert_close(output(loaded, X), output(net.eval(), X))
+    assert loaded.shift.calls == before + 1
