@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.utils._pytree import tree_flatten
 
 from . import foldmath, provenance
 from .errors import UnsupportedModelError, VerificationError
@@ -44,7 +43,7 @@ from .norms import (
     user_hooks_suspended,
 )
 from .select import select_batchnorms
-from .verify import default_tolerance, max_relative_error
+from .verify import default_tolerance, max_relative_error, tensors_in
 
 __all__ = [
     "FoldEdit",
@@ -652,7 +651,7 @@ def _verified(
 
 
 def _output_dtype(output: Any) -> str:
-    dtypes = [t.dtype for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+    dtypes = [t.dtype for t in tensors_in(output)]
     floats = [d for d in dtypes if d.is_floating_point]
     return str(floats[0]).replace("torch.", "") if floats else "its dtype"
 

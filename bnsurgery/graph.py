@@ -33,6 +33,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from .errors import TraceError, UnsupportedModelError
 from .norms import call_input, is_batchnorm, user_hooks_suspended
+from .verify import tensors_in
 
 __all__ = [
     "Graph",
@@ -424,9 +425,8 @@ def _walk(model: nn.Module, args: tuple[Any, ...]) -> Trace:
     finally:
         for h in hooks:
             h.remove()
-    for t in tree_flatten(output)[0]:
-        if isinstance(t, torch.Tensor):
-            recorder.value_of(t).is_output = True
+    for t in tensors_in(output):  # dataclass outputs too: their tensors are outputs
+        recorder.value_of(t).is_output = True
     for node in recorder.nodes:
         if node.kind == "batchnorm":
             node.name = names.get(id(node.module), type(node.module).__name__)

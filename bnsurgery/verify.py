@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import torch
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["default_tolerance", "max_relative_error"]
+__all__ = ["default_tolerance", "flatten", "max_relative_error", "tensors_in"]
 
 _TOLERANCE = {
     torch.float64: 1e-9,
@@ -18,9 +19,41 @@ _TOLERANCE = {
 }
 
 
+def flatten(output: Any) -> tuple[list[Any], Any]:
+    """``torch.utils._pytree.tree_flatten`` that also opens dataclasses (a model's output
+    object, Hugging Face's ``ModelOutput`` included), field by field in their order: a tensor
+    inside one is an output like any other, to compare and to keep.
+
+    >>> import dataclasses
+    >>> @dataclasses.dataclass
+    ... class Out:
+    ...     logits: Any
+    ...     extra: Any = None
+    >>> flatten(Out(1, [2, 3]))[0]
+    [1, 2, 3]
+    """
+    return tree_flatten(_plain(output))
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        fields = {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {type(obj).__qualname__: fields}  # the type in the structure, not a leaf
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_plain(v) for v in obj)
+    return obj  # namedtuples and the rest: pytree's own rules
+
+
+def tensors_in(output: Any) -> list[torch.Tensor]:
+    """Every tensor in ``output`` (containers and dataclasses opened), in order."""
+    return [t for t in flatten(output)[0] if isinstance(t, torch.Tensor)]
+
+
 def default_tolerance(output: Any) -> float:
     """Tolerance suited to the lowest-precision floating tensor in ``output``."""
-    dtypes = [t.dtype for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+    dtypes = [t.dtype for t in tensors_in(output)]
     floats = [_TOLERANCE.get(d, 1e-4) for d in dtypes if d.is_floating_point]
     return max(floats, default=1e-4)
 
@@ -36,8 +69,8 @@ def max_relative_error(reference: Any, candidate: Any) -> float:
     place, and infinities must match exactly. A structure mismatch is ``inf``. The arithmetic
     is float64, a chunk at a time, so comparing a large activation costs little memory.
     """
-    ref_leaves, ref_spec = tree_flatten(reference)
-    cand_leaves, cand_spec = tree_flatten(candidate)
+    ref_leaves, ref_spec = flatten(reference)
+    cand_leaves, cand_spec = flatten(candidate)
     if ref_spec != cand_spec or len(ref_leaves) != len(cand_leaves):
         return math.inf
     worst = 0.0

@@ -5,6 +5,7 @@ saving and loading, and fold must fold what it folds in timm's models."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -680,3 +681,34 @@ def test_a_hook_the_architecture_registers_fires_after_save_and_load(surgery, tm
     before = loaded.shift.calls
     torch.testing.assert_close(output(loaded, X), output(net.eval(), X))
     assert loaded.shift.calls == before + 1
+
+
+@dataclasses.dataclass
+class Out:
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+class DataclassOut(torch.nn.Module):
+    """Returns a dataclass holding the conv's output itself: the BN after it cannot fold
+    into that conv without changing ``features``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.bn = torch.nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        pre = self.conv(x)
+        return Out(logits=self.bn(pre).mean((2, 3)), features=pre)
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_dataclass_output_is_an_output(verify):
+    net = prepared(DataclassOut())
+    reference = copy.deepcopy(net)
+    bnsurgery.fold(net, X, verify=verify)
+    left = dict((s.bn, s.reason) for s in bnsurgery.last_report(net).left)
+    assert "model output" in left["bn"]
+    got, expected = output(net, X), output(reference, X)
+    assert torch.equal(got.features, expected.features) and torch.equal(got.logits, expected.logits)
