@@ -293,7 +293,25 @@ def load_state_dict_into(model: nn.Module, state: Mapping[str, torch.Tensor], ar
     problem = state_mismatch(own, {k: tuple(v.shape) for k, v in state.items()})
     if problem:
         raise SourceError(f"weights do not fit {arch}: {problem}")
+    _take_dtypes(model, state)
     model.load_state_dict(dict(state), strict=False)
+
+
+def _take_dtypes(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Give each floating parameter and buffer the dtype its tensor has in the file: the
+    architecture is built in float32, and copying a float64 (or half) checkpoint into it would
+    round it in silence (a float64 fold saved and loaded back must stay float64)."""
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        stored = state.get(key)
+        if stored is None or not (tensor.is_floating_point() and stored.is_floating_point()):
+            continue
+        if stored.dtype != tensor.dtype:
+            owner_name, _, attr = key.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            if isinstance(tensor, nn.Parameter):
+                tensor.data = tensor.data.to(stored.dtype)
+            else:
+                owner._buffers[attr] = tensor.to(stored.dtype)
 
 
 def _safetensors_header(path: Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:

@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import os
+import sys
+import sysconfig
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -93,12 +97,29 @@ def has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _is_torch_hook(hook: Any) -> bool:
-    """True for hooks PyTorch itself installs as part of a module's function (``weight_norm``'s
-    and ``spectral_norm``'s weight computation, pruning masks, quantisation observers)."""
+def _is_library_hook(hook: Any) -> bool:
+    """True for hooks an installed library registers as part of its models' function:
+    PyTorch's (``weight_norm``'s weight, pruning masks, quantisation observers), Hugging Face's
+    (transformers computes ``hidden_states`` with hooks, and DPT's neck reads them), timm's, and
+    any other package installed in this Python's library folders. A hook defined in code of
+    your own (a script, a project folder, an editable install) is yours."""
     fn = getattr(hook, "__func__", None) or getattr(hook, "func", None) or hook
-    where = getattr(fn, "__module__", None) or type(fn).__module__
-    return where == "torch" or where.startswith("torch.")
+    name = getattr(fn, "__module__", None) or type(fn).__module__
+    if name == "torch" or name.startswith("torch."):
+        return True
+    return _installed(name.partition(".")[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _installed(package: str) -> bool:
+    module = sys.modules.get(package)
+    path = getattr(module, "__file__", None)
+    if path is None:
+        return module is not None and package in sys.builtin_module_names
+    path = os.path.realpath(path)
+    paths = sysconfig.get_paths()
+    roots = {os.path.realpath(paths[k]) for k in ("purelib", "platlib", "stdlib")}
+    return any(path.startswith(root + os.sep) for root in roots)
 
 
 #: The forward-pass hook tables a user hook can sit in, and the global ones.
@@ -108,7 +129,7 @@ _GLOBAL_TABLES = ("_global_forward_pre_hooks", "_global_forward_hooks")
 
 def user_hooks(module: nn.Module | None, table: str) -> list[Any]:
     """The hooks of ``module``'s ``table`` (``"_forward_pre_hooks"`` or ``"_forward_hooks"``)
-    that its user registered: every one but PyTorch's own (:func:`_is_torch_hook`). With
+    that its user registered: every one but an installed library's (:func:`_is_library_hook`). With
     ``module=None``, the global ones, which fire on every module."""
     if module is None:
         from torch.nn.modules import module as torch_module
@@ -116,15 +137,16 @@ def user_hooks(module: nn.Module | None, table: str) -> list[Any]:
         hooks = getattr(torch_module, f"_global{table}", {})
     else:
         hooks = getattr(module, table, {})
-    return [h for h in hooks.values() if not _is_torch_hook(h)]
+    return [h for h in hooks.values() if not _is_library_hook(h)]
 
 
 @contextlib.contextmanager
 def user_hooks_suspended(model: nn.Module) -> Iterator[None]:
     """Run bnsurgery's own forward passes (the graph walk, the fold's checks) without firing
     the user's forward hooks and pre-hooks, module and global: a hook that counts calls or
-    collects features must not see passes the user never made. PyTorch's own hooks stay (a
-    ``weight_norm`` conv computes its weight in one).
+    collects features must not see passes the user never made. Hooks of installed libraries
+    stay (:func:`_is_library_hook`): a ``weight_norm`` conv computes its weight in one, a
+    Hugging Face model its ``hidden_states``.
 
     The hooks are taken out of their tables in place and put back in their order, so tables
     that :func:`carry_hooks` shares between a BN and its replacement stay shared; hooks bnsurgery
@@ -136,9 +158,9 @@ def user_hooks_suspended(model: nn.Module) -> Iterator[None]:
     tables += [getattr(m, name) for m in model.modules() for name in _FORWARD_TABLES]
     saved = []
     for table in {id(t): t for t in tables}.values():
-        if any(not _is_torch_hook(h) for h in table.values()):
+        if any(not _is_library_hook(h) for h in table.values()):
             saved.append((table, list(table.items())))
-            for key in [k for k, h in table.items() if not _is_torch_hook(h)]:
+            for key in [k for k, h in table.items() if not _is_library_hook(h)]:
                 del table[key]
     try:
         yield

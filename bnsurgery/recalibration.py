@@ -37,7 +37,7 @@ from torch.overrides import TorchFunctionMode
 from . import provenance
 from .errors import BnSurgeryError, DataError, UsageError
 from .graph import eval_mode, on_unwrapped, unwrapped
-from .norms import has_activation
+from .norms import eps_of, has_activation
 from .select import select_batchnorms
 
 __all__ = ["LayerDrift", "RecalibrationReport", "default_forward", "gaussian_kl", "recalibrate"]
@@ -336,25 +336,25 @@ class _Moments:
 
 def _collecting_forward(moments: _Moments) -> Callable[..., torch.Tensor]:
     def forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  # bn(input=x) works
-        x = input
+        x, eps = input, eps_of(self)  # a frozen BN of Hugging Face's has no eps attribute
         if x.numel() == 0:  # an empty batch (a detection head without detections) adds nothing
             moments.empty += 1
             out = F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, eps
             )
             return self.act(self.drop(out)) if has_activation(self) else out
         # One fused kernel normalises with the batch statistics and returns them.
         out, mean, invstd = torch.native_batch_norm(
-            x, self.weight, self.bias, None, None, True, 0.0, self.eps
+            x, self.weight, self.bias, None, None, True, 0.0, eps
         )
-        var = invstd.double().pow(-2) - self.eps
+        var = invstd.double().pow(-2) - eps
         mean = mean.double()
         if invstd.dtype not in (torch.float32, torch.float64):
             # half-precision inputs get half-precision statistics from the kernel (bfloat16:
             # ~3 significant digits): recompute them from the input in float64
             small = torch.ones_like(var, dtype=torch.bool)
         else:
-            small = var < 100 * self.eps
+            small = var < 100 * eps
         if bool(small.any()):
             # var + eps loses var's digits when var << eps: recompute those channels directly.
             dims = [0, *range(2, x.dim())]

@@ -58,7 +58,8 @@ def randomize_bn(model: nn.Module, seed: int = 0, spread: float = 0.5) -> nn.Mod
 def match_bn_to_data(model: nn.Module, args: tuple, seed: int = 0) -> nn.Module:
     """Set every BN's running statistics from the input it actually sees on ``args``, in place,
     as training leaves them: mean moved by N(0, 0.1) standard deviations, variance scaled by
-    U(0.8, 1.25). Affine parameters are kept.
+    U(0.8, 1.25). Affine parameters are kept; a BN that sees only empty inputs keeps its
+    statistics.
 
     One eval pass: a pre-hook sets each BN's statistics just before it normalises, so every BN
     after it sees inputs normalised the way the final model normalises them. A random-init
@@ -71,8 +72,8 @@ def match_bn_to_data(model: nn.Module, args: tuple, seed: int = 0) -> nn.Module:
 
     def hook(module: nn.Module, inputs: tuple, kwargs: dict) -> None:
         x = call_input(inputs, kwargs)
-        if id(module) in done or not isinstance(x, torch.Tensor):
-            return
+        if id(module) in done or not isinstance(x, torch.Tensor) or x.numel() == 0:
+            return  # an empty batch has no statistics: the BN keeps its own (and a later call)
         done.add(id(module))
         mean, var = getattr(module, "running_mean", None), getattr(module, "running_var", None)
         if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):

@@ -35,3 +35,10 @@ def test_match_bn_to_data_sets_statistics_from_what_each_bn_sees_and_keeps_the_f
         seen2 = model[:4].eval()(x).transpose(0, 1).reshape(4, -1).double()
     ratio2 = model[4].running_var.double() / seen2.var(1)
     assert ((ratio2 > 0.8 - 1e-4) & (ratio2 < 1.25 + 1e-4)).all()
+
+
+def test_match_bn_to_data_keeps_the_statistics_of_a_bn_fed_only_empty_batches():
+    net = nn.Sequential(nn.BatchNorm2d(3))
+    match_bn_to_data(net, (torch.randn(0, 3, 4, 4),))
+    assert torch.equal(net[0].running_mean, torch.zeros(3))
+    assert torch.equal(net[0].running_var, torch.ones(3))
