@@ -195,6 +195,11 @@ def _layer_of(
     return module_name, first.kind, adds_bias
 
 
+#: Why a tensor that a data-dependent branch separates from its consumer does not fold: on
+#: inputs that go the other way the walk never saw, it may go elsewhere.
+_BRANCH = "a data-dependent Python branch (a tensor's truth value, .item(), .tolist())"
+
+
 def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     producers: list[Node] = []
     notes: list[str] = []
@@ -212,6 +217,8 @@ def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
             raise _Reject(f"the output of {prod.name}() is also used by {_describe(others[0])}")
         if data.is_output:
             raise _Reject(f"the output of {prod.name}() is also a model output")
+        if site.decisions > data.decisions:
+            raise _Reject(f"the output of {prod.name}() crosses {_BRANCH} before it")
         if prod.kind == "linear":
             if data.ndim is None:
                 notes.append("linear output rank not checked (symbolic walk)")
@@ -266,6 +273,8 @@ def _consumer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
         cons, fed = _through_copy_padding(out)
         if cons.kind not in _LINEAR_KINDS or cons.data is not fed:
             raise _Reject(f"its output goes to {_describe(cons)}, not to a conv or linear")
+        if cons.decisions > out.decisions:
+            raise _Reject(f"its output crosses {_BRANCH} before {cons.name}()")
         if cons.kind == "conv_transpose":
             raise _Reject("a transposed conv after it cannot absorb it exactly")
         if cons.kind == "conv" and not _is_zero_padding(cons.attrs):

@@ -77,6 +77,13 @@ _DEFAULTS = {
     "output_padding": 0,
 }
 
+#: Calls that turn a tensor's values into a Python value, on which Python code can branch
+#: (``if x.mean() > 0:``): the walk sees one side of such a branch only, so a tensor made
+#: before one and consumed after it may have other consumers on inputs that go the other way.
+_DECISIONS = frozenset(
+    {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__complex__"}
+)
+
 #: Calls that read only a tensor's metadata, never its values: not consumers.
 _METADATA = frozenset(
     {
@@ -98,6 +105,8 @@ class Value:
     consumers: list[Node] = field(default_factory=list)
     is_output: bool = False
     ndim: int | None = None
+    #: data-dependent decisions (:data:`_DECISIONS`) the forward pass had made when it was made
+    decisions: int = 0
 
     def __repr__(self) -> str:
         prod = self.producer.name if self.producer else self.origin
@@ -123,6 +132,8 @@ class Node:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
+    #: data-dependent decisions (:data:`_DECISIONS`) the forward pass had made when it was called
+    decisions: int = 0
 
     def __repr__(self) -> str:
         return f"Node(#{self.index} {self.kind} {self.name})"
@@ -281,11 +292,12 @@ class _Recorder(TorchFunctionMode):
         # freed tensor's entry goes with it, so a reused id is never taken for it
         self.bound: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.quiet = 0  # > 0 inside a BN module call or inside the recorder's own work
+        self.decisions = 0  # data-dependent decisions so far (_DECISIONS)
         self.bn_stack: list[tuple[nn.Module, Value | None]] = []
 
     # values ---------------------------------------------------------------------------
     def _new_value(self, t: torch.Tensor, producer: Node | None, origin: str) -> Value:
-        v = Value(len(self.values), producer, origin, ndim=t.dim())
+        v = Value(len(self.values), producer, origin, ndim=t.dim(), decisions=self.decisions)
         self.values.append(v)
         self.bound[t] = (v, _version(t))
         return v
@@ -300,7 +312,7 @@ class _Recorder(TorchFunctionMode):
         return value
 
     def _node(self, kind: str, name: str, **kw: Any) -> Node:
-        node = Node(len(self.nodes), kind, name, **kw)
+        node = Node(len(self.nodes), kind, name, decisions=self.decisions, **kw)
         self.nodes.append(node)
         return node
 
@@ -309,6 +321,8 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.quiet:
             return func(*args, **kwargs)
+        if _func_name(func) in _DECISIONS and not (args and id(args[0]) in self.state):
+            self.decisions += 1  # a value read into Python (a parameter's is no data)
         self.quiet += 1
         try:
             leaves, _ = tree_flatten((args, kwargs))

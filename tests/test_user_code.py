@@ -712,3 +712,50 @@ def test_a_dataclass_output_is_an_output(verify):
     assert "model output" in left["bn"]
     got, expected = output(net, X), output(reference, X)
     assert torch.equal(got.features, expected.features) and torch.equal(got.logits, expected.logits)
+
+
+class BranchAfterBN(torch.nn.Module):
+    """The BN's output goes to one of two 1x1 convs, chosen by the input's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 3, 1)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.a, self.b = torch.nn.Conv2d(3, 2, 1), torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        y = self.bn(torch.relu(self.stem(x)))
+        return self.a(y) if x.mean() > 0 else self.b(y)
+
+
+class BranchBeforeBN(torch.nn.Module):
+    """The conv's output is normalised or not, chosen by the input's values."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        self.bn = torch.nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) if x.mean() > 0 else y
+
+
+@pytest.mark.parametrize("cls", [BranchAfterBN, BranchBeforeBN])
+def test_fold_does_not_cross_a_data_dependent_branch(cls):
+    net = prepared(cls()).double()
+    reference = copy.deepcopy(net)
+    up = torch.randn(2, 3, 4, 4, dtype=torch.float64) + 1
+    bnsurgery.fold(net, up)
+    left = {s.bn: s.reason for s in bnsurgery.last_report(net).left}
+    assert "data-dependent Python branch" in left["bn"], left
+    for x in (up, up - 2):  # both ways through the branch: the same function
+        assert_same_function(reference, net, (x,), tol=1e-12)
+
+
+def test_a_branch_elsewhere_does_not_stop_a_fold():
+    net = prepared(BranchAfterBN())
+    net.bn = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3))
+    prepared(net)
+    bnsurgery.fold(net, X[:, :3])
+    assert [e.bn for e in bnsurgery.last_report(net).folded] == ["bn.1"]
