@@ -42,6 +42,7 @@ __all__ = [
     "Value",
     "as_args",
     "eval_mode",
+    "DECISIONS",
     "on_unwrapped",
     "trace",
     "unwrapped",
@@ -80,7 +81,7 @@ _DEFAULTS = {
 #: Calls that turn a tensor's values into a Python value, on which Python code can branch
 #: (``if x.mean() > 0:``): the walk sees one side of such a branch only, so a tensor made
 #: before one and consumed after it may have other consumers on inputs that go the other way.
-_DECISIONS = frozenset(
+DECISIONS = frozenset(
     {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__complex__"}
 )
 
@@ -105,7 +106,7 @@ class Value:
     consumers: list[Node] = field(default_factory=list)
     is_output: bool = False
     ndim: int | None = None
-    #: data-dependent decisions (:data:`_DECISIONS`) the forward pass had made when it was made
+    #: data-dependent decisions (:data:`DECISIONS`) the forward pass had made when it was made
     decisions: int = 0
 
     def __repr__(self) -> str:
@@ -132,7 +133,7 @@ class Node:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
-    #: data-dependent decisions (:data:`_DECISIONS`) the forward pass had made when it was called
+    #: data-dependent decisions (:data:`DECISIONS`) the forward pass had made when it was called
     decisions: int = 0
 
     def __repr__(self) -> str:
@@ -292,7 +293,7 @@ class _Recorder(TorchFunctionMode):
         # freed tensor's entry goes with it, so a reused id is never taken for it
         self.bound: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
         self.quiet = 0  # > 0 inside a BN module call or inside the recorder's own work
-        self.decisions = 0  # data-dependent decisions so far (_DECISIONS)
+        self.decisions = 0  # data-dependent decisions so far (DECISIONS)
         self.bn_stack: list[tuple[nn.Module, Value | None]] = []
 
     # values ---------------------------------------------------------------------------
@@ -321,7 +322,7 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.quiet:
             return func(*args, **kwargs)
-        if _func_name(func) in _DECISIONS and not (args and id(args[0]) in self.state):
+        if _func_name(func) in DECISIONS and not (args and id(args[0]) in self.state):
             self.decisions += 1  # a value read into Python (a parameter's is no data)
         self.quiet += 1
         try:

@@ -36,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 
 from . import provenance
 from .errors import BnSurgeryError, DataError, UsageError
-from .graph import eval_mode, on_unwrapped, unwrapped
+from .graph import DECISIONS, eval_mode, on_unwrapped, unwrapped
 from .norms import eps_of, has_activation
 from .select import select_batchnorms
 
@@ -237,8 +237,12 @@ class _LayoutWatch(TorchFunctionMode):
         self.seen: str | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if self.seen is None and func in _LAYOUT_SENSITIVE:
-            self.seen = getattr(func, "__name__", str(func))
+        if self.seen is None:
+            name = getattr(func, "__name__", str(func))
+            if func in _LAYOUT_SENSITIVE:
+                self.seen = f"the model calls Tensor.{name}, which channels-last could break"
+            elif name in DECISIONS:  # later batches may take a path this one did not
+                self.seen = f"the model branches on tensor values (Tensor.{name})"
         return func(*args, **(kwargs or {}))
 
 
@@ -251,7 +255,8 @@ class _Layout:
     see a layout: ``x.view(x.size(0), -1)`` after a conv fails on a channels-last tensor. So by
     default (``wanted=None``, on the CPU, for a 2-D convnet whose 4-D weights are in the default
     layout) the first batch runs in the default layout under :class:`_LayoutWatch`, and the rest
-    switch to channels-last only if that batch made no layout-sensitive call; ``wanted=True``
+    switch to channels-last only if that batch made no layout-sensitive call and no
+    data-dependent decision (a later batch could take another path); ``wanted=True``
     switches from the start, ``False`` never. The model's layout is restored afterwards.
     """
 
@@ -264,7 +269,8 @@ class _Layout:
         self.watching = usable and wanted is None and device.type == "cpu"
         self.active = False
         self.note: str | None = None
-        if usable and wanted:
+        self.forced = bool(usable and wanted)
+        if self.forced:
             self._switch()
 
     def _switch(self) -> None:
@@ -285,9 +291,8 @@ class _Layout:
             self._switch()
         else:
             self.note = (
-                f"ran in the default memory layout: the model calls Tensor.{watch.seen}, "
-                "which channels-last could break (--channels-last, channels_last=True, "
-                "forces it)"
+                f"ran in the default memory layout: {watch.seen} (--channels-last, "
+                "channels_last=True, forces it)"
             )
 
     @contextlib.contextmanager
@@ -300,10 +305,16 @@ class _Layout:
             text = str(exc)
             if not self.active or not any(k in text for k in ("stride", "view size")):
                 raise
+            if self.forced:
+                raise DataError(
+                    "the model fails on channels-last batches, the format --channels-last "
+                    "(channels_last=True) forces: its code depends on the memory layout (a "
+                    ".view of a conv's output); run without it"
+                ) from exc
             raise DataError(
-                "the model fails on channels-last batches, the format --channels-last "
-                "(channels_last=True) forces: its code depends on the memory layout (a .view "
-                "of a conv's output); run without it"
+                "the model fails on channels-last batches, the format the pass switched to "
+                "after a first batch that made no layout-sensitive call: this batch took a "
+                "path that does; pass --no-channels-last (channels_last=False)"
             ) from exc
 
     def restore(self) -> None:
@@ -355,11 +366,12 @@ def _collecting_forward(moments: _Moments) -> Callable[..., torch.Tensor]:
             small = torch.ones_like(var, dtype=torch.bool)
         else:
             small = var < 100 * eps
-        if bool(small.any()):
+        redo = small.nonzero().flatten()  # no bool(): the layout watch counts those as the
+        if redo.numel():  # model's data-dependent branches
             # var + eps loses var's digits when var << eps: recompute those channels directly.
             dims = [0, *range(2, x.dim())]
-            exact_var, exact_mean = torch.var_mean(x[:, small].double(), dim=dims, correction=0)
-            var[small], mean[small] = exact_var, exact_mean
+            exact_var, exact_mean = torch.var_mean(x[:, redo].double(), dim=dims, correction=0)
+            var[redo], mean[redo] = exact_var, exact_mean
         count = x.numel() // max(x.shape[1], 1)
         moments.add(count, mean.detach(), var.detach() * count)
         moments.batches += 1

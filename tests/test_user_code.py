@@ -759,3 +759,27 @@ def test_a_branch_elsewhere_does_not_stop_a_fold():
     prepared(net)
     bnsurgery.fold(net, X[:, :3])
     assert [e.bn for e in bnsurgery.last_report(net).folded] == ["bn.1"]
+
+
+class FlattensTwoWays(torch.nn.Module):
+    """Flattens with .flatten on some inputs and with .view on others (only .view fails on a
+    channels-last tensor)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 16, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.conv(x)))
+        y = y.flatten(1) if x.mean() > 0 else y.view(y.size(0), -1)
+        return self.fc(y)
+
+
+def test_recalibrate_stays_in_the_default_layout_for_a_model_that_branches_on_values():
+    net = prepared(FlattensTwoWays())
+    batches = [torch.randn(4, 3, 4, 4) + 1, torch.randn(4, 3, 4, 4) - 1]
+    bnsurgery.recalibrate(net, batches)
+    notes = bnsurgery.last_report(net).notes
+    assert any("branches on tensor values (Tensor.__bool__)" in n for n in notes), notes
