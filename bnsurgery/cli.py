@@ -557,11 +557,12 @@ def unfreeze_command(
     "(.pt, .npy, .safetensors) of float samples (N, C, ...) preprocessed as the model expects.",
 )
 @click.option("--batches", type=click.IntRange(1, None), help="Use at most N calibration batches.")
+@click.option("--quiet", is_flag=True, help="No progress bar (with --calibrate).")
 @_workers_option
 def swap_command(
     source, arch, weights, trust_code, input_size, batch_size, seed,
     output, fmt, force, include, exclude, as_json, target, groups, group_size, dims,
-    calibrate_path, batches, inputs_file, workers,
+    calibrate_path, batches, quiet, inputs_file, workers,
 ):  # fmt: skip
     """Replace BN layers of SOURCE by another norm (keeping their scale and shift, activations
     of norm-act layers, and optionally repairing the fit on data) and write the model."""
@@ -574,13 +575,21 @@ def swap_command(
         "swap", target, source, arch, weights, trust_code, output, fmt, force,
         (calibrate_path, inputs_file),
     )  # fmt: skip
-    data = None
+    data, total = None, 0
     with _DataFile(calibrate_path):
         if calibrate_path:
-            data, _ = batches_from_path(
+            data, total = batches_from_path(
                 calibrate_path, model, batch_size=batch_size, input_size=_parse_size(input_size),
                 workers=workers,
             )  # fmt: skip
+    total = min(total, batches) if batches is not None else total
+    show = data is not None and not quiet and sys.stderr.isatty()
+    with (
+        click.progressbar(length=total, label="calibrating", file=sys.stderr)
+        if show
+        else _NoBar() as bar,
+        _DataFile(calibrate_path),
+    ):
         swap(
             model,
             target,
@@ -591,6 +600,7 @@ def swap_command(
             dims=dims,
             calibrate=data,
             calibrate_batches=batches,
+            progress=lambda done: bar.update(1),
         )
     report = last_report(model)
     click.echo(to_json(report) if as_json else swap_text(report))
