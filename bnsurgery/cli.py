@@ -583,6 +583,11 @@ def swap_command(
                 workers=workers,
             )  # fmt: skip
     total = min(total, batches) if batches is not None else total
+    example = None  # which BNs see one value per channel: where groups must be wider
+    if target == "groupnorm" and data is None:
+        example = _example_inputs(
+            model, source, arch, input_size, 2, seed, inputs_file, required=False
+        )
     show = data is not None and not quiet and sys.stderr.isatty()
     with (
         click.progressbar(length=total, label="calibrating", file=sys.stderr)
@@ -601,6 +606,7 @@ def swap_command(
             calibrate=data,
             calibrate_batches=batches,
             progress=lambda done: bar.update(1),
+            example_inputs=example,
         )
     report = last_report(model)
     click.echo(to_json(report) if as_json else swap_text(report))

@@ -16,6 +16,7 @@ report gives the fit error per layer before and after.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -28,9 +29,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import provenance
-from .errors import UsageError
+from .errors import TraceError, UsageError, brief
 from .frozen import FrozenBatchNorm
-from .graph import eval_mode
+from .graph import as_args, eval_mode, on_unwrapped
 from .norms import (
     bn_stats,
     call_input,
@@ -42,6 +43,7 @@ from .norms import (
     is_frozen_batchnorm,
     num_features,
     remainder_of,
+    user_hooks_suspended,
 )
 from .recalibration import _DataCheck, _run, _to, default_forward
 from .select import select_batchnorms
@@ -95,7 +97,7 @@ def auto_groups(channels: int, preferred: int = 32, min_group_size: int = 1) -> 
     return max(fits, default=1)
 
 
-def _groups(bn: nn.Module, groups: int | None, group_size: int | None) -> int:
+def _groups(bn: nn.Module, groups: int | None, group_size: int | None, flat: bool = False) -> int:
     c = num_features(bn)
     if groups is not None and group_size is not None:
         raise UsageError("give groups or group_size, not both")
@@ -107,8 +109,9 @@ def _groups(bn: nn.Module, groups: int | None, group_size: int | None) -> int:
         if group_size < 1 or c % group_size:
             raise UsageError(f"group_size={group_size} does not divide {c} channels")
         return c // group_size
-    # BatchNorm1d often sees (N, C) vectors: a group there must hold enough values to normalise.
-    return auto_groups(c, min_group_size=16 if isinstance(bn, nn.BatchNorm1d) else 1)
+    # A BN that sees one value per channel and sample (BatchNorm1d on (N, C) vectors, a 2-D BN
+    # after global pooling): a group there must hold enough channels to normalise.
+    return auto_groups(c, min_group_size=16 if flat or isinstance(bn, nn.BatchNorm1d) else 1)
 
 
 def _carry(new: nn.Module, bn: nn.Module, affine: bool) -> nn.Module:
@@ -144,7 +147,7 @@ def _with_act(norm: nn.Module, bn: nn.Module) -> nn.Module:
 
 
 def _groupnorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
-    g = _groups(bn, opts.get("groups"), opts.get("group_size"))
+    g = _groups(bn, opts.get("groups"), opts.get("group_size"), opts.get("flat", False))
     affine = _affine(bn, opts.get("force_affine", False))
     if has_activation(bn):
         from timm.layers import GroupNormAct
@@ -166,6 +169,30 @@ def _layernorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
     return _carry(ChannelLayerNorm(num_features(bn), eps=eps_of(bn), affine=affine), bn, affine)
 
 
+class _EmptyBatchPasses:
+    """Instance norm that passes an empty batch through, as the BN it replaces did: PyTorch's
+    affine instance norm raises on a ``(0, C, ...)`` input (a detection head without
+    detections)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return input.clone() if input.numel() == 0 else super().forward(input)  # type: ignore[misc]
+
+
+class InstanceNorm1d(_EmptyBatchPasses, nn.InstanceNorm1d):
+    """``nn.InstanceNorm1d`` that passes an empty batch through."""
+
+
+class InstanceNorm2d(_EmptyBatchPasses, nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` that passes an empty batch through."""
+
+
+class InstanceNorm3d(_EmptyBatchPasses, nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` that passes an empty batch through."""
+
+
+_INSTANCE_NORMS = {1: InstanceNorm1d, 2: InstanceNorm2d, 3: InstanceNorm3d}
+
+
 def _instancenorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
     if isinstance(bn, nn.BatchNorm1d) and opts.get("dims") != "1d":
         # On (N, C) vectors InstanceNorm1d would read C as the length: silently wrong.
@@ -175,7 +202,7 @@ def _instancenorm(bn: nn.Module, opts: dict[str, Any]) -> nn.Module:
         )
     dims = {nn.BatchNorm1d: 1, nn.BatchNorm3d: 3}
     d = next((v for cls, v in dims.items() if isinstance(bn, cls)), 2)
-    cls = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[d]
+    cls = _INSTANCE_NORMS[d]
     affine = _affine(bn, opts.get("force_affine", False))
     new = _carry(cls(num_features(bn), eps=eps_of(bn), affine=affine), bn, affine)
     return _with_act(new, bn)
@@ -661,6 +688,7 @@ def _calibrate(
     return errors, notes
 
 
+@on_unwrapped
 def swap(
     model: nn.Module,
     to: str | Callable[[nn.Module], nn.Module] = "groupnorm",
@@ -675,6 +703,7 @@ def swap(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     schedule: str = "online",
     progress: Callable[[int], None] | None = None,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Replace BN layers by another norm, in place.
 
@@ -707,6 +736,10 @@ def swap(
             worse). With the data as one batch, online is exact.
         progress: called after each batch the model runs with the number run so far (the
             batch count for ``"online"``, batches times new norms for ``"sequential"``).
+        example_inputs: a tensor or tuple of positional inputs (else the first calibration
+            batch): one eval pass tells which BNs see one value per channel and sample (after
+            global pooling), where ``groupnorm`` then groups at least 16 channels, as for
+            BatchNorm1d; a group of one value normalises to nothing.
 
     Returns:
         The model; :func:`bnsurgery.last_report` gives a :class:`SwapReport`.
@@ -746,6 +779,16 @@ def swap(
         raise UsageError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     opts = {"groups": groups, "group_size": group_size, "dims": dims, "force_affine": fit}
     chosen = select_batchnorms(model, include, exclude)
+    flat: set[int] = set()
+    if target_name == "groupnorm" and (example_inputs is not None or calibrate is not None):
+        if example_inputs is None:
+            first, calibrate = _peek(calibrate)
+            feed = forward or default_forward
+            probe = None if first is None else lambda m: _run(feed, m, _to(first, _device(m)))
+        else:
+            probe = functools.partial(_example_pass, args=as_args(example_inputs))
+        if probe is not None:
+            flat = _one_value_per_channel(model, [bn for _, bn in chosen], probe)
     if fit or target_name in _KEEPS_STATISTICS:  # these carry the statistics into the model
         check_finite(chosen, "swap to " + target_name + (" with calibration" if fit else ""))
     swapped: list[Swapped] = []
@@ -761,7 +804,7 @@ def swap(
                 left.append((name, "no running statistics to calibrate against"))
                 continue
             try:
-                new = build(bn, opts)
+                new = build(bn, {**opts, "flat": id(bn) in flat})
             except _Leave as why:
                 left.append((name, str(why)))
                 continue
@@ -816,6 +859,50 @@ def swap(
 
 
 _KEEPS_STATISTICS = ("frozen",)
+
+
+def _peek(data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
+    """The first batch of ``data`` and ``data`` whole again (a generator is not consumed)."""
+    if isinstance(data, list | tuple):
+        return (data[0] if data else None), data
+    it = iter(data)
+    first = next(it, None)
+    return first, (it if first is None else itertools.chain([first], it))
+
+
+def _example_pass(model: nn.Module, args: tuple[Any, ...]) -> None:
+    try:
+        model(*args)
+    except Exception as exc:
+        raise TraceError(f"the forward pass on the example inputs failed: {brief(exc)}") from exc
+
+
+def _device(model: nn.Module) -> torch.device:
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def _one_value_per_channel(
+    model: nn.Module, bns: list[nn.Module], probe: Callable[[nn.Module], Any]
+) -> set[int]:
+    """The BNs (by ``id``) whose every non-empty input has one value per channel and sample
+    ((N, C) or (N, C, 1, 1)), in one eval pass of ``probe`` without the user's hooks."""
+    seen: dict[int, bool] = {}
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = call_input(args, kwargs)
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel():
+            one = x.numel() == x.shape[0] * x.shape[1]
+            seen[id(module)] = seen.get(id(module), True) and one
+
+    with user_hooks_suspended(model), eval_mode(model), torch.no_grad():
+        handles = [bn.register_forward_pre_hook(hook, with_kwargs=True) for bn in bns]
+        try:
+            probe(model)
+        finally:
+            for h in handles:
+                h.remove()
+    return {key for key, one in seen.items() if one}
 
 
 def _replay_opts(new: nn.Module, opts: dict[str, Any]) -> dict[str, Any]:

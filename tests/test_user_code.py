@@ -783,3 +783,63 @@ def test_recalibrate_stays_in_the_default_layout_for_a_model_that_branches_on_va
     bnsurgery.recalibrate(net, batches)
     notes = bnsurgery.last_report(net).notes
     assert any("branches on tensor values (Tensor.__bool__)" in n for n in notes), notes
+
+
+class PooledHead(torch.nn.Module):
+    """A BatchNorm2d after global pooling: it sees one value per channel and sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.head_bn = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        y = self.head_bn(self.pool(torch.relu(self.bn(self.conv(x)))))
+        return self.fc(y.view(y.size(0), -1))
+
+
+@pytest.mark.parametrize("how", ["example_inputs", "calibrate", "cli"])
+def test_groupnorm_after_global_pooling_groups_enough_channels(how, tmp_path):
+    net = prepared(PooledHead())
+    if how == "cli":
+        from bnsurgery.cli import main
+
+        src = bnsurgery.save(
+            net, tmp_path / "n.safetensors", arch="tests.test_user_code:PooledHead"
+        )
+        out = tmp_path / "g.safetensors"
+        spec = ["--arch", "tests.test_user_code:PooledHead", "--input-size", "3,4,4"]
+        assert main(["swap", str(src), *spec, "--to", "groupnorm", "-o", str(out)]) == 0
+        net = bnsurgery.load(out, arch="tests.test_user_code:PooledHead")
+    elif how == "example_inputs":
+        bnsurgery.swap(net, "groupnorm", example_inputs=X)
+    else:
+        bnsurgery.swap(net, "groupnorm", calibrate=iter([X, X]))  # a generator: not consumed
+        assert bnsurgery.last_report(net).calibrated
+    assert net.bn.num_groups == 8  # spatial input: up to 32 groups, one channel each
+    assert net.head_bn.num_groups == 1  # (N, C, 1, 1): at least 16 channels, or all of them
+    net.train()
+    net(X[:1]).sum().backward()  # batch size 1 trains
+
+
+def test_a_swap_probe_that_fails_is_one_clear_error():
+    from bnsurgery.errors import TraceError
+
+    with pytest.raises(TraceError, match="example inputs failed"):
+        bnsurgery.swap(prepared(PooledHead()), "groupnorm", example_inputs=torch.randn(1, 5, 4, 4))
+
+
+def test_swap_to_instancenorm_passes_empty_batches_and_pickles(tmp_path):
+    net = bnsurgery.swap(prepared(Branchy()), "instancenorm")
+    for m in net.modules():
+        if isinstance(m, torch.nn.InstanceNorm2d):
+            assert m(torch.randn(0, m.num_features, 3, 3)).shape[0] == 0
+    with torch.no_grad():
+        y, head = net.eval()(X)
+    assert head.shape[0] == 0 and torch.isfinite(y).all()
+    net.train()(X[:2])[0].sum().backward()
+    torch.save(net, tmp_path / "n.pt")
+    assert type(torch.load(tmp_path / "n.pt", weights_only=False).bn) is type(net.bn)
