@@ -27,22 +27,25 @@ from bnsurgery.norms import (
 
 
 @pytest.mark.parametrize(
-    ("module", "expected"),
+    ("make", "expected"),
     [
-        (nn.BatchNorm1d(3), True),
-        (nn.SyncBatchNorm(3), True),
-        (nn.LazyBatchNorm2d(), True),
-        (timm.layers.BatchNormAct2d(3), True),
-        (torchvision.ops.misc.FrozenBatchNorm2d(3), True),
-        (timm.layers.FrozenBatchNormAct2d(3), True),
-        (nn.GroupNorm(1, 3), False),
-        (nn.InstanceNorm2d(3, track_running_stats=True), False),
-        (FoldedBatchNorm(nn.BatchNorm2d(3)), False),  # what a fold leaves is not a BN again
+        (lambda: nn.BatchNorm1d(3), True),
+        (lambda: nn.SyncBatchNorm(3), True),
+        (nn.LazyBatchNorm2d, True),
+        (lambda: timm.layers.BatchNormAct2d(3), True),
+        (lambda: torchvision.ops.misc.FrozenBatchNorm2d(3), True),
+        (lambda: timm.layers.FrozenBatchNormAct2d(3), True),
+        (lambda: nn.GroupNorm(1, 3), False),
+        (lambda: nn.InstanceNorm2d(3, track_running_stats=True), False),
+        (lambda: FoldedBatchNorm(nn.BatchNorm2d(3)), False),  # a fold's leftover is no BN
     ],
-    ids=lambda v: type(v).__name__ if isinstance(v, nn.Module) else str(v),
-)
-def test_what_counts_as_a_bn(module, expected):
-    assert is_batchnorm(module) is expected
+    ids=[
+        "BatchNorm1d", "SyncBatchNorm", "LazyBatchNorm2d", "BatchNormAct2d", "tv_Frozen",
+        "timm_FrozenAct", "GroupNorm", "InstanceNorm2d", "FoldedBatchNorm",
+    ],
+)  # fmt: skip
+def test_what_counts_as_a_bn(make, expected):
+    assert is_batchnorm(make()) is expected
 
 
 def test_eps_and_statistics_are_read_in_float64():
@@ -61,9 +64,10 @@ def test_eps_and_statistics_are_read_in_float64():
 
 
 @pytest.mark.parametrize(
-    "module", [nn.BatchNorm2d(3, track_running_stats=False), nn.LazyBatchNorm2d()]
+    "make", [lambda: nn.BatchNorm2d(3, track_running_stats=False), nn.LazyBatchNorm2d]
 )
-def test_a_bn_without_statistics_has_no_fixed_map(module):
+def test_a_bn_without_statistics_has_no_fixed_map(make):
+    module = make()
     assert bn_stats(module) is None
     assert type(remainder_of(module)) is nn.Identity
 
