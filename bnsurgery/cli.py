@@ -264,6 +264,17 @@ def cli() -> None:
     """
 
 
+def _remember_dry_run(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    ctx.meta["bnsurgery.dry_run"] = value
+    return value
+
+
+def _dry_run() -> bool:
+    """Whether ``--dry-run`` was given: the command runs, reports and writes nothing."""
+    ctx = click.get_current_context(silent=True)
+    return bool(ctx and ctx.meta.get("bnsurgery.dry_run"))
+
+
 def _output_options(func: Any) -> Any:
     options = [
         click.option(
@@ -287,6 +298,13 @@ def _output_options(func: Any) -> Any:
             "--exclude", multiple=True, help="Skip BN layers matching this glob (repeatable)."
         ),
         click.option("--json", "as_json", is_flag=True, help="Print the report as JSON."),
+        click.option(
+            "--dry-run",
+            is_flag=True,
+            expose_value=False,
+            callback=_remember_dry_run,
+            help="Do all of it, print the report, and write nothing (the model is only in memory).",
+        ),
     ]
     for option in reversed(options):
         func = option(func)
@@ -462,6 +480,9 @@ def _write(model, source, output, fmt, force, arch, operation, inputs=None, size
     from .checkpoint import default_output, output_format, save
 
     out = Path(output) if output else default_output(source, operation)
+    if _dry_run():
+        click.echo(f"dry run: would write {out}; nothing written", err=True)
+        return
     if inputs is None and sizes is not None and output_format(out, fmt) == "torchscript":
         inputs = _example_inputs(model, source, arch, *sizes, required=False)
     save(
@@ -766,6 +787,9 @@ def recalibrate_command(
     if not report.layers:
         raise NothingToDoError("no BN layer saw enough data (reasons above); nothing written")
     plotted = None
+    if plot and _dry_run():
+        click.echo(f"dry run: would write {plot}; nothing written", err=True)
+        plot = None
     if plot:
         from .outputs import identity
 
