@@ -42,6 +42,7 @@ from .norms import (
     user_hooks,
     user_hooks_suspended,
 )
+from .report import fold_text
 from .select import select_batchnorms
 from .verify import default_tolerance, max_relative_error, tensors_in
 
@@ -109,6 +110,9 @@ class FoldReport:
     tolerance: float | None
     was_training: bool
     notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:  # a short table for people; to_dict() for scripts
+        return fold_text(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

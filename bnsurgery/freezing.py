@@ -23,6 +23,7 @@ from .errors import UsageError
 from .frozen import FrozenBatchNorm
 from .graph import on_unwrapped
 from .norms import bn_stats, carry_hooks, check_finite, is_batchnorm
+from .report import freeze_text
 from .select import select_batchnorms
 
 __all__ = ["FreezeReport", "freeze", "stage_names", "trainable_parameters", "unfreeze"]
@@ -37,6 +38,9 @@ class FreezeReport:
     left: list[tuple[str, str]]
     train_affine: bool = False
     notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:  # a short table for people; to_dict() for scripts
+        return freeze_text(self)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

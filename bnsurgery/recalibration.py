@@ -38,6 +38,7 @@ from . import provenance
 from .errors import BnSurgeryError, DataError, UsageError
 from .graph import DECISIONS, eval_mode, on_unwrapped, unwrapped
 from .norms import eps_of, has_activation
+from .report import recalibration_text
 from .select import select_batchnorms
 
 __all__ = ["LayerDrift", "RecalibrationReport", "default_forward", "gaussian_kl", "recalibrate"]
@@ -65,6 +66,9 @@ class RecalibrationReport:
     notes: list[str] = field(default_factory=list)
     #: BN layers whose statistics were kept, and why (not called, fewer than 2 values)
     left: list[tuple[str, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:  # a short table for people; to_dict() for scripts
+        return recalibration_text(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

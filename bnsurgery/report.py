@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import UsageError
-from .folding import FoldReport
-from .freezing import FreezeReport
-from .recalibration import RecalibrationReport
-from .surveying import Survey
-from .swapping import SwapReport
+
+if TYPE_CHECKING:  # the report classes render themselves with these functions (str(report))
+    from .folding import FoldReport
+    from .freezing import FreezeReport
+    from .recalibration import RecalibrationReport
+    from .surveying import Survey
+    from .swapping import SwapReport
 
 __all__ = [
     "drift_plot",

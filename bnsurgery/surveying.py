@@ -16,6 +16,7 @@ from .errors import BnSurgeryError
 from .frozen import FrozenBatchNorm
 from .graph import on_unwrapped
 from .norms import eps_of, has_activation, is_batchnorm, is_frozen_batchnorm
+from .report import survey_text
 
 __all__ = ["BNInfo", "Survey", "survey"]
 
@@ -58,6 +59,9 @@ class Survey:
     @property
     def foldable(self) -> int:
         return sum(1 for info in self.layers if info.fold.startswith("into "))
+
+    def __str__(self) -> str:  # a short table for people; to_dict() for scripts
+        return survey_text(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

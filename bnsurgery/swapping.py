@@ -46,6 +46,7 @@ from .norms import (
     user_hooks_suspended,
 )
 from .recalibration import _DataCheck, _run, _to, default_forward
+from .report import swap_text
 from .select import select_batchnorms
 
 __all__ = ["SCHEDULES", "TARGETS", "ChannelLayerNorm", "SwapReport", "auto_groups", "swap"]
@@ -326,6 +327,9 @@ class SwapReport:
     left: list[tuple[str, str]]
     calibrated: bool = False
     notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:  # a short table for people; to_dict() for scripts
+        return swap_text(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
