@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import textwrap
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -45,22 +47,40 @@ def to_json(data: Any) -> str:
     return json.dumps(clean(data), indent=2)
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 70) -> str:
-    """A plain aligned text table; long cells are cut with an ellipsis."""
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], width: int | None = None) -> str:
+    """A plain aligned text table that fits ``width`` columns (default: the terminal's, or
+    ``$COLUMNS``, or 100): the widest columns narrow until it fits, and their cells wrap onto
+    the next lines rather than being cut, so nothing said is lost.
 
-    def cell(value: Any) -> str:
-        text = "" if value is None else str(value)
-        return text if len(text) <= max_width else text[: max_width - 1] + "…"
-
-    cells = [[cell(v) for v in row] for row in rows]
+    >>> print(table(["bn", "result"], [["a", "left: " + "x " * 6]], width=16))
+    bn  result
+    --  ------------
+    a   left: x x x
+        x x x
+    """
+    width = width or shutil.get_terminal_size((100, 24)).columns
+    cells = [["" if v is None else " ".join(str(v).split()) for v in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in cells:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
+    floors = [max(12, len(h)) for h in headers]
+    while sum(widths) + 2 * (len(widths) - 1) > width:
+        widest = max(range(len(widths)), key=lambda i: widths[i] - floors[i])
+        if widths[widest] <= floors[widest]:
+            break  # as narrow as it reads well: wider than the terminal, still whole
+        widths[widest] -= 1
     lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines.append("  ".join("-" * w for w in widths))
-    lines += [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
-    ]
+    for row in cells:
+        parts = [  # words stay whole: a name or a number cut in two misleads
+            textwrap.wrap(c, w, break_on_hyphens=False, break_long_words=False) or [""]
+            for c, w in zip(row, widths, strict=True)
+        ]
+        for k in range(max(len(p) for p in parts)):
+            cut = [
+                (p[k] if k < len(p) else "").ljust(w) for p, w in zip(parts, widths, strict=True)
+            ]
+            lines.append("  ".join(cut).rstrip())
     return "\n".join(lines)
 
 
@@ -74,7 +94,7 @@ def fold_text(report: FoldReport) -> str:
         what += f", {e.sites} call sites" if e.sites > 1 else ""
         rows.append([e.bn, what + ")" + ("; " + "; ".join(e.notes) if e.notes else "")])
     rows += [[s.bn, f"left: {s.reason}"] for s in report.left]
-    lines = [table(["bn", "result"], rows, max_width=110)] if rows else []
+    lines = [table(["bn", "result"], rows)] if rows else []
     summary = f"folded {len(report.folded)} of {report.bn_count} BN layers ({report.method} walk)"
     if report.verified and report.max_rel_error is not None:
         summary += f"; verified: max relative error {report.max_rel_error:.2e}"
@@ -101,7 +121,7 @@ def survey_text(result: Survey) -> str:
         for info in result.layers
     ]
     headers = ["name", "type", "C", "eps", "momentum", "mode", "frozen", "health", "fold"]
-    lines = [table(headers, rows, max_width=60)] if rows else []
+    lines = [table(headers, rows)] if rows else []
     unhealthy = sum(1 for i in result.layers if not i.healthy)
     lines.append(
         f"{len(result.layers)} BN layers, {result.foldable} foldable, {unhealthy} with "
@@ -118,7 +138,7 @@ def freeze_text(report: FreezeReport) -> str:
     """A freeze or unfreeze report for people."""
     verb = "froze" if report.operation == "freeze" else "unfroze"
     rows = [[name, verb] for name in report.changed] + [[n, f"left: {r}"] for n, r in report.left]
-    lines = [table(["bn", "result"], rows, max_width=100)] if rows else []
+    lines = [table(["bn", "result"], rows)] if rows else []
     what = " (statistics only; weight and bias stay trainable)" if report.train_affine else ""
     lines.append(f"{verb} {len(report.changed)} BN layers{what}, left {len(report.left)}")
     lines += [f"note: {n}" for n in report.notes]
