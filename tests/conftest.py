@@ -100,6 +100,22 @@ def assert_same_function(original, folded, args, tol=1e-5):
     return err
 
 
+def assert_identical(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Two models are the same: state (keys, dtypes, values), module types, flags, BN
+    options and which parameters train (unfreeze must give back exactly this)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for key in sa:
+        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
+    for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules(), strict=True):
+        assert na == nb and type(ma) is type(mb), (na, type(ma), type(mb))
+        assert ma.training == mb.training, na
+        for attr in ("eps", "momentum", "affine", "track_running_stats", "num_features"):
+            assert getattr(ma, attr, None) == getattr(mb, attr, None), (na, attr)
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb and pa.requires_grad == pb.requires_grad, na
+
+
 @pytest.fixture
 def fresh_copy():
     return copy.deepcopy

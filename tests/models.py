@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import seed_models
+
 
 class SimpleCNN(nn.Module):
     """Seed model: conv -> BatchNorm2d -> ReLU."""
@@ -36,53 +38,11 @@ class SimpleMLP(nn.Module):
 
 def sequential_model() -> nn.Sequential:
     """Seed model: the article's nn.Sequential (expects 3x32x32)."""
-    return nn.Sequential(
-        nn.Conv2d(3, 64, kernel_size=3, padding=1),
-        nn.BatchNorm2d(64),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-        nn.Conv2d(64, 128, kernel_size=3, padding=1),
-        nn.BatchNorm2d(128),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(128 * 8 * 8, 512),
-        nn.BatchNorm1d(512),
-        nn.ReLU(inplace=True),
-        nn.Linear(512, 10),
-    )
+    return seed_models.sequential()
 
 
-class CIFAR10Model(nn.Module):
-    """Seed model: the article's CIFAR-10 classifier (expects 3x32x32)."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(3, 32, 3, padding=1),
-            nn.BatchNorm2d(32),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1),
-            nn.BatchNorm2d(64),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1),
-            nn.BatchNorm2d(128),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(128 * 4 * 4, 512),
-            nn.BatchNorm1d(512),
-            nn.ReLU(inplace=True),
-            nn.Dropout(0.5),
-            nn.Linear(512, 10),
-        )
-
-    def forward(self, x):
-        return self.classifier(self.features(x))
+#: Seed model: the article's CIFAR-10 classifier (expects 3x32x32).
+CIFAR10Model = seed_models.CIFAR10Model
 
 
 #: name -> (factory, per-sample input size)

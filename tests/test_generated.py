@@ -30,6 +30,7 @@ from bnsurgery.verify import default_tolerance, max_relative_error
 
 from . import tally
 from .archgen import DTYPES, architectures, bn_modules, build, describe, extras, inputs
+from .conftest import assert_identical
 
 pytestmark = pytest.mark.generated
 
@@ -172,21 +173,7 @@ def check_freeze(arch: dict[str, Any], train_affine: bool = False) -> None:
     # unfreeze gives back exactly the original
     if report.changed:
         again = bnsurgery.freeze(copy.deepcopy(original), train_affine=train_affine)
-        _assert_identical(original, bnsurgery.unfreeze(again))
-
-
-def _assert_identical(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
-    for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules(), strict=True):
-        assert na == nb and type(ma) is type(mb), (na, type(ma), type(mb))
-        assert ma.training == mb.training, na
-        for attr in ("eps", "momentum", "affine", "track_running_stats", "num_features"):
-            assert getattr(ma, attr, None) == getattr(mb, attr, None), (na, attr)
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
-        assert na == nb and pa.requires_grad == pb.requires_grad, na
+        assert_identical(original, bnsurgery.unfreeze(again))
 
 
 @given(architectures())

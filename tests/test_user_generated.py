@@ -35,6 +35,7 @@ from bnsurgery.frozen import FrozenBatchNorm
 from bnsurgery.norms import is_batchnorm
 from bnsurgery.verify import max_relative_error
 
+from .conftest import assert_identical
 from .usergen import build, hookable, inputs, recipes, spec_of
 
 pytestmark = pytest.mark.generated
@@ -325,20 +326,6 @@ def check_freeze(recipe: dict[str, Any], train_affine: bool) -> None:
 
     check_runs(frozen, recipe, batch_one=True)
     check_save_load(frozen, recipe, "freeze")
-
-
-def assert_identical(a: nn.Module, b: nn.Module) -> None:
-    sa, sb = a.state_dict(), b.state_dict()
-    assert list(sa) == list(sb)
-    for key in sa:
-        assert sa[key].dtype == sb[key].dtype and torch.equal(sa[key], sb[key]), key
-    for (na, ma), (nb, mb) in zip(a.named_modules(), b.named_modules(), strict=True):
-        assert na == nb and type(ma) is type(mb), (na, type(ma), type(mb))
-        assert ma.training == mb.training, na
-        for attr in ("eps", "momentum", "affine", "track_running_stats", "num_features"):
-            assert getattr(ma, attr, None) == getattr(mb, attr, None), (na, attr)
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
-        assert na == nb and pa.requires_grad == pb.requires_grad, na
 
 
 @SETTINGS
