@@ -530,7 +530,7 @@ def save(
     >>> sorted(torch.jit.load(path)(torch.ones(2, 3)))
     ['features', 'logits']
     """
-    from .graph import unwrapped
+    from .tree import unwrapped
 
     model = unwrapped(model)  # torch.compile, DataParallel: the keys load() builds
     out = Path(path)
@@ -608,7 +608,7 @@ def _to_torchscript(
                 f"torch.jit.script failed ({brief(exc)}); give example inputs to trace it "
                 "instead (--input-size or --inputs)"
             ) from exc
-    from .graph import as_args, eval_mode
+    from .tree import as_args, eval_mode
 
     args = as_args(example_inputs)
     keywords = None if all(map(_traceable, args)) else _tensor_keywords(model, args)
@@ -706,7 +706,7 @@ def _verify_program(
     """
     from torch.utils._pytree import tree_map, tree_structure
 
-    from .graph import as_args, eval_mode
+    from .tree import as_args, eval_mode
     from .verify import default_tolerance, max_relative_error
 
     def copied(value: Any) -> Any:

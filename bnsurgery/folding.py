@@ -29,21 +29,12 @@ from torch.nn.modules.conv import _ConvNd
 
 from . import foldmath, provenance
 from .errors import UnsupportedModelError, VerificationError
-from .graph import Graph, Node, Trace, Value, as_args, eval_mode, on_unwrapped, trace
-from .norms import (
-    bn_stats,
-    carry_hooks,
-    check_finite,
-    has_activation,
-    has_hooks,
-    is_batchnorm,
-    num_features,
-    remainder_of,
-    user_hooks,
-    user_hooks_suspended,
-)
+from .graph import Graph, Node, Trace, Value, trace
+from .hooks import carry_hooks, has_hooks, user_hooks, user_hooks_suspended
+from .norms import bn_stats, check_finite, has_activation, is_batchnorm, num_features, remainder_of
 from .report import fold_text
 from .select import select_batchnorms
+from .tree import as_args, eval_mode, on_unwrapped
 from .verify import default_tolerance, max_relative_error, tensors_in
 
 __all__ = [

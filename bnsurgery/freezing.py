@@ -21,10 +21,11 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import provenance
 from .errors import UsageError
 from .frozen import FrozenBatchNorm
-from .graph import on_unwrapped
-from .norms import bn_stats, carry_hooks, check_finite, is_batchnorm
+from .hooks import carry_hooks
+from .norms import bn_stats, check_finite, is_batchnorm
 from .report import freeze_text
 from .select import select_batchnorms
+from .tree import on_unwrapped
 
 __all__ = ["FreezeReport", "freeze", "stage_names", "trainable_parameters", "unfreeze"]
 

@@ -17,10 +17,7 @@ Nothing here relies on module registration order, and nothing here changes the m
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from collections import defaultdict
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +29,9 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from .errors import TraceError, UnsupportedModelError
-from .norms import call_input, is_batchnorm, user_hooks_suspended
+from .hooks import call_input, user_hooks_suspended
+from .norms import is_batchnorm
+from .tree import as_args, eval_mode
 from .verify import tensors_in
 
 __all__ = [
@@ -40,12 +39,8 @@ __all__ = [
     "Node",
     "Trace",
     "Value",
-    "as_args",
-    "eval_mode",
     "DECISIONS",
-    "on_unwrapped",
     "trace",
-    "unwrapped",
 ]
 
 #: torch functions with a weight that a BN can be folded into: kind, argument names.
@@ -166,64 +161,6 @@ class Trace:
 
     graph: Graph
     output: Any = None
-
-
-def as_args(example_inputs: Any) -> tuple[Any, ...]:
-    """Normalise ``example_inputs`` to positional arguments: a tensor (or a dict) is one
-    argument, a tuple or list is several."""
-    if isinstance(example_inputs, tuple | list):
-        return tuple(example_inputs)
-    return (example_inputs,)
-
-
-def on_unwrapped(surgery: Callable[..., Any]) -> Callable[..., Any]:
-    """Make ``surgery(model, ...)`` work on the module a wrapper runs (:func:`unwrapped`): layer
-    names without ``_orig_mod.`` or ``module.``, eager passes (a compiled graph skips the hooks
-    a pass adds), and the record :func:`bnsurgery.save` writes. A surgery that returns the
-    module it worked on returns what it was given, the wrapper."""
-
-    @functools.wraps(surgery)
-    def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        inner = unwrapped(model)
-        result = surgery(inner, *args, **kwargs)
-        return model if result is inner else result
-
-    return run
-
-
-def unwrapped(model: nn.Module) -> nn.Module:
-    """The module a wrapper runs: ``torch.compile``'s ``OptimizedModule`` (``_orig_mod``),
-    ``DataParallel`` and ``DistributedDataParallel`` (``module``), however nested.
-
-    Passes that rely on hooks run it eagerly (a compiled graph skips hooks added after it was
-    compiled), and :func:`bnsurgery.save` writes it, so the file has the keys :func:`bnsurgery.
-    load` builds.
-
-    >>> net = nn.Linear(2, 2)
-    >>> unwrapped(nn.DataParallel(net)) is net
-    True
-    """
-    while True:
-        if type(model).__name__ == "OptimizedModule" and isinstance(
-            getattr(model, "_orig_mod", None), nn.Module
-        ):
-            model = model._orig_mod
-        elif isinstance(model, nn.DataParallel | nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode, and restore every module's own flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def trace(model: nn.Module, example_inputs: Any = None) -> Trace:

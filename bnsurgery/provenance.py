@@ -20,8 +20,9 @@ import torch
 from torch import nn
 
 from .errors import BnSurgeryError, SourceError
-from .graph import unwrapped
-from .norms import NormActRemainder, carry_hooks, remainder_of
+from .hooks import carry_hooks
+from .norms import NormActRemainder, remainder_of
+from .tree import unwrapped
 
 __all__ = [
     "add_zero_bias",

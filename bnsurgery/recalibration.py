@@ -36,10 +36,11 @@ from torch.overrides import TorchFunctionMode
 
 from . import provenance
 from .errors import BnSurgeryError, DataError, UsageError
-from .graph import DECISIONS, eval_mode, on_unwrapped, unwrapped
+from .graph import DECISIONS
 from .norms import eps_of, has_activation
 from .report import recalibration_text
 from .select import select_batchnorms
+from .tree import eval_mode, on_unwrapped, unwrapped
 
 __all__ = ["LayerDrift", "RecalibrationReport", "default_forward", "gaussian_kl", "recalibrate"]
 

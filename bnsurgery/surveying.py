@@ -14,9 +14,9 @@ from torch import nn
 
 from .errors import BnSurgeryError
 from .frozen import FrozenBatchNorm
-from .graph import on_unwrapped
 from .norms import eps_of, has_activation, is_batchnorm, is_frozen_batchnorm
 from .report import survey_text
+from .tree import on_unwrapped
 
 __all__ = ["BNInfo", "Survey", "survey"]
 

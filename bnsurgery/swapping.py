@@ -31,11 +31,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from . import provenance
 from .errors import TraceError, UsageError, brief
 from .frozen import FrozenBatchNorm
-from .graph import as_args, eval_mode, on_unwrapped
+from .hooks import call_input, carry_hooks, user_hooks_suspended
 from .norms import (
     bn_stats,
-    call_input,
-    carry_hooks,
     check_finite,
     eps_of,
     has_activation,
@@ -43,11 +41,11 @@ from .norms import (
     is_frozen_batchnorm,
     num_features,
     remainder_of,
-    user_hooks_suspended,
 )
 from .recalibration import _DataCheck, _run, _to, default_forward
 from .report import swap_text
 from .select import select_batchnorms
+from .tree import as_args, eval_mode, on_unwrapped
 
 __all__ = ["SCHEDULES", "TARGETS", "ChannelLayerNorm", "SwapReport", "auto_groups", "swap"]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .graph import eval_mode
-from .norms import call_input, iter_batchnorms
+from .hooks import call_input
+from .norms import iter_batchnorms
+from .tree import eval_mode
 
 __all__ = ["match_bn_to_data", "randomize_bn"]
 

@@ -10,19 +10,15 @@ import torchvision
 from torch import nn
 
 from bnsurgery.errors import StatisticsError
+from bnsurgery.hooks import call_input, carry_hooks, has_hooks, user_hooks, user_hooks_suspended
 from bnsurgery.norms import (
     FoldedBatchNorm,
     NormActRemainder,
     bn_stats,
-    call_input,
-    carry_hooks,
     check_finite,
     eps_of,
-    has_hooks,
     is_batchnorm,
     remainder_of,
-    user_hooks,
-    user_hooks_suspended,
 )
 
 

@@ -323,7 +323,7 @@ def test_fold_leaves_a_bn_with_a_hook_between_it_and_its_layer(where, kind):
 
 
 def test_internal_passes_keep_torchs_own_hooks_and_put_the_users_back_in_order():
-    from bnsurgery.norms import user_hooks_suspended
+    from bnsurgery.hooks import user_hooks_suspended
 
     conv = torch.nn.Conv2d(3, 3, 1)
     first = conv.register_forward_pre_hook(lambda *a: None)
