@@ -175,13 +175,12 @@ def _module_file(text: str) -> Path | None:
 
 def _folder_files(folder: Path) -> list[Path]:
     """The files a data folder is read from (its images; see :mod:`bnsurgery.datasets`)."""
-    from .datasets import IMAGE_SUFFIXES
+    from .datasets import image_files
 
     found = []
     try:
-        for p in folder.rglob("*"):
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
-                found.append(p)
+        for p in image_files(folder):
+            found.append(p)
     except OSError:
         pass  # an unreadable folder: reading it will fail, and say so
     return found

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import bnsurgery
-from bnsurgery.checkpoint import atomic_write, default_output, output_format, unwrap_state_dict
+from bnsurgery.checkpoint import atomic_write, default_output, output_format
 from bnsurgery.errors import (
     OutputError,
     SourceError,
@@ -20,6 +20,7 @@ from bnsurgery.errors import (
 )
 from bnsurgery.provenance import get_record
 from bnsurgery.specs import parse_spec
+from bnsurgery.statedicts import unwrap_state_dict
 
 from .conftest import output, prepared
 

@@ -199,17 +199,17 @@ def test_a_tiny_file_cannot_make_us_build_a_huge_model(arch, head, world, capsys
         {head: torch.zeros(4)}, str(path), metadata={"bnsurgery": json.dumps(record_of(arch))}
     )
     assert path.stat().st_size < 300
-    from bnsurgery import checkpoint
+    from bnsurgery import safemodel
 
     builds = []
-    real_build, registration = checkpoint.build, torch.nn.Module.register_parameter
+    real_build, registration = safemodel.build, torch.nn.Module.register_parameter
 
     def spying_build(spec, **kwargs):
         model = real_build(spec, **kwargs)
         builds.append({t.device.type for t in [*model.parameters(), *model.buffers()]})
         return model
 
-    monkeypatch.setattr(checkpoint, "build", spying_build)
+    monkeypatch.setattr(safemodel, "build", spying_build)
     args = command_args("inspect", world, path, name_arch=False)
     run_case(capsys, world, args, SOURCE, f"{head} (4,) vs (100000,)")
     assert builds == [{"meta"}], builds  # built once, weightless; never for real
