@@ -53,8 +53,9 @@ class Spec:
 
 
 def is_spec(text: str) -> bool:
-    """True when ``text`` has the shape of a spec (``ns:name`` with optional kwargs)."""
-    return bool(_SPEC.match(text.strip()))
+    """True when ``text`` has the shape of a spec (``ns:name`` with optional kwargs); never for
+    anything but a string."""
+    return isinstance(text, str) and bool(_SPEC.match(text.strip()))
 
 
 def parse_spec(text: str) -> Spec:
@@ -62,14 +63,24 @@ def parse_spec(text: str) -> Spec:
     each a Python literal (numbers, strings, booleans, None, and tuples, lists, dicts of them).
 
     Raises:
-        UsageError: not a spec, or call syntax other than one call with keyword literals (the
-            offending part is named).
+        UsageError: not a string, longer than ``_MAX_SPEC`` characters, not a spec, or call
+            syntax other than one call with keyword literals (the offending part is named).
 
     >>> parse_spec("timm:resnet18(num_classes=10)")
     Spec(namespace='timm', name='resnet18', kwargs={'num_classes': 10})
     """
+    if not isinstance(text, str):
+        raise UsageError(
+            "expected an architecture spec string such as 'timm:resnet18', found a "
+            f"{type(text).__name__}"
+        )
     text = text.strip()
-    match = _SPEC.match(text) if len(text) <= _MAX_SPEC else None
+    if len(text) > _MAX_SPEC:
+        raise UsageError(
+            f"architecture spec {_shown(text)} is {len(text)} characters long; a spec is a name "
+            f"and a few options, at most {_MAX_SPEC} characters"
+        )
+    match = _SPEC.match(text)
     if not match:
         raise UsageError(
             f"{_shown(text)} is not an architecture spec; use timm:NAME, torchvision:NAME or "
@@ -92,25 +103,37 @@ def _keyword_literals(call_text: str, text: str) -> dict[str, Any]:
             "timm:resnet18(num_classes=10)"
         )
 
+    source = f"f{call_text}"
     try:
-        tree = ast.parse(f"f{call_text}", mode="eval").body
-    except SyntaxError as exc:
+        tree = ast.parse(source, mode="eval").body
+    except (SyntaxError, ValueError) as exc:
         raise bad(f"{_shown(call_text)} is not valid call syntax") from exc
+    except (RecursionError, MemoryError) as exc:  # the parser's own limits, not a crash
+        raise bad(f"{_shown(call_text)} nests too deeply to read") from exc
     if not (isinstance(tree, ast.Call) and isinstance(tree.func, ast.Name)):
         raise bad(f"{_shown(call_text)} is not one call")
+
+    def typed(node: ast.AST) -> str:  # as the user typed it: ast.unparse recurses
+        return _shown(ast.get_source_segment(source, node) or type(node).__name__)
+
     if tree.args:
-        raise bad(f"positional argument {_shown(ast.unparse(tree.args[0]))}")
+        raise bad(f"positional argument {typed(tree.args[0])}")
     kwargs: dict[str, Any] = {}
     for keyword in tree.keywords:
         if keyword.arg is None:
-            raise bad(f"{_shown('**' + ast.unparse(keyword.value))} is not a keyword argument")
+            raise bad(f"{typed(keyword)} is not a keyword argument")
         if keyword.arg in kwargs:
             raise bad(f"{keyword.arg} is given twice")
         try:
-            kwargs[keyword.arg] = ast.literal_eval(keyword.value)
+            value = ast.literal_eval(keyword.value)
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as exc:
-            shown = _shown(ast.unparse(keyword.value))
-            raise bad(f"{keyword.arg}={shown} is not a literal") from exc
+            raise bad(f"{keyword.arg}={typed(keyword.value)} is not a literal") from exc
+        try:
+            repr(value)  # a spec is written back as text (str(spec), the file's record)
+        except (ValueError, RecursionError, MemoryError) as exc:
+            shown = typed(keyword.value)
+            raise bad(f"{keyword.arg}={shown} is too large to write back as text") from exc
+        kwargs[keyword.arg] = value
     return kwargs
 
 
