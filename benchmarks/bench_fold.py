@@ -70,7 +70,8 @@ from torch.fx.experimental.optimization import fuse as fx_fuse
 
 import bnsurgery
 from bnsurgery.errors import VerificationError
-from bnsurgery.norms import is_batchnorm, remainder_of
+from bnsurgery.norms import is_batchnorm
+from bnsurgery.targets import remainder_of
 from bnsurgery.testing import randomize_bn
 from bnsurgery.verify import max_relative_error
 

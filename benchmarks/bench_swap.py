@@ -62,10 +62,10 @@ from _common import machine
 from torch import nn
 
 import bnsurgery
+from bnsurgery.batches import DataCheck as _DataCheck
 from bnsurgery.hooks import call_input
 from bnsurgery.norms import iter_batchnorms
-from bnsurgery.recalibration import _DataCheck
-from bnsurgery.swapping import _Fit
+from bnsurgery.swapfit import _Fit
 from bnsurgery.testing import match_bn_to_data, randomize_bn
 
 

@@ -15,13 +15,21 @@ __all__ = [
     "BnSurgeryError",
     "FoldPlan",
     "FoldReport",
-    "Survey",
     "FrozenBatchNorm",
+    "Plan",
+    "Report",
+    "Skip",
+    "Survey",
+    "apply",
     "fold",
     "freeze",
     "last_report",
     "load",
     "plan_fold",
+    "plan_freeze",
+    "plan_recalibrate",
+    "plan_swap",
+    "plan_unfreeze",
     "recalibrate",
     "save",
     "survey",
@@ -32,15 +40,23 @@ __all__ = [
 
 _LAZY = {
     "BnSurgeryError": "bnsurgery.errors",
-    "FoldPlan": "bnsurgery.folding",
+    "FoldPlan": "bnsurgery.foldplan",
     "FoldReport": "bnsurgery.folding",
     "fold": "bnsurgery.folding",
-    "last_report": "bnsurgery.provenance",
+    "Plan": "bnsurgery.plan",
+    "Report": "bnsurgery.plan",
+    "Skip": "bnsurgery.plan",
+    "apply": "bnsurgery.plan",
+    "last_report": "bnsurgery.plan",
+    "plan_freeze": "bnsurgery.freezing",
+    "plan_unfreeze": "bnsurgery.freezing",
+    "plan_recalibrate": "bnsurgery.recalibration",
+    "plan_swap": "bnsurgery.swapping",
     "FrozenBatchNorm": "bnsurgery.frozen",
     "freeze": "bnsurgery.freezing",
     "unfreeze": "bnsurgery.freezing",
     "trainable_parameters": "bnsurgery.freezing",
-    "plan_fold": "bnsurgery.folding",
+    "plan_fold": "bnsurgery.foldplan",
     "recalibrate": "bnsurgery.recalibration",
     "swap": "bnsurgery.swapping",
     "Survey": "bnsurgery.surveying",
@@ -52,13 +68,14 @@ _LAZY = {
 if TYPE_CHECKING:
     from .checkpoint import load, save
     from .errors import BnSurgeryError
-    from .folding import FoldPlan, FoldReport, fold, plan_fold
-    from .freezing import freeze, trainable_parameters, unfreeze
+    from .folding import FoldReport, fold
+    from .foldplan import FoldPlan, plan_fold
+    from .freezing import freeze, plan_freeze, plan_unfreeze, trainable_parameters, unfreeze
     from .frozen import FrozenBatchNorm
-    from .provenance import last_report
-    from .recalibration import recalibrate
+    from .plan import Plan, Report, Skip, apply, last_report
+    from .recalibration import plan_recalibrate, recalibrate
     from .surveying import Survey, survey
-    from .swapping import swap
+    from .swapping import plan_swap, swap
 
 
 def __getattr__(name: str) -> Any:

@@ -12,41 +12,48 @@ Like every bnsurgery surgery it works in place and returns the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import provenance
+from . import targets
 from .errors import UsageError
 from .frozen import FrozenBatchNorm
-from .hooks import carry_hooks
-from .norms import bn_stats, check_finite, is_batchnorm
+from .norms import check_finite, is_batchnorm
+from .plan import (
+    Plan,
+    Replace,
+    Report,
+    Restore,
+    SetAffineTraining,
+    Skip,
+    apply,
+    select,
+    set_report,
+)
 from .report import freeze_text
-from .select import select_batchnorms
 from .tree import on_unwrapped
 
-__all__ = ["FreezeReport", "freeze", "stage_names", "trainable_parameters", "unfreeze"]
+__all__ = [
+    "FreezeReport",
+    "freeze",
+    "plan_freeze",
+    "plan_unfreeze",
+    "stage_names",
+    "trainable_parameters",
+    "unfreeze",
+]
 
 
 @dataclass
-class FreezeReport:
+class FreezeReport(Report):
     """What :func:`freeze` or :func:`unfreeze` did: layers changed, and layers left with why."""
 
-    operation: str
-    changed: list[str]
-    left: list[tuple[str, str]]
     train_affine: bool = False
-    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:  # a short table for people; to_dict() for scripts
         return freeze_text(self)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["left"] = [{"bn": n, "reason": r} for n, r in self.left]
-        return data
 
 
 def stage_names(model: nn.Module) -> list[list[str]]:
@@ -82,6 +89,36 @@ def _in_stages(model: nn.Module, stages: int) -> set[str]:
     }
 
 
+def plan_freeze(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    *,
+    types: Sequence[type[nn.Module]] | None = None,
+    stages: int | None = None,
+    train_affine: bool = False,
+) -> Plan:
+    """Plan :func:`freeze` without changing anything: a :class:`~bnsurgery.plan.Plan` with one
+    edit or one skip for every BN (arguments as for :func:`freeze`)."""
+    chosen, skipped = select(model, include, exclude, types=types)
+    if stages is not None:
+        allowed = _in_stages(model, stages)
+        skipped += [
+            Skip(n, f"not in the first {stages} stages") for n, _ in chosen if n not in allowed
+        ]
+        chosen = [(n, m) for n, m in chosen if n in allowed]
+    frozen = targets.target("frozen")
+    edits: list[Any] = []
+    for name, bn in chosen:
+        if isinstance(bn, FrozenBatchNorm) and bn.train_affine != bool(train_affine):
+            edits.append(SetAffineTraining(name, bool(train_affine)))  # frees or fixes the affine
+        elif (reason := frozen.refuses(bn, {})) is not None:
+            skipped.append(Skip(name, reason))
+        else:
+            edits.append(Replace(name, "frozen", {"train_affine": bool(train_affine)}))
+    return Plan("freeze", edits, skipped, {"op": "freeze", "frozen": len(edits)})
+
+
 @on_unwrapped
 def freeze(
     model: nn.Module,
@@ -103,13 +140,13 @@ def freeze(
         train_affine: keep ``weight`` and ``bias`` trainable; only the statistics freeze.
 
     Returns:
-        The model. Frozen layers are :class:`~bnsurgery.frozen.FrozenBatchNorm`; a BN without
-        running statistics, and one that is already frozen, is left with a reason in
-        :func:`bnsurgery.last_report`.
+        The model. Frozen layers are :class:`~bnsurgery.frozen.FrozenBatchNorm`. Every BN not
+        frozen (not selected, already frozen, without running statistics, an uninitialised
+        lazy BN) is listed with its reason in :func:`bnsurgery.last_report`'s
+        :class:`FreezeReport`; a model without BN gives an empty report.
 
     Raises:
-        UsageError: a pattern that selects nothing (nearest names suggested), an uninitialised
-            lazy BN, or a selection with no BN at all.
+        UsageError: a pattern that selects nothing (nearest names suggested).
         StatisticsError: a BN to freeze has NaN/infinite statistics; nothing was changed.
 
     >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
@@ -117,58 +154,30 @@ def freeze(
     >>> type(net[1]).__name__, net[1].weight.requires_grad
     ('FrozenBatchNorm', False)
     """
-    chosen = select_batchnorms(model, include, exclude, types)
-    if stages is not None:
-        allowed = _in_stages(model, stages)
-        chosen = [(n, m) for n, m in chosen if n in allowed]
-    if not chosen:
-        raise UsageError("no BatchNorm layer selected to freeze")
-    check_finite(
-        (
-            (n, m)
-            for n, m in chosen
-            if isinstance(m, _BatchNorm)
-            and not isinstance(m, FrozenBatchNorm)
-            and bn_stats(m) is not None
-        ),
-        "freeze",
+    plan = plan_freeze(
+        model, include, exclude, types=types, stages=stages, train_affine=train_affine
     )
-    changed: list[str] = []
-    left: list[tuple[str, str]] = []
-    structure: list[dict[str, Any]] = []
-    for name, bn in chosen:
-        if isinstance(bn, FrozenBatchNorm):
-            if bn.train_affine == bool(train_affine):
-                left.append((name, "already frozen by bnsurgery"))
-                continue
-            bn.set_train_affine(train_affine)  # freeze(..., train_affine=True) frees the affine
-            paths = {path for _, _, path in provenance.parents(model, bn)}
-            for edit in provenance.get_record(model)["structure"]:
-                if edit.get("with") == "frozen" and edit.get("replace") in paths:
-                    edit["train_affine"] = bool(train_affine)
-            changed.append(name)
-            continue
-        if not isinstance(bn, _BatchNorm):
-            left.append((name, f"already frozen ({type(bn).__name__})"))
-            continue
-        if isinstance(bn.running_mean, nn.parameter.UninitializedBuffer):
-            raise UsageError(f"{name}: an uninitialised lazy BN; run one forward pass first")
-        if bn_stats(bn) is None:
-            left.append((name, "no running statistics (track_running_stats=False) to freeze"))
-            continue
-        frozen = carry_hooks(bn, FrozenBatchNorm(bn, train_affine=train_affine))
-        parents = list(provenance.parents(model, bn))
-        if not parents:
-            left.append((name, "the model itself is the BN; use FrozenBatchNorm(model)"))
-            continue
-        for parent, child_name, path in parents:
-            setattr(parent, child_name, frozen)
-            structure.append({"replace": path, "with": "frozen", "train_affine": train_affine})
-        changed.append(name)
-    report = FreezeReport("freeze", changed, left, train_affine)
-    provenance.record_step(model, {"op": "freeze", "frozen": len(changed)}, structure)
-    provenance.set_report(model, report)
+    check_finite(
+        ((e.bn, model.get_submodule(e.bn)) for e in plan.edits if isinstance(e, Replace)), "freeze"
+    )
+    applied = apply(model, plan)
+    report = FreezeReport("freeze", applied.changed, applied.left, train_affine=bool(train_affine))
+    set_report(model, report)
     return model
+
+
+def plan_unfreeze(
+    model: nn.Module,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> Plan:
+    """Plan :func:`unfreeze` without changing anything."""
+    chosen, skipped = select(model, include, exclude, statistics=False)
+    edits = [Restore(n) for n, m in chosen if isinstance(m, FrozenBatchNorm)]
+    skipped += [
+        Skip(n, "not frozen by bnsurgery") for n, m in chosen if not isinstance(m, FrozenBatchNorm)
+    ]
+    return Plan("unfreeze", edits, skipped, {"op": "unfreeze", "unfrozen": len(edits)})
 
 
 @on_unwrapped
@@ -184,32 +193,8 @@ def unfreeze(
     Raises:
         UsageError: a pattern that selects nothing.
     """
-    frozen = [
-        (n, m)
-        for n, m in select_batchnorms(model, include, exclude)
-        if isinstance(m, FrozenBatchNorm)
-    ]
-    changed: list[str] = []
-    paths: set[str] = set()
-    for name, module in frozen:
-        original = module.restore()
-        for parent, child_name, path in list(provenance.parents(model, module)):
-            setattr(parent, child_name, original)
-            paths.add(path)
-        changed.append(name)
-    left = [
-        (n, "not frozen by bnsurgery")
-        for n, m in select_batchnorms(model, include, exclude)
-        if not isinstance(m, FrozenBatchNorm) and n not in changed
-    ]
-    record = provenance.get_record(model)
-    record["structure"] = [
-        e
-        for e in record["structure"]
-        if not (e.get("with") == "frozen" and e.get("replace") in paths)
-    ]
-    record["steps"].append({"op": "unfreeze", "unfrozen": len(changed)})
-    provenance.set_report(model, FreezeReport("unfreeze", changed, left))
+    applied = apply(model, plan_unfreeze(model, include, exclude))
+    set_report(model, FreezeReport("unfreeze", applied.changed, applied.left))
     return model
 
 

@@ -20,7 +20,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .errors import UsageError
-from .norms import bn_stats, has_activation
 
 __all__ = ["FrozenBatchNorm"]
 
@@ -47,7 +46,7 @@ class FrozenBatchNorm(nn.Module):
             raise UsageError(
                 f"cannot freeze an uninitialised {type(bn).__name__}: run one forward pass first"
             )
-        if bn_stats(bn) is None:
+        if not bn.track_running_stats or bn.running_mean is None:
             raise UsageError(
                 f"cannot freeze a {type(bn).__name__} without running statistics "
                 "(track_running_stats=False)"
@@ -55,7 +54,11 @@ class FrozenBatchNorm(nn.Module):
         self.num_features = int(bn.num_features)
         self.eps = float(bn.eps)
         self.train_affine = bool(train_affine)
-        self.has_act = has_activation(bn)
+        self.has_act = any(  # a timm norm-act layer's activation or drop (norms.has_activation)
+            isinstance(getattr(bn, a, None), nn.Module)
+            and not isinstance(getattr(bn, a), nn.Identity)
+            for a in ("act", "drop")
+        )
         for name, param in bn._parameters.items():
             self._parameters[name] = param
         for name, buffer in bn._buffers.items():

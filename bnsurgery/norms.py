@@ -22,19 +22,20 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .frozen import FrozenBatchNorm
+
 __all__ = [
     "BNStats",
-    "FoldedBatchNorm",
-    "NormActRemainder",
     "bn_stats",
     "eps_of",
+    "bad_statistics",
     "check_finite",
+    "unusable",
     "has_activation",
     "is_batchnorm",
     "is_frozen_batchnorm",
     "iter_batchnorms",
     "num_features",
-    "remainder_of",
 ]
 
 
@@ -129,8 +130,6 @@ def _probe(module: nn.Module) -> float | None:
 
 def is_batchnorm(module: nn.Module) -> bool:
     """True for every BatchNorm-like module bnsurgery works on (see the module docstring)."""
-    from .frozen import FrozenBatchNorm
-
     return isinstance(module, _BatchNorm | FrozenBatchNorm) or is_frozen_batchnorm(module)
 
 
@@ -207,7 +206,7 @@ def bn_stats(module: nn.Module) -> BNStats | None:
     )
 
 
-def _bad_statistics(module: nn.Module) -> str | None:
+def bad_statistics(module: nn.Module) -> str | None:
     """What is wrong with a BN's running statistics, or ``None``."""
     for key in ("running_mean", "running_var", "weight", "bias"):
         t = getattr(module, key, None)
@@ -224,6 +223,30 @@ def _bad_statistics(module: nn.Module) -> str | None:
     return None
 
 
+def unusable(module: nn.Module, *, statistics: bool = True) -> str | None:
+    """Why no surgery can work on this BN, or ``None``: the one policy every surgery's plan and
+    ``inspect`` apply (the BN is then skipped with this reason, never an error).
+
+    Args:
+        module: a BN module.
+        statistics: the surgery needs running statistics (fold, freeze, recalibrate, a
+            calibrated swap); a swap to another norm does not.
+
+    >>> unusable(nn.LazyBatchNorm2d())
+    'an uninitialised lazy BN (run one forward pass first)'
+    >>> unusable(nn.BatchNorm2d(3, track_running_stats=False)) is None
+    False
+    """
+    lazy = (nn.parameter.UninitializedBuffer, nn.parameter.UninitializedParameter)
+    if any(isinstance(getattr(module, k, None), lazy) for k in ("running_mean", "weight")):
+        return "an uninitialised lazy BN (run one forward pass first)"
+    if statistics and bn_stats(module) is None:
+        return (
+            "no running statistics (track_running_stats=False): it normalises with batch statistics"
+        )
+    return None
+
+
 def check_finite(named: Iterable[tuple[str, nn.Module]], operation: str) -> None:
     """Refuse BN layers whose statistics or affine values are NaN, infinite or (variance)
     negative: an operation built on them would turn a broken layer into a broken model.
@@ -233,7 +256,7 @@ def check_finite(named: Iterable[tuple[str, nn.Module]], operation: str) -> None
     """
     from .errors import StatisticsError
 
-    bad = [(name, problem) for name, m in named if (problem := _bad_statistics(m)) is not None]
+    bad = [(name, problem) for name, m in named if (problem := bad_statistics(m)) is not None]
     if bad:
         name, problem = bad[0]
         more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
@@ -241,79 +264,3 @@ def check_finite(named: Iterable[tuple[str, nn.Module]], operation: str) -> None
             f"cannot {operation}: {name}: {problem}{more}; recalibrate them first "
             "(bnsurgery.recalibrate, or `bnsurgery recalibrate`)"
         )
-
-
-class NormActRemainder(nn.Module):
-    """What is left of a timm norm-act layer once its normalisation is folded away.
-
-    Applies ``drop`` then ``act`` exactly as the norm-act layer did after normalising, and keeps
-    them under the same attribute names so state-dict keys such as ``bn1.act.weight`` (PReLU)
-    stay where they were.
-    """
-
-    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
-        super().__init__()
-        self.drop = drop
-        self.act = act
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:  # the name BN's forward has
-        return self.act(self.drop(input))
-
-
-class FoldedBatchNorm(nn.Identity):
-    """What is left of a plain BN once it is folded into a neighbouring layer: the identity.
-
-    To code that fuses BN layers itself by reading their tensors (ultralytics' ``fuse()``, run
-    by every ``YOLO.predict``; mmcv's and hand-written ``fuse_conv_and_bn``) it also reads as
-    a BN whose function is the identity: weight 1, bias 0, mean 0, and a variance with
-    ``running_var + eps == 1`` exactly in its dtype, so such a fuser folds it into nothing
-    rather than crashing on a missing ``running_mean``. These tensors are non-persistent
-    buffers: the state dict is ``nn.Identity``'s (empty), and the forward never reads them.
-    Type-exact fusers (``torch.ao.quantization.fuse_modules``, torchvision's ``fuse_model``)
-    still refuse it: run those instead of fold.
-
-    >>> left = FoldedBatchNorm(nn.BatchNorm2d(3))
-    >>> bool((left.running_var + left.eps == 1).all()), len(left.state_dict())
-    (True, 0)
-    """
-
-    def __init__(self, bn: nn.Module) -> None:
-        super().__init__()
-        like = bn.running_mean
-        self.num_features = like.numel()
-        self.eps = eps_of(bn)
-        factory = {"dtype": like.dtype, "device": like.device}
-        var = torch.full((self.num_features,), 1.0 - self.eps, **factory)
-        for _ in range(4):  # settle on the value whose sum with eps rounds to exactly one
-            total = var + self.eps
-            if bool((total == 1).all()):
-                break
-            var = torch.nextafter(var, torch.where(total > 1, 0.0, 2.0).to(var))
-        for name, value in (
-            ("weight", torch.ones_like(var)),
-            ("bias", torch.zeros_like(var)),
-            ("running_mean", torch.zeros_like(var)),
-            ("running_var", var),
-        ):
-            self.register_buffer(name, value, persistent=False)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, folded"
-
-
-def remainder_of(module: nn.Module) -> nn.Module:
-    """The module that replaces a BN whose normalisation was folded elsewhere.
-
-    A :class:`FoldedBatchNorm` (an identity) for plain BN; a :class:`NormActRemainder` keeping
-    the activation and drop of a norm-act layer.
-    """
-    if has_activation(module):
-        drop = getattr(module, "drop", None)
-        act = getattr(module, "act", None)
-        return NormActRemainder(
-            drop if isinstance(drop, nn.Module) else nn.Identity(),
-            act if isinstance(act, nn.Module) else nn.Identity(),
-        )
-    if bn_stats(module) is None:  # no statistics (track_running_stats=False, lazy): no BN view
-        return nn.Identity()
-    return FoldedBatchNorm(module)

@@ -1,37 +1,37 @@
 """Where a model came from and what surgery changed its structure, so it can be rebuilt.
 
 A model loaded through :mod:`bnsurgery.checkpoint` remembers its architecture spec
-(``timm:resnet18``). Every surgery appends a step (a summary) and the structural edits it made
-(a module replaced, a bias added). The safe checkpoint format stores this record; loading
-rebuilds the architecture, replays the structural edits and then loads the weights strictly,
-without unpickling anything.
+(``timm:resnet18``). Every surgery appends a :class:`Step` (a summary) and the
+:class:`StructureEdit` list it made (a BN replaced by a registry target, a bias added). The safe
+checkpoint format stores this record; loading rebuilds the architecture, replays the
+structural edits (:func:`replay`, through the one registry in :mod:`bnsurgery.targets`) and
+then loads the weights strictly, without unpickling anything.
 
 The record is a plain dict of builtins kept in the model's ``__dict__``, so it survives
-``copy.deepcopy`` and pickling without importing bnsurgery.
+``copy.deepcopy`` and pickling without importing bnsurgery; the types below say its shape.
 """
 
 from __future__ import annotations
 
 import copy
-import weakref
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
+from . import targets
 from .errors import BnSurgeryError, SourceError
 from .hooks import carry_hooks
-from .norms import NormActRemainder, remainder_of
 from .tree import unwrapped
 
 __all__ = [
+    "Record",
+    "Step",
+    "StructureEdit",
     "add_zero_bias",
     "get_record",
-    "last_report",
-    "parents",
-    "set_report",
     "record_step",
-    "replace_module",
     "replay",
     "set_arch",
 ]
@@ -39,9 +39,29 @@ __all__ = [
 _ATTR = "_bnsurgery_record"
 
 
-def get_record(model: nn.Module) -> dict[str, Any]:
-    """The model's record: ``{"arch": str | None, "steps": [...], "structure": [...]}``
-    (of the module a ``torch.compile`` or DataParallel wrapper runs, which surgeries change)."""
+class Step(TypedDict, total=False):
+    """One surgery: ``op`` and its counts (the fields :data:`bnsurgery.trust.STEPS` allows)."""
+
+    op: str
+
+
+#: A structural edit: a module replaced (``{"replace": path, "with": target name, "options":
+#: {...}}``) or a zero bias added to a layer (``{"add_bias": path, "channels": n}``). ("with" is
+#: a Python keyword, so this is a mapping type rather than a TypedDict.)
+StructureEdit = dict[str, Any]
+
+
+class Record(TypedDict):
+    """A model's provenance: its architecture spec, surgery steps and structural edits."""
+
+    arch: str | None
+    steps: list[Step]
+    structure: list[StructureEdit]
+
+
+def get_record(model: nn.Module) -> Record:
+    """The model's record (of the module a ``torch.compile`` or DataParallel wrapper runs,
+    which surgeries change)."""
     model = unwrapped(model)
     record = model.__dict__.get(_ATTR)
     if record is None:
@@ -50,55 +70,39 @@ def get_record(model: nn.Module) -> dict[str, Any]:
     return record
 
 
-_REPORTS: weakref.WeakKeyDictionary[nn.Module, Any] = weakref.WeakKeyDictionary()
-
-
-def set_report(model: nn.Module, report: Any) -> None:
-    """Remember the report of the last surgery applied to this model object."""
-    _REPORTS[unwrapped(model)] = report
-
-
-def last_report(model: nn.Module) -> Any:
-    """The report of the last surgery (fold, freeze, ...) applied to this model object."""
-    return _REPORTS.get(unwrapped(model))
-
-
 def set_arch(model: nn.Module, arch: str | None) -> None:
     """Remember the architecture spec the model was built from."""
     get_record(model)["arch"] = arch
 
 
-def record_step(model: nn.Module, step: dict[str, Any], structure: list[dict[str, Any]]) -> None:
-    """Append a surgery step and the structural edits it made."""
+def record_step(
+    model: nn.Module, step: dict[str, Any], changes: Iterable[tuple[str, Any]] = ()
+) -> None:
+    """Append a surgery step and apply its changes to the recorded structure, in order:
+    ``("add", edit)`` appends an edit, ``("drop", path)`` removes the edits of ``path`` (the
+    module there is again what the architecture builds), ``("amend", (path, options))``
+    updates the options of the replacement recorded at ``path``."""
     record = get_record(model)
     record["steps"].append(step)
-    record["structure"].extend(structure)
+    structure = record["structure"]
+    for kind, value in changes:
+        if kind == "add":
+            structure.append(dict(value))
+        elif kind == "drop":
+            structure[:] = [e for e in structure if e.get("replace") != value]
+        elif kind == "amend":
+            path, options = value
+            for edit in structure:
+                if edit.get("replace") == path:
+                    edit["options"] = {**edit.get("options", {}), **options}
+                    edit.pop("train_affine", None)  # an older file's place for it
+        else:
+            raise ValueError(f"unknown record change {kind!r}")
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return model.get_submodule(parent_name) if parent_name else model, child
-
-
-def parents(model: nn.Module, module: nn.Module) -> list[tuple[nn.Module, str, str]]:
-    """Every place ``module`` is registered in ``model``: ``(parent, attribute, path)``.
-
-    A module shared under several names is found under each of them.
-    """
-    return [
-        (parent, child_name, f"{name}.{child_name}" if name else child_name)
-        for name, parent in model.named_modules(remove_duplicate=False)
-        for child_name, child in list(parent._modules.items())
-        if child is module
-    ]
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` at the module path ``name``; return the module that was there."""
-    parent, child = _parent(model, name)
-    old = parent._modules[child]
-    setattr(parent, child, new)
-    return old
 
 
 def add_zero_bias(module: nn.Module, channels: int, like: torch.Tensor) -> None:
@@ -109,34 +113,22 @@ def add_zero_bias(module: nn.Module, channels: int, like: torch.Tensor) -> None:
     )
 
 
-def _frozen(old: nn.Module, edit: dict[str, Any]) -> nn.Module:
-    from .frozen import FrozenBatchNorm
-
-    return FrozenBatchNorm(old, train_affine=bool(edit.get("train_affine", False)))
-
-
-#: Structural edit kinds: how to build the replacement from the module being replaced.
-_BUILDERS = {
-    "identity": lambda old, edit: remainder_of(old),
-    "norm_act_remainder": lambda old, edit: remainder_of(old),
-    "frozen": _frozen,
-}
-
-
-def structure_kind(module: nn.Module) -> str:
-    """The builder name that reproduces a replacement module."""
-    if isinstance(module, NormActRemainder):
-        return "norm_act_remainder"
-    if isinstance(module, nn.Identity):
-        return "identity"
-    raise ValueError(f"no rebuild rule for {type(module).__name__}")
+def target_of(edit: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The registry name and options of a recorded replacement, also in older files' shapes
+    (``swap:NAME``, ``norm_act_remainder``, a frozen edit's top-level ``train_affine``)."""
+    name = str(edit["with"]).removeprefix("swap:")
+    options = dict(edit.get("options", {}))
+    if "train_affine" in edit:
+        options["train_affine"] = edit["train_affine"]
+    return name, options
 
 
 def replay(model: nn.Module, structure: list[dict[str, Any]]) -> None:
     """Apply recorded structural edits to a freshly built architecture.
 
     Raises:
-        SourceError: an edit names a module the architecture does not have.
+        SourceError: an edit names a module the architecture does not have, or one it
+            cannot rebuild.
     """
     for edit in structure:
         try:
@@ -144,13 +136,8 @@ def replay(model: nn.Module, structure: list[dict[str, Any]]) -> None:
                 name = edit["replace"]
                 parent, child = _parent(model, name)
                 old = parent._modules[child]
-                kind = edit["with"]
-                if kind.startswith("swap:"):
-                    from .swapping import rebuild
-
-                    new = rebuild(old, kind[5:], edit.get("options", {}))
-                else:
-                    new = _BUILDERS[kind](old, edit)
+                kind, options = target_of(edit)
+                new = targets.build(kind, old, options)
                 # hooks the architecture's own code registered on the BN fire on its
                 # replacement, as they did when the surgery was made
                 setattr(parent, child, carry_hooks(old, new))
@@ -163,3 +150,9 @@ def replay(model: nn.Module, structure: list[dict[str, Any]]) -> None:
             ) from exc
     record = get_record(model)
     record["structure"] = copy.deepcopy(list(structure))
+
+
+def last_report(model: nn.Module) -> Any:  # TEMPORARY: until cli imports it from .plan
+    from .plan import last_report as report_of
+
+    return report_of(model)

@@ -25,24 +25,31 @@ import contextlib
 import itertools
 import math
 import types
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.overrides import TorchFunctionMode
 
-from . import provenance
-from .errors import BnSurgeryError, DataError, UsageError
-from .graph import DECISIONS
+from .batches import DataCheck, default_forward, run_batch, to_device
+from .errors import UsageError
+from .hooks import call_input
+from .layout import Layout
 from .norms import eps_of, has_activation
+from .plan import Plan, Report, SetStatistics, Skip, apply, select, set_report
 from .report import recalibration_text
-from .select import select_batchnorms
-from .tree import eval_mode, on_unwrapped, unwrapped
+from .tree import device_of, eval_mode, on_unwrapped
 
-__all__ = ["LayerDrift", "RecalibrationReport", "default_forward", "gaussian_kl", "recalibrate"]
+__all__ = [
+    "LayerDrift",
+    "RecalibrationPlan",
+    "RecalibrationReport",
+    "gaussian_kl",
+    "plan_recalibrate",
+    "recalibrate",
+]
 
 
 @dataclass(frozen=True)
@@ -57,16 +64,15 @@ class LayerDrift:
 
 
 @dataclass
-class RecalibrationReport:
-    """What :func:`recalibrate` did."""
+class RecalibrationReport(Report):
+    """What :func:`recalibrate` did: per layer how far its statistics moved (``layers``), and
+    the BN layers whose statistics were kept, with why (``left``: not selected, not called,
+    fewer than 2 values)."""
 
-    mode: str
-    batches: int
-    layers: list[LayerDrift]
+    mode: str = "exact"
+    batches: int = 0
+    layers: list[LayerDrift] = field(default_factory=list)
     world_size: int = 1
-    notes: list[str] = field(default_factory=list)
-    #: BN layers whose statistics were kept, and why (not called, fewer than 2 values)
-    left: list[tuple[str, str]] = field(default_factory=list)
 
     def __str__(self) -> str:  # a short table for people; to_dict() for scripts
         return recalibration_text(self)
@@ -78,7 +84,7 @@ class RecalibrationReport:
             "world_size": self.world_size,
             "notes": list(self.notes),
             "layers": [asdict(layer) for layer in self.layers],
-            "left": [{"bn": n, "reason": r} for n, r in self.left],
+            "left": [Skip(*s).to_dict() for s in self.left],
         }
 
 
@@ -89,243 +95,6 @@ def gaussian_kl(
     m0, m1 = mean0.double().cpu(), mean1.double().cpu()
     v0, v1 = var0.double().cpu().clamp_min(1e-12), var1.double().cpu().clamp_min(1e-12)
     return 0.5 * (torch.log(v1 / v0) + (v0 + (m0 - m1) ** 2) / v1 - 1.0)
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Feed a batch: a tensor as is, the first element of a tuple or list, a dict as keyword
-    arguments."""
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, Mapping):
-        return model(**batch)
-    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) > 0:
-        return model(batch[0])
-    raise UsageError(f"cannot feed a batch of type {type(batch).__name__}; pass forward=")
-
-
-def _to(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    if isinstance(batch, torch.Tensor):
-        batch = batch.to(device, non_blocking=True)
-        if channels_last and batch.dim() == 4 and batch.is_floating_point():
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
-    if isinstance(batch, Mapping):
-        return {k: _to(v, device, channels_last) for k, v in batch.items()}
-    if isinstance(batch, tuple | list):
-        return type(batch)(_to(v, device, channels_last) for v in batch)
-    return batch
-
-
-def _tensors(batch: Any) -> Iterator[torch.Tensor]:
-    """Every tensor in a batch (a tensor, or tensors in tuples, lists and dicts), in order."""
-    if isinstance(batch, torch.Tensor):
-        yield batch
-    elif isinstance(batch, Mapping):
-        for value in batch.values():
-            yield from _tensors(value)
-    elif isinstance(batch, tuple | list):
-        for value in batch:
-            yield from _tensors(value)
-
-
-def _plural(n: int, what: str) -> str:
-    return f"{n} {what}" if n == 1 else f"{n} {what}s"
-
-
-class _DataCheck:
-    """Checks each batch before the model sees it, and remembers the largest magnitude seen
-    (to say which values made statistics overflow)."""
-
-    def __init__(self) -> None:
-        self.largest = 0.0
-
-    def batch(self, batch: Any, index: int) -> None:
-        """Raise :class:`DataError` if a floating tensor of the batch holds NaN or infinity.
-
-        One reduction per tensor (min and max together; both propagate NaN); the counts and the
-        first bad sample are only computed for a bad batch. Batches and samples count from 0.
-        """
-        for t in _tensors(batch):
-            if not t.is_floating_point() or t.numel() == 0:
-                continue
-            lo, hi = (float(v) for v in torch.aminmax(t.detach()))
-            if math.isfinite(lo) and math.isfinite(hi):
-                self.largest = max(self.largest, -lo, hi)
-                continue
-            nan = int(torch.isnan(t).sum())
-            inf = int(torch.isinf(t).sum())
-            bad = ~torch.isfinite(t.reshape(t.shape[0], -1) if t.dim() > 1 else t.reshape(-1, 1))
-            first = int(bad.any(1).nonzero()[0, 0])
-            found = " and ".join(
-                text
-                for n, text in (
-                    (inf, _plural(inf, "infinite value")),
-                    (nan, _plural(nan, "NaN value")),
-                )
-                if n
-            )
-            raise DataError(
-                f"batch {index} holds {found} (first at sample {first}); clean the data"
-            )
-
-    def overflow(self, name: str, what: str, dtype: torch.dtype, nan: bool) -> DataError:
-        """The error for statistics (or fitted parameters) that are not finite in ``dtype``."""
-        kind = str(dtype).removeprefix("torch.")
-        if nan:
-            return DataError(
-                f"{what} come out NaN at {name} on this data (values up to {self.largest:.3g})"
-            )
-        return DataError(f"values up to {self.largest:.3g} make {what} overflow {kind} at {name}")
-
-
-#: Errors a model raises on an input it cannot take (a wrong shape, channel count, layout or
-#: dtype); memory errors and bnsurgery's own errors are not about the data.
-_MISFIT = (RuntimeError, ValueError, IndexError, TypeError, AssertionError)
-
-
-def _run(feed: Callable[[nn.Module, Any], Any], model: nn.Module, batch: Any) -> Any:
-    """``feed(model, batch)``, on the module a ``torch.compile``/``DataParallel`` wrapper runs
-    (eagerly: these passes rely on hooks, which a compiled graph skips); an error of the model
-    on this batch becomes a :class:`DataError` naming the batch's shape and the model's
-    complaint."""
-    try:
-        return feed(unwrapped(model), batch)
-    except (BnSurgeryError, torch.cuda.OutOfMemoryError):
-        raise
-    except _MISFIT as exc:
-        text = str(exc).lower()
-        if "out of memory" in text or "can't allocate memory" in text:
-            raise  # the machine's limit, not the data's shape
-        raise _misfit(model, batch, exc) from exc
-
-
-def _misfit(model: nn.Module, batch: Any, exc: BaseException) -> DataError:
-    first = next(_tensors(batch), None)
-    what = f"batches of shape {tuple(first.shape)}" if first is not None else "batches"
-    conv = next((m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd)), None)
-    shape = tuple(first.shape) if first is not None else ()
-    expects = getattr(conv, "in_channels", None)
-    if expects is not None and len(shape) >= 3 and shape[1] != expects:
-        hint = ""
-        if shape[-1] == expects:
-            hint = " (this looks like channels-last (N, H, W, C) data; permute to (N, C, H, W))"
-        return DataError(
-            f"{what} do not fit the model: it expects {expects} channels in dimension 1{hint}"
-        )
-    lines = str(exc).strip().splitlines()
-    complaint = lines[0][:300] if lines else ""
-    return DataError(f"{what} do not fit the model: {type(exc).__name__}: {complaint}")
-
-
-#: Tensor methods whose result or success depends on the memory layout, not only on values.
-_LAYOUT_SENSITIVE = frozenset(
-    {
-        torch.Tensor.view,
-        torch.Tensor.stride,
-        torch.Tensor.is_contiguous,
-        torch.Tensor.data_ptr,
-        torch.Tensor.storage_offset,
-        torch.Tensor.untyped_storage,
-        torch.Tensor.as_strided,
-        torch.as_strided,
-    }
-)
-
-
-class _LayoutWatch(TorchFunctionMode):
-    """Records the first layout-sensitive call a forward pass makes (``x.view``, strides,
-    contiguity checks, raw storage): a model that makes none computes the same values, and
-    raises the same errors, in any memory format."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: str | None = None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        if self.seen is None:
-            name = getattr(func, "__name__", str(func))
-            if func in _LAYOUT_SENSITIVE:
-                self.seen = f"the model calls Tensor.{name}, which channels-last could break"
-            elif name in DECISIONS:  # later batches may take a path this one did not
-                self.seen = f"the model branches on tensor values (Tensor.{name})"
-        return func(*args, **(kwargs or {}))
-
-
-class _Layout:
-    """The memory format of the pass: channels-last only where nobody can tell.
-
-    PyTorch's CPU batch-norm kernels in training mode are much faster on channels-last tensors
-    (resnet50, batch 32 at 160 px: the whole pass 0.95 s against 1.26 s for the plain eval
-    forward in the default layout). Only the layout changes, never a value, but user code can
-    see a layout: ``x.view(x.size(0), -1)`` after a conv fails on a channels-last tensor. So by
-    default (``wanted=None``, on the CPU, for a 2-D convnet whose 4-D weights are in the default
-    layout) the first batch runs in the default layout under :class:`_LayoutWatch`, and the rest
-    switch to channels-last only if that batch made no layout-sensitive call and no
-    data-dependent decision (a later batch could take another path); ``wanted=True``
-    switches from the start, ``False`` never. The model's layout is restored afterwards.
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device, wanted: bool | None) -> None:
-        tensors = [*model.parameters(), *model.buffers()]
-        four = [t for t in tensors if t.dim() == 4 and t.is_floating_point()]
-        usable = bool(four) and all(t.is_contiguous() for t in four)
-        usable = usable and not any(t.dim() == 5 for t in tensors)
-        self.model = model
-        self.watching = usable and wanted is None and device.type == "cpu"
-        self.active = False
-        self.note: str | None = None
-        self.forced = bool(usable and wanted)
-        if self.forced:
-            self._switch()
-
-    def _switch(self) -> None:
-        self.model.to(memory_format=torch.channels_last)
-        self.active = True
-
-    @contextlib.contextmanager
-    def batch(self) -> Any:
-        """Run one batch; the first one, when watching, decides the rest."""
-        if not self.watching:
-            yield
-            return
-        watch = _LayoutWatch()
-        with watch:
-            yield
-        self.watching = False
-        if watch.seen is None:
-            self._switch()
-        else:
-            self.note = (
-                f"ran in the default memory layout: {watch.seen} (--channels-last, "
-                "channels_last=True, forces it)"
-            )
-
-    @contextlib.contextmanager
-    def explained(self) -> Any:
-        """A model that fails on channels-last batches (a ``.view`` of a conv's output) is told
-        so, and how to run it: the complaint alone blames the data."""
-        try:
-            yield
-        except DataError as exc:
-            text = str(exc)
-            if not self.active or not any(k in text for k in ("stride", "view size")):
-                raise
-            if self.forced:
-                raise DataError(
-                    "the model fails on channels-last batches, the format --channels-last "
-                    "(channels_last=True) forces: its code depends on the memory layout (a "
-                    ".view of a conv's output); run without it"
-                ) from exc
-            raise DataError(
-                "the model fails on channels-last batches, the format the pass switched to "
-                "after a first batch that made no layout-sensitive call: this batch took a "
-                "path that does; pass --no-channels-last (channels_last=False)"
-            ) from exc
-
-    def restore(self) -> None:
-        if self.active:
-            self.model.to(memory_format=torch.contiguous_format)
-            self.active = False
 
 
 class _Moments:
@@ -410,7 +179,7 @@ def _gather(moments: _Moments, channels: int, device: torch.device) -> _Moments:
 def _check_ema(
     chosen: list[tuple[str, nn.Module]],
     old: dict[str, dict[str, torch.Tensor]],
-    check: _DataCheck,
+    check: DataCheck,
 ) -> None:
     """After the momentum updates: a running statistic that was finite must still be."""
     for name, bn in chosen:
@@ -472,7 +241,7 @@ def recalibrate(
         count none), keeps its statistics and is listed in ``report.left`` with the reason.
 
     Raises:
-        UsageError: no data, an unknown mode, or a selection without BN layers with statistics.
+        UsageError: no data, an unknown mode, or a pattern that selects nothing.
         DataError: a batch holds NaN or infinite values, the model cannot run on a batch (its
             shape is named), or the new statistics are not finite in a BN's dtype (the layer is
             named). The model is left exactly as it was.
@@ -480,35 +249,95 @@ def recalibrate(
     >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     >>> batches = [torch.randn(4, 1, 8, 8), torch.randn(2, 1, 8, 8)]
     >>> net = recalibrate(net, batches)
-    >>> provenance.last_report(net).batches
+    >>> import bnsurgery
+    >>> bnsurgery.last_report(net).batches
     2
+    """
+    plan = plan_recalibrate(
+        model,
+        data,
+        include=include,
+        exclude=exclude,
+        num_batches=num_batches,
+        device=device,
+        forward=forward,
+        autocast=autocast,
+        mode=mode,
+        momentum=momentum,
+        progress=progress,
+        channels_last=channels_last,
+    )
+    applied = apply(model, plan)
+    layers = [LayerDrift(e.bn, e.samples, e.mean_kl, e.max_kl) for e in plan.edits]
+    report = RecalibrationReport(
+        "recalibrate",
+        applied.changed,
+        applied.left,
+        applied.notes,
+        mode=mode,
+        batches=plan.batches,
+        layers=layers,
+        world_size=plan.world_size,
+    )
+    set_report(model, report)
+    return model
+
+
+@dataclass
+class RecalibrationPlan(Plan):
+    """A :class:`~bnsurgery.plan.Plan` of :class:`~bnsurgery.plan.SetStatistics` edits: the
+    statistics the data gave, before any is written."""
+
+    mode: str = "exact"
+    batches: int = 0
+    world_size: int = 1
+
+
+def plan_recalibrate(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    autocast: torch.dtype | None = None,
+    mode: str = "exact",
+    momentum: float | None = None,
+    progress: Callable[[int], None] | None = None,
+    channels_last: bool | None = None,
+) -> RecalibrationPlan:
+    """Run the data through the model and plan the new statistics, without writing any.
+
+    Arguments as for :func:`recalibrate`. The model's statistics, flags, forward methods and
+    memory layout are as they were afterwards, also when a batch raises. A model without a BN
+    to recalibrate gives an empty plan and reads no data.
+
+    Raises:
+        As :func:`recalibrate`.
     """
     if mode not in ("exact", "ema"):
         raise UsageError(f"unknown mode {mode!r}; valid: exact, ema")
-    chosen = [
-        (name, bn)
-        for name, bn in select_batchnorms(model, include, exclude)
-        if isinstance(getattr(bn, "running_mean", None), torch.Tensor)
-        and not isinstance(bn.running_mean, nn.parameter.UninitializedBuffer)
-    ]
+    chosen, skipped = select(model, include, exclude)
+    step = {"op": "recalibrate", "mode": mode, "batches": 0}
     if not chosen:
-        raise UsageError("no BatchNorm layer with running statistics to recalibrate")
+        return RecalibrationPlan("recalibrate", [], skipped, step, mode=mode)
     feed = forward or default_forward
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = torch.device(device) if device is not None else device_of(model)
     moments = {name: _Moments() for name, _ in chosen}
     old = {name: {k: b.clone() for k, b in bn.named_buffers(recurse=False)} for name, bn in chosen}
     saved_momentum = {name: getattr(bn, "momentum", None) for name, bn in chosen}
     batches = 0
-    check = _DataCheck()
+    check = DataCheck()
     cast = (
         torch.autocast(device.type, dtype=autocast)
         if autocast is not None
         else contextlib.nullcontext()
     )
-    layout = _Layout(model, device, channels_last)
+    layout = Layout(model, device, channels_last)
+    handles = []
+    ema: dict[str, dict[str, torch.Tensor]] = {}
     with eval_mode(model), torch.no_grad():
         try:
             for name, bn in chosen:
@@ -518,24 +347,31 @@ def recalibrate(
                     bn.train()
                     if momentum is not None:
                         bn.momentum = momentum
+                    handles.append(
+                        bn.register_forward_pre_hook(_counting(moments[name]), with_kwargs=True)
+                    )
             limit = None if num_batches is None else max(num_batches, 0)
             for batch in itertools.islice(data, limit):  # no batch beyond num_batches
-                moved = _to(batch, device, layout.active)
+                moved = to_device(batch, device, layout.active)
                 check.batch(moved, batches)
                 with cast, layout.batch(), layout.explained():
-                    _run(feed, model, moved)
+                    run_batch(feed, model, moved)
                 batches += 1
                 if progress is not None:
                     progress(batches)
             if mode == "ema":
                 _check_ema(chosen, old, check)
-        except BaseException:
-            if mode == "ema":  # put back what the momentum updates changed
+                ema = {
+                    name: {k: b.clone() for k, b in bn.named_buffers(recurse=False)}
+                    for name, bn in chosen
+                }
+        finally:
+            for handle in handles:
+                handle.remove()
+            if mode == "ema":  # the pass only measures: the buffers go back until apply
                 for name, bn in chosen:
                     for key, buffer in bn.named_buffers(recurse=False):
                         buffer.copy_(old[name][key])
-            raise
-        finally:
             layout.restore()
             for name, bn in chosen:
                 bn.__dict__.pop("forward", None)
@@ -544,63 +380,72 @@ def recalibrate(
     if batches == 0:
         raise UsageError("the data yielded no batch")
     world = _world()
-    new: dict[str, tuple[torch.Tensor, torch.Tensor, _Moments]] = {}
-    left: list[tuple[str, str]] = []
-    if mode == "exact":  # every layer's statistics, checked, before any is written
-        for name, bn in chosen:
-            stats = moments[name]
-            if world > 1:
-                stats = _gather(stats, bn.running_mean.numel(), bn.running_mean.device)
-            if stats.mean is None or stats.m2 is None:
-                seen = "saw only empty batches" if moments[name].empty else "not called"
-                left.append((name, f"{seen} on this data: its statistics are kept"))
-                continue
-            if stats.count < 2:
-                left.append(
-                    (
-                        name,
-                        f"saw {stats.count} value per channel, fewer than the 2 a variance "
-                        "needs: its statistics are kept",
-                    )
-                )
-                continue
-            mean = stats.mean.to(bn.running_mean)
-            var = (stats.m2 / (stats.count - 1)).to(bn.running_var)
-            if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
-                nan = bool(torch.isnan(stats.mean).any() or torch.isnan(stats.m2).any())
-                raise check.overflow(name, "BN statistics", bn.running_var.dtype, nan)
-            new[name] = (mean, var, stats)
-    layers = []
+    edits: list[SetStatistics] = []
     for name, bn in chosen:
-        if mode == "exact":
-            if name not in new:
-                continue
-            mean, var, stats = new[name]
-            with torch.no_grad():
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
-                tracked = getattr(bn, "num_batches_tracked", None)
-                if isinstance(tracked, torch.Tensor):
-                    tracked.fill_(stats.batches)
-            samples = stats.count
-        else:
-            samples = 0
-        before = old[name]
-        kl = gaussian_kl(
-            before["running_mean"], before["running_var"], bn.running_mean, bn.running_var
-        )
-        kl = kl[torch.isfinite(kl)]
-        layers.append(
-            LayerDrift(
-                name,
-                samples,
-                float(kl.mean()) if kl.numel() else math.nan,
-                float(kl.max()) if kl.numel() else math.nan,
+        stats = moments[name]
+        if mode == "ema":
+            mean, var = ema[name]["running_mean"], ema[name]["running_var"]
+            tracked = ema[name].get("num_batches_tracked")
+            count = int(tracked) if tracked is not None and tracked.dim() == 0 else None
+            edits.append(_edit(name, old[name], mean, var, count, stats.count))
+            continue
+        if world > 1:
+            stats = _gather(stats, bn.running_mean.numel(), bn.running_mean.device)
+        if stats.mean is None or stats.m2 is None:
+            seen = "saw only empty batches" if moments[name].empty else "not called"
+            skipped.append(Skip(name, f"{seen} on this data: its statistics are kept"))
+            continue
+        if stats.count < 2:
+            skipped.append(
+                Skip(
+                    name,
+                    f"saw {stats.count} value per channel, fewer than the 2 a variance "
+                    "needs: its statistics are kept",
+                )
             )
-        )
-    report = RecalibrationReport(mode, batches, layers, world, left=left)
-    if layout.note:
-        report.notes.append(layout.note)
-    provenance.record_step(model, {"op": "recalibrate", "mode": mode, "batches": batches}, [])
-    provenance.set_report(model, report)
-    return model
+            continue
+        mean = stats.mean.to(bn.running_mean)
+        var = (stats.m2 / (stats.count - 1)).to(bn.running_var)
+        if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all())):
+            nan = bool(torch.isnan(stats.mean).any() or torch.isnan(stats.m2).any())
+            raise check.overflow(name, "BN statistics", bn.running_var.dtype, nan)
+        edits.append(_edit(name, old[name], mean, var, stats.batches, stats.count))
+    step["batches"] = batches
+    notes = [layout.note] if layout.note else []
+    return RecalibrationPlan(
+        "recalibrate", edits, skipped, step, notes, mode=mode, batches=batches, world_size=world
+    )
+
+
+def _edit(
+    name: str,
+    old: dict[str, torch.Tensor],
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    batches: int | None,
+    samples: int,
+) -> SetStatistics:
+    """The new statistics of one BN, with their drift from the old ones."""
+    kl = gaussian_kl(old["running_mean"], old["running_var"], mean, var)
+    kl = kl[torch.isfinite(kl)]
+    return SetStatistics(
+        name,
+        mean,
+        var,
+        batches,
+        samples,
+        float(kl.mean()) if kl.numel() else math.nan,
+        float(kl.max()) if kl.numel() else math.nan,
+    )
+
+
+def _counting(moments: _Moments) -> Callable[..., None]:
+    """A pre-hook counting the values per channel a BN sees (EMA mode's ``samples``)."""
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        x = call_input(args, kwargs)
+        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1]:
+            moments.count += x.numel() // x.shape[1]
+            moments.batches += 1
+
+    return hook

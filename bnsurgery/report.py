@@ -14,6 +14,7 @@ from .errors import UsageError
 if TYPE_CHECKING:  # the report classes render themselves with these functions (str(report))
     from .folding import FoldReport
     from .freezing import FreezeReport
+    from .plan import Plan, Report, Skip
     from .recalibration import RecalibrationReport
     from .surveying import Survey
     from .swapping import SwapReport
@@ -22,7 +23,9 @@ __all__ = [
     "drift_plot",
     "fold_text",
     "freeze_text",
+    "plan_text",
     "recalibration_text",
+    "report_text",
     "survey_text",
     "swap_text",
     "table",
@@ -84,6 +87,46 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], width: int | No
     return "\n".join(lines)
 
 
+#: The reason every surgery gives for a BN its patterns left out (bnsurgery.plan.NOT_SELECTED).
+_NOT_SELECTED = "not selected"
+
+
+def _left_rows(left: Sequence[Skip], *cells: str) -> list[list[Any]]:
+    """One row per BN left for a reason of its own; BNs the patterns left out are only
+    counted (:func:`_left_count`), so ``--include layer1`` does not list the other layers."""
+    return [[s.bn, f"left: {s.reason}", *cells] for s in left if s.reason != _NOT_SELECTED]
+
+
+def _left_count(left: Sequence[Skip]) -> str:
+    unselected = sum(1 for s in left if s.reason == _NOT_SELECTED)
+    return f"left {len(left)}" + (f" ({unselected} not selected)" if unselected else "")
+
+
+def plan_text(plan: Plan) -> str:
+    """A plan for people: what each edit will do, what is left and why."""
+    rows: list[list[Any]] = []
+    for edit in plan.edits:
+        fields = getattr(edit, "to_dict", None)
+        data = fields() if callable(fields) else dict(vars(edit))
+        data.pop("bn", None)
+        rows.append([edit.bn, type(edit).__name__, ", ".join(f"{k}={v}" for k, v in data.items())])
+    rows += [[s.bn, "left", s.reason] for s in plan.skipped if s.reason != _NOT_SELECTED]
+    lines = [table(["bn", "edit", "detail"], rows)] if rows else []
+    lines.append(f"plan: {plan.operation} {len(plan.edits)} BN layers, {_left_count(plan.skipped)}")
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)
+
+
+def report_text(report: Report) -> str:
+    """Any surgery's report for people: the BNs changed, and those left with why."""
+    rows = [[name, report.operation] for name in report.changed]
+    rows += [[s.bn, f"left: {s.reason}"] for s in report.left if s.reason != _NOT_SELECTED]
+    lines = [table(["bn", "result"], rows)] if rows else []
+    lines.append(f"{report.operation}: {len(report.changed)} BN layers, {_left_count(report.left)}")
+    lines += [f"note: {n}" for n in report.notes]
+    return "\n".join(lines)
+
+
 def fold_text(report: FoldReport) -> str:
     """A fold report for people: one line per BN, then a summary."""
     rows: list[list[Any]] = []
@@ -93,9 +136,10 @@ def fold_text(report: FoldReport) -> str:
         what += f", kept {e.keeps}" if e.keeps else ""
         what += f", {e.sites} call sites" if e.sites > 1 else ""
         rows.append([e.bn, what + ")" + ("; " + "; ".join(e.notes) if e.notes else "")])
-    rows += [[s.bn, f"left: {s.reason}"] for s in report.left]
+    rows += _left_rows(report.left)
     lines = [table(["bn", "result"], rows)] if rows else []
     summary = f"folded {len(report.folded)} of {report.bn_count} BN layers ({report.method} walk)"
+    summary += f", {_left_count(report.left)}" if report.left else ""
     if report.verified and report.max_rel_error is not None:
         summary += f"; verified: max relative error {report.max_rel_error:.2e}"
         summary += f" (tolerance {report.tolerance:.0e})"
@@ -137,10 +181,10 @@ def survey_text(result: Survey) -> str:
 def freeze_text(report: FreezeReport) -> str:
     """A freeze or unfreeze report for people."""
     verb = "froze" if report.operation == "freeze" else "unfroze"
-    rows = [[name, verb] for name in report.changed] + [[n, f"left: {r}"] for n, r in report.left]
+    rows = [[name, verb] for name in report.changed] + _left_rows(report.left)
     lines = [table(["bn", "result"], rows)] if rows else []
     what = " (statistics only; weight and bias stay trainable)" if report.train_affine else ""
-    lines.append(f"{verb} {len(report.changed)} BN layers{what}, left {len(report.left)}")
+    lines.append(f"{verb} {len(report.changed)} BN layers{what}, {_left_count(report.left)}")
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
@@ -152,7 +196,9 @@ def recalibration_text(report: RecalibrationReport) -> str:
     where = f" on {report.world_size} processes" if report.world_size > 1 else ""
     done = f"recalibrated {len(report.layers)} BN layers over {report.batches} batches"
     lines.append(f"{done}{where} ({report.mode})")
-    lines += [f"left {name}: {reason}" for name, reason in report.left]
+    lines += [f"left {s.bn}: {s.reason}" for s in report.left if s.reason != _NOT_SELECTED]
+    if any(s.reason == _NOT_SELECTED for s in report.left):
+        lines.append(_left_count(report.left))
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
@@ -205,11 +251,12 @@ def swap_text(report: SwapReport) -> str:
         [s.bn, f"{s.was} -> {s.now}", s.detail, fit(s.fit_error_before, s.fit_error_after)]
         for s in report.swapped
     ]
-    rows += [[n, "left", r, ""] for n, r in report.left]
+    rows += [[s.bn, "left", s.reason, ""] for s in report.left if s.reason != _NOT_SELECTED]
     lines = [table(["bn", "swap", "detail", "repair"], rows)] if rows else []
     how = " and repaired on calibration data" if report.calibrated else ""
     lines.append(
-        f"swapped {len(report.swapped)} BN layers to {report.target}{how}; left {len(report.left)}"
+        f"swapped {len(report.swapped)} BN layers to {report.target}{how}; "
+        + _left_count(report.left)
     )
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)

@@ -14,7 +14,7 @@ from torch import nn
 
 from .errors import BnSurgeryError
 from .frozen import FrozenBatchNorm
-from .norms import eps_of, has_activation, is_batchnorm, is_frozen_batchnorm
+from .norms import bad_statistics, eps_of, has_activation, is_batchnorm, is_frozen_batchnorm
 from .report import survey_text
 from .tree import on_unwrapped
 
@@ -185,7 +185,7 @@ def survey(model: nn.Module, example_inputs: Any = None) -> Survey:
     else:
         layers = [(name, m) for name, m in model.named_modules() if is_batchnorm(m)]
         if layers:
-            from .folding import plan_fold
+            from .foldplan import plan_fold
 
             try:
                 plan = plan_fold(model, example_inputs)
@@ -197,6 +197,10 @@ def survey(model: nn.Module, example_inputs: Any = None) -> Survey:
                     plan_for[edit.bn] = f"into {edit.into} ({edit.placement})"
                 for skip in plan.skipped:
                     plan_for[skip.bn] = f"left: {skip.reason}"
+                for name, m in layers:  # what fold does with them: refuses the whole fold
+                    problem = bad_statistics(m)
+                    if problem is not None and plan_for.get(name, "").startswith("into "):
+                        plan_for[name] = f"refused: {problem} (fold stops; recalibrate first)"
     if not layers:
         notes.append("no BatchNorm layers")
     infos = [_info(name, m, plan_for.get(name, "unknown: no fold plan")) for name, m in layers]

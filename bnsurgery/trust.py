@@ -324,16 +324,18 @@ def _optional(check: _Check) -> _Check:
     return lambda v: v is None or check(v)
 
 
-def _swap_targets() -> tuple[str, ...]:
-    from .swapping import TARGETS
+def _targets() -> tuple[str, ...]:
+    from .targets import ALIASES, TARGETS
 
-    return tuple(TARGETS)
+    return (*TARGETS, *ALIASES)
 
 
-_SWAP_OPTIONS: dict[str, _Check] = {
+#: Every option a recorded replacement may carry, and its check.
+_OPTIONS: dict[str, _Check] = {
     "dims": lambda v: v is None or v in ("1d", "2d", "3d"),
     "force_affine": _flag,
     "groups": _int_in(1, 1 << 20),
+    "train_affine": _flag,
 }
 
 
@@ -351,21 +353,20 @@ def _edit_problem(edit: Any) -> str | None:
     if "replace" not in edit or not _module_path(edit["replace"]):
         return f"edit {dict(edit)!r:.200} names no module path"
     kind = edit.get("with")
-    if kind in ("identity", "norm_act_remainder"):
-        return None if keys == {"replace", "with"} else f"{kind} edit with keys {sorted(keys)}"
-    if kind == "frozen":
-        if not keys <= {"replace", "with", "train_affine"}:
-            return f"frozen edit with keys {sorted(keys)}"
-        return None if _flag(edit.get("train_affine", False)) else "frozen edit train_affine"
-    if isinstance(kind, str) and kind.startswith("swap:") and kind[5:] in _swap_targets():
-        options = edit.get("options", {})
-        if not keys <= {"replace", "with", "options"} or not isinstance(options, Mapping):
-            return f"{kind} edit with keys {sorted(keys)}"
-        for key, value in options.items():
-            if key not in _SWAP_OPTIONS or not _SWAP_OPTIONS[key](value):
-                return f"{kind} option {key}={value!r:.50}"
-        return None
-    return f"unknown edit kind {kind!r:.60}"
+    # "swap:NAME" and a frozen edit's top-level train_affine: how older files record them
+    name = kind.removeprefix("swap:") if isinstance(kind, str) else None
+    if name not in _targets():
+        return f"unknown edit kind {kind!r:.60}"
+    options = edit.get("options", {})
+    allowed = {"replace", "with", "options"} | ({"train_affine"} if kind == "frozen" else set())
+    if not keys <= allowed or not isinstance(options, Mapping):
+        return f"{kind} edit with keys {sorted(keys)}"
+    if "train_affine" in edit and not _flag(edit["train_affine"]):
+        return "frozen edit train_affine"
+    for key, value in options.items():
+        if key not in _OPTIONS or not _OPTIONS[key](value):
+            return f"{kind} option {key}={value!r:.50}"
+    return None
 
 
 def recorded_structure(value: Any, where: Path | str) -> list[dict[str, Any]]:

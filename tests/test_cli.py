@@ -179,6 +179,6 @@ def test_existing_output_needs_force(tmp_path, capsys):
 def test_swap_choices_are_the_registry():
     """``--to`` lists its names without importing torch; they must be the registry's."""
     from bnsurgery.cli import SWAP_TARGETS
-    from bnsurgery.swapping import TARGETS
+    from bnsurgery.targets import TARGETS
 
     assert tuple(TARGETS) == SWAP_TARGETS

@@ -12,7 +12,8 @@ from torch import nn
 
 import bnsurgery
 from bnsurgery.errors import TraceError, UsageError, VerificationError
-from bnsurgery.norms import NormActRemainder, iter_batchnorms
+from bnsurgery.layers import NormActRemainder
+from bnsurgery.norms import iter_batchnorms
 
 from . import models
 from .conftest import assert_same_function, output, prepared
@@ -209,6 +210,30 @@ def test_dict_inputs_tuple_outputs_and_containers():
     }
 
 
+class StatisticsReadOutside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)) - self.bn.running_mean.view(1, -1, 1, 1)
+        return self.bn2(self.conv2(y))
+
+
+@pytest.mark.parametrize("walk", ["symbolic", "runtime"])
+def test_bn_whose_statistics_are_read_outside_its_call_is_left(walk):
+    model = prepared(StatisticsReadOutside())
+    x = torch.randn(2, 3, 8, 8)
+    expected = output(model, x)
+    folded = bnsurgery.fold(copy.deepcopy(model), None if walk == "symbolic" else x)
+    report = bnsurgery.last_report(folded)
+    assert report.method == walk
+    assert [e.bn for e in report.folded] == ["bn2"]
+    assert "statistics" in reasons(report)["bn"]
+    assert torch.allclose(output(folded, x), expected, atol=1e-5)
+
+
 def test_data_dependent_model_needs_example_inputs():
     model = prepared(models.DataDependent())
     with pytest.raises(TraceError, match="example_inputs"):
@@ -287,7 +312,7 @@ def test_unit_check_of_a_layer_folded_from_both_sides():
     unit: checked on the first BN's input against the second BN's output. (Checking each fold
     on its own compared a doubly folded conv with a singly folded one and left the BNs of
     maxvit unfolded for nothing.)"""
-    from bnsurgery.folding import _unit_changes
+    from bnsurgery.foldcheck import unit_changes
 
     model = prepared(nn.Sequential(nn.BatchNorm2d(4), nn.Conv2d(4, 6, 1), nn.BatchNorm2d(6)))
     x = torch.randn(2, 4, 5, 5)
@@ -297,7 +322,7 @@ def test_unit_check_of_a_layer_folded_from_both_sides():
         ("0", "1", "consumer"),
         ("2", "1", "producer"),
     }
-    changes = _unit_changes(model, plan, (x,))
+    changes = unit_changes(model, plan, (x,))
     assert set(changes) == {"0", "2"} and max(changes.values()) < 1e-5, changes
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
@@ -306,7 +331,7 @@ def test_unit_check_sees_a_wrong_fold_and_names_only_its_unit(monkeypatch):
     """The unit check recomputes with the very weights the fold would write: a fold maths bug
     in one layer shows in that layer's BN alone."""
     from bnsurgery import foldmath
-    from bnsurgery.folding import _unit_changes
+    from bnsurgery.foldcheck import unit_changes
 
     model = prepared(models.sequential_model())
     x = torch.randn(2, 3, 32, 32)
@@ -318,7 +343,7 @@ def test_unit_check_sees_a_wrong_fold_and_names_only_its_unit(monkeypatch):
         return (w * 1.01, b) if weight.shape[0] == 128 else (w, b)
 
     monkeypatch.setattr(foldmath, "fold_producer", wrong)
-    changes = _unit_changes(model, plan, (x,))
+    changes = unit_changes(model, plan, (x,))
     moved = {bn for bn, change in changes.items() if change > 1e-3}
     assert len(moved) == 1 and all(changes[bn] < 1e-5 for bn in changes if bn not in moved)
     assert moved == {"5"}
@@ -329,7 +354,7 @@ def test_unit_check_keeps_one_activation_alive_not_all():
     appears, so memory does not grow with depth (it cloned every activation once)."""
     import gc
 
-    from bnsurgery.folding import _unit_changes
+    from bnsurgery.foldcheck import unit_changes
 
     depth, shape = 24, (1, 8, 40, 40)
     layers = [nn.Conv2d(3, 8, 1)] + [
@@ -354,6 +379,6 @@ def test_unit_check_keeps_one_activation_alive_not_all():
     plan = bnsurgery.plan_fold(model, x)
     assert len(plan.edits) == depth
     peak.clear()
-    changes = _unit_changes(model, plan, (x,))
+    changes = unit_changes(model, plan, (x,))
     assert max(changes.values()) < 1e-5
     assert peak and peak[0] <= 4, peak

@@ -192,7 +192,8 @@ def test_bn_variants_norm_act_and_existing_frozen_layers():
     assert report.changed == ["1", "3", "6", "9"]
     assert dict(report.left) == {
         "10": "already frozen (FrozenBatchNorm2d)",
-        "11": "no running statistics (track_running_stats=False) to freeze",
+        "11": "no running statistics (track_running_stats=False): it normalises with batch "
+        "statistics",
     }
     assert isinstance(model[9].act, nn.GELU)
     model.train()
@@ -200,9 +201,14 @@ def test_bn_variants_norm_act_and_existing_frozen_layers():
     torch.testing.assert_close(model(x), reference)
 
 
-def test_lazy_bn_is_a_clear_error():
-    with pytest.raises(UsageError, match="uninitialised lazy"):
-        bnsurgery.freeze(nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d()))
+def test_lazy_bn_is_left_with_a_clear_reason():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.LazyBatchNorm2d(), nn.Conv2d(4, 4, 1))
+    net.add_module("3", nn.BatchNorm2d(4))
+    bnsurgery.freeze(net)
+    report = bnsurgery.last_report(net)
+    assert report.changed == ["3"]
+    assert dict(report.left) == {"1": "an uninitialised lazy BN (run one forward pass first)"}
+    assert isinstance(net[1], nn.LazyBatchNorm2d)
 
 
 def test_stats_only_keeps_affine_trainable():

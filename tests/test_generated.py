@@ -24,7 +24,6 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import bnsurgery
-from bnsurgery.errors import UsageError
 from bnsurgery.frozen import FrozenBatchNorm
 from bnsurgery.verify import default_tolerance, max_relative_error
 
@@ -276,9 +275,12 @@ def _recalibrated_matches(arch: dict[str, Any], sizes: list[int], kernel: bool) 
     ]
     batches = [inputs(arch, batch=n, seed=arch["seed"] + 10 + i) for i, n in enumerate(sizes)]
     params = {k: v.clone() for k, v in model.named_parameters()}
-    if not with_stats:
-        with pytest.raises(UsageError):
-            bnsurgery.recalibrate(model, batches)
+    if not with_stats:  # nothing to recalibrate: every BN left with the reason, nothing read
+        bnsurgery.recalibrate(model, iter(()))
+        report = bnsurgery.last_report(model)
+        assert report.changed == [] and report.batches == 0
+        assert sorted(s.bn for s in report.left) == sorted(bn_modules(model))
+        assert all("running" in s.reason for s in report.left), report.left
         return
     expected = reference_statistics(model, with_stats, batches, kernel)
     bnsurgery.recalibrate(model, batches)

@@ -11,15 +11,9 @@ from torch import nn
 
 from bnsurgery.errors import StatisticsError
 from bnsurgery.hooks import call_input, carry_hooks, has_hooks, user_hooks, user_hooks_suspended
-from bnsurgery.norms import (
-    FoldedBatchNorm,
-    NormActRemainder,
-    bn_stats,
-    check_finite,
-    eps_of,
-    is_batchnorm,
-    remainder_of,
-)
+from bnsurgery.layers import FoldedBatchNorm, NormActRemainder
+from bnsurgery.norms import bn_stats, check_finite, eps_of, is_batchnorm
+from bnsurgery.targets import remainder_of
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import bnsurgery
 from bnsurgery.cli import main
 from bnsurgery.errors import NothingToDoError, UsageError
 from bnsurgery.norms import iter_batchnorms
-from bnsurgery.swapping import TARGETS
+from bnsurgery.targets import TARGETS
 
 from . import seed_models
 from .conftest import assert_same_function, output, prepared

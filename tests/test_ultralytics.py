@@ -2,7 +2,7 @@
 
 ``YOLO.predict`` calls the model's ``fuse()``, which folds the BN of every ``Conv`` that still
 has a ``bn`` attribute by reading its tensors: after bnsurgery's fold that is the identity left
-in the BN's place (:class:`bnsurgery.norms.FoldedBatchNorm`), which must fuse into nothing.
+in the BN's place (:class:`bnsurgery.layers.FoldedBatchNorm`), which must fuse into nothing.
 Runs where ultralytics is installed (the dev extra installs it, so CI runs it); the model is
 built from the yaml the package ships, with random weights: nothing is downloaded.
 """

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import bnsurgery
-from bnsurgery.swapping import TARGETS
+from bnsurgery.targets import TARGETS
 
 from .conftest import assert_same_function, output, prepared
 from .models import KeywordTutorial
@@ -83,7 +83,7 @@ def test_swap_calibrated_on_keyword_calls(target):
 
 
 def test_layernorm_returns_the_layout_it_was_given():
-    from bnsurgery.swapping import ChannelLayerNorm
+    from bnsurgery.layers import ChannelLayerNorm
 
     norm = ChannelLayerNorm(8)
     x = torch.randn(2, 8, 3, 3)

@@ -1,0 +1,105 @@
+"""Checking a fold layer by layer: each folded unit recomputed on the very input it saw.
+
+When a folded model's output moves beyond tolerance, :func:`unit_changes` tells a fold that is
+wrong at some layer from rounding the network amplified (or discrete post-processing, NMS and
+top-k, flipping on it), without keeping more than one activation and one layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from .foldplan import FoldEdit, FoldPlan
+from .hooks import user_hooks_suspended
+from .targets import remainder_of
+from .tree import eval_mode
+from .verify import max_relative_error
+
+__all__ = ["unit_changes"]
+
+
+def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dict[str, float]:
+    """For each folded BN, how much its folded unit's output moved, each call recomputed on the
+    very input it saw (largest relative change; ``inf`` where it cannot be recomputed).
+
+    A unit is one conv or linear layer with the BN folded into it from before (consumer fold)
+    and the one folded into it from after (producer fold), either or both: it turns
+    ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))``. Recomputing each unit on
+    its recorded input keeps data-dependent parts elsewhere in the model (proposal selection,
+    NMS) and the network's amplification of rounding out of the comparison.
+
+    One eval forward pass of the unfolded model, streamed: a hook keeps a unit's input only
+    until the unit's output appears, and the folded weights of one layer exist only while
+    that layer is recomputed. Memory stays at one activation and one layer beyond the forward
+    pass itself, whatever the model's size. The model is not changed.
+    """
+    changes = {e.bn: math.inf for e in plan.edits}
+    units: dict[str, list[FoldEdit]] = {}
+    for e in plan.edits:  # plan order: the order _apply folds them in, so the same rounding
+        units.setdefault(e.into, []).append(e)
+    handles = []
+    busy: list[bool] = []  # non-empty while a hook recomputes a layer
+    results: list[tuple[list[FoldEdit], list[torch.Tensor], dict[str, Any]]] = []
+
+    def watch(name: str, edits: list[FoldEdit]) -> None:
+        layer = model.get_submodule(name)
+        first = next((e for e in edits if e.placement == "consumer"), None)
+        last = next((e for e in edits if e.placement == "producer"), None)
+        entry = model.get_submodule(first.bn) if first else layer
+        exit_ = model.get_submodule(last.bn) if last else layer
+        after = remainder_of(exit_) if last else None  # what the fold leaves of that BN
+        pending: list[torch.Tensor] = []
+        state = {"worst": 0.0, "calls": 0, "broken": False}
+
+        def enter(module: nn.Module, inputs: tuple) -> None:
+            if busy:
+                return
+            if inputs and isinstance(inputs[0], torch.Tensor):
+                pending.append(inputs[0].detach().clone())
+            else:
+                state["broken"] = True
+
+        def leave(module: nn.Module, inputs: tuple, expected: Any) -> None:
+            if busy:
+                return
+            if not pending or not isinstance(expected, torch.Tensor):
+                state["broken"] = True
+                return
+            x = pending.pop(0)
+            weight, bias = layer.weight, layer.bias
+            for e in edits:
+                weight, bias = e.weights(model, weight, bias)
+            busy.append(True)  # the recomputation calls the layer: its hooks stand aside
+            try:
+                got = torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
+                if after is not None:
+                    got = after(got)
+            finally:
+                busy.pop()
+            state["worst"] = max(state["worst"], max_relative_error(expected, got))
+            state["calls"] += 1
+
+        handles.append(entry.register_forward_pre_hook(enter))
+        handles.append(exit_.register_forward_hook(leave))
+        results.append((edits, pending, state))
+
+    with user_hooks_suspended(model):  # first: the hooks watch() registers are ours
+        for name, edits in units.items():
+            if isinstance(model.get_submodule(name), _ConvNd | nn.Linear):
+                watch(name, edits)
+        try:
+            with eval_mode(model), torch.no_grad():
+                model(*args)
+        finally:
+            for h in handles:
+                h.remove()
+    for edits, pending, state in results:
+        if state["calls"] and not pending and not state["broken"]:
+            for e in edits:
+                changes[e.bn] = state["worst"]
+    return changes

@@ -1,0 +1,386 @@
+"""Planning a fold: which BN goes into which layer, found by walking the real graph.
+
+:func:`plan_fold` walks the graph (:mod:`bnsurgery.graph`) and returns a :class:`FoldPlan`: for
+every BN one :class:`FoldEdit` (which layer absorbs it, before or after it) or one skip with the
+reason. The rules are about the graph only: the BN's input comes from one conv or linear used
+nowhere else (producer), or its output goes to one conv or linear that never sees padded zeros
+(consumer); no user hook, data-dependent branch or model output in between. Nothing changes
+the model; :meth:`FoldEdit.apply` does, inside a :class:`~bnsurgery.plan.Transaction`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from . import foldmath
+from .errors import UsageError
+from .graph import Graph, Node, Trace, Value, trace
+from .hooks import carry_hooks, user_hooks
+from .norms import bn_stats, has_activation, iter_batchnorms, num_features
+from .plan import Plan, Skip, Transaction, select
+from .targets import remainder_of
+from .tree import on_unwrapped
+
+__all__ = ["FoldEdit", "FoldPlan", "Owners", "plan_fold"]
+
+_LINEAR_KINDS = ("conv", "conv_transpose", "linear")
+
+
+@dataclass(frozen=True)
+class FoldEdit:
+    """One BN folded into one layer."""
+
+    bn: str
+    into: str
+    placement: str  # "producer" (the layer before) or "consumer" (the layer after)
+    layer: str  # "conv", "conv_transpose" or "linear"
+    sites: int = 1
+    adds_bias: bool = False
+    keeps: str = ""  # what is left in the BN's place, e.g. "act=SiLU"
+    notes: tuple[str, ...] = ()
+
+    def weights(
+        self, model: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[nn.Parameter, nn.Parameter]:
+        """The layer's ``weight`` and ``bias`` with this BN folded in (float64 maths, cast
+        back to each tensor's dtype and device)."""
+        stats = bn_stats(model.get_submodule(self.bn))
+        if stats is None:  # plans only hold BNs with statistics
+            raise ValueError(f"{self.bn} has no running statistics to fold")
+        scale, shift = stats.scale_shift()
+        layer = model.get_submodule(self.into)
+        maths = foldmath.fold_producer if self.placement == "producer" else foldmath.fold_consumer
+        new_w, new_b = maths(
+            self.layer,
+            weight.detach().double().cpu(),
+            None if bias is None else bias.detach().double().cpu(),
+            scale,
+            shift,
+            int(getattr(layer, "groups", 1)),
+        )
+        return _param(new_w, weight), _param(new_b, weight if bias is None else bias)
+
+    def apply(self, model: nn.Module, txn: Transaction) -> None:
+        """Fold: new weights into every attribute that holds the layer's (tied ones too), a
+        zero bias first where the layer has none, and the BN's remainder in its place."""
+        bn = model.get_submodule(self.bn)
+        layer = model.get_submodule(self.into)
+        weight: torch.Tensor = layer.weight
+        bias: torch.Tensor | None = layer.bias
+        new_w, new_b = self.weights(model, weight, bias)
+        owners = Owners(model)
+        for module_name, attr in owners.of(weight):
+            txn.set(model.get_submodule(module_name), attr, new_w)
+        if bias is None:
+            txn.set(layer, "bias", new_b)
+            txn.add_record({"add_bias": self.into, "channels": int(new_b.numel())})
+        else:
+            for module_name, attr in owners.of(bias):
+                txn.set(model.get_submodule(module_name), attr, new_b)
+        txn.replace(bn, carry_hooks(bn, remainder_of(bn)), {"with": "identity"})
+
+
+@dataclass
+class FoldPlan(Plan):
+    """A :class:`~bnsurgery.plan.Plan` of :class:`FoldEdit` s; ``method`` says how the graph
+    was walked (``"runtime"`` or ``"symbolic"``)."""
+
+    method: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, **super().to_dict()}
+
+
+def _param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(value.to(dtype=like.dtype, device=like.device), like.requires_grad)
+
+
+def _folded_weights(
+    model: nn.Module, edit: FoldEdit, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[nn.Parameter, nn.Parameter]:
+    """``edit``'s layer weight and bias with its BN folded in (float64 maths, cast back)."""
+    stats = bn_stats(model.get_submodule(edit.bn))
+    assert stats is not None  # planned edits only have BNs with statistics
+    scale, shift = stats.scale_shift()
+    layer = model.get_submodule(edit.into)
+    maths = foldmath.fold_producer if edit.placement == "producer" else foldmath.fold_consumer
+    new_w, new_b = maths(
+        edit.layer,
+        weight.detach().double().cpu(),
+        None if bias is None else bias.detach().double().cpu(),
+        scale,
+        shift,
+        int(getattr(layer, "groups", 1)),
+    )
+    return _param(new_w, weight), _param(new_b, weight if bias is None else bias)
+
+
+class Owners:
+    """Which module attributes hold each parameter (a tied parameter has several)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.by_id: dict[int, list[tuple[str, str]]] = {}
+        for full, p in model.named_parameters(remove_duplicate=False):
+            module_name, _, attr = full.rpartition(".")
+            self.by_id.setdefault(id(p), []).append((module_name, attr))
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+
+    def of(self, tensor: torch.Tensor | None) -> list[tuple[str, str]]:
+        return self.by_id.get(id(tensor), []) if tensor is not None else []
+
+
+class _Reject(Exception):
+    """A placement does not apply; the message is the reason."""
+
+
+def _describe(node: Node) -> str:
+    return f"`{node.name}`" if node.kind == "batchnorm" else f"{node.name}()"
+
+
+def _is_zero_padding(attrs: dict[str, Any]) -> bool:
+    if attrs.get("padding_mode", "zeros") != "zeros":
+        return True  # padded values are copies of real values: still exact
+    padding = attrs.get("padding", 0)
+    if isinstance(padding, str):
+        return padding == "valid"
+    if isinstance(padding, int):
+        return padding == 0
+    return all(int(p) == 0 for p in padding)
+
+
+def _layer_of(
+    graph: Graph, owners: Owners, layer_nodes: list[Node], allowed: set[int], role: str
+) -> tuple[str, str, bool]:
+    """Check that every call of the layer is one we fold; return (module, kind, adds_bias)."""
+    first = layer_nodes[0]
+    if any(n.weight is not first.weight or n.bias is not first.bias for n in layer_nodes):
+        raise _Reject(f"its {role} layers differ between calls")
+    weight_owners = owners.of(first.weight)
+    if not weight_owners:
+        raise _Reject(
+            f"the weight of {first.name}() is computed at run time (for example weight "
+            "standardisation), not a parameter"
+        )
+    if first.bias is not None and not owners.of(first.bias):
+        raise _Reject(f"the bias of {first.name}() is computed at run time")
+    for tensor in (first.weight, first.bias):
+        others = [n for n in graph.uses(tensor) if id(n) not in allowed]
+        if others:
+            module = weight_owners[0][0] or "the model"
+            raise _Reject(
+                f"`{module}` is also used by {_describe(others[0])} (a layer called at "
+                f"{len(graph.uses(tensor))} sites with different neighbours)"
+            )
+    module_name, attr = weight_owners[0]
+    adds_bias = first.bias is None
+    if adds_bias:
+        module = owners.modules.get(module_name)
+        if attr != "weight" or not isinstance(module, _ConvNd | nn.Linear):
+            raise _Reject(f"{first.name}() has no bias parameter to absorb the BN's shift")
+    if not first.weight.dtype.is_floating_point:
+        raise _Reject(f"the weight of `{module_name}` is not floating point")
+    return module_name, first.kind, adds_bias
+
+
+#: Why a tensor that a data-dependent branch separates from its consumer does not fold: on
+#: inputs that go the other way the walk never saw, it may go elsewhere.
+_BRANCH = "a data-dependent Python branch (a tensor's truth value, .item(), .tolist())"
+
+
+def _producer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
+    producers: list[Node] = []
+    notes: list[str] = []
+    for site in sites:
+        data: Value | None = site.data
+        if data is None:
+            raise _Reject("its input is not a tensor")
+        prod = data.producer
+        if prod is None:
+            raise _Reject(f"its input is a {data.origin}")
+        if prod.kind not in _LINEAR_KINDS:
+            raise _Reject(f"its input comes from {_describe(prod)}, not from a conv or linear")
+        others = [c for c in data.consumers if c is not site]
+        if others:
+            raise _Reject(f"the output of {prod.name}() is also used by {_describe(others[0])}")
+        if data.is_output:
+            raise _Reject(f"the output of {prod.name}() is also a model output")
+        if site.decisions > data.decisions:
+            raise _Reject(f"the output of {prod.name}() crosses {_BRANCH} before it")
+        if prod.kind == "linear":
+            if data.ndim is None:
+                notes.append("linear output rank not checked (symbolic walk)")
+            elif data.ndim != 2:
+                raise _Reject(f"linear output has rank {data.ndim}; only (N, C) inputs fold")
+        producers.append(prod)
+    module_name, kind, adds_bias = _layer_of(
+        graph, owners, producers, {id(n) for n in producers}, "producer"
+    )
+    groups = int(producers[0].attrs.get("groups", 1))
+    channels = foldmath.out_channels(kind, producers[0].weight, groups)
+    if channels != num_features(bn):
+        raise _Reject(f"`{module_name}` has {channels} output channels, the BN {num_features(bn)}")
+    keeps = ""
+    if has_activation(bn):
+        keeps = f"act={type(bn.act).__name__}, drop={type(getattr(bn, 'drop', None)).__name__}"
+    return FoldEdit(
+        "", module_name, "producer", kind, len(sites), adds_bias, keeps, tuple(dict.fromkeys(notes))
+    )
+
+
+def _through_copy_padding(value: Value) -> tuple[Node, Value]:
+    """The single consumer of ``value`` and the value it reads, looking through an ``F.pad``
+    that copies real values (reflect, replicate, circular): a per-channel affine map commutes
+    with such padding, so a conv after it (padding nothing itself) can still absorb the BN."""
+    node = value.consumers[0]
+    if node.kind != "op" or node.name != "pad" or node.attrs.get("mode") == "constant":
+        return node, value
+    padded = node.outputs[0] if len(node.outputs) == 1 else None
+    if padded is None or len(padded.consumers) != 1 or padded.is_output:
+        return node, value
+    after = padded.consumers[0]
+    if after.kind == "conv" and after.data is padded and _is_zero_padding(after.attrs):
+        return after, padded
+    return node, value
+
+
+def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
+    if has_activation(bn):
+        raise _Reject("an activation follows the norm inside the layer, so no layer after it can")
+    consumers: list[Node] = []
+    notes: list[str] = []
+    for site in sites:
+        if len(site.outputs) != 1:
+            raise _Reject("its output is not a single tensor")
+        out = site.outputs[0]
+        if out.is_output:
+            raise _Reject("its output is a model output")
+        if len(out.consumers) != 1:
+            users = ", ".join(_describe(c) for c in out.consumers[:3]) or "nothing"
+            raise _Reject(f"its output goes to {users}, not to one conv or linear")
+        cons, fed = _through_copy_padding(out)
+        if cons.kind not in _LINEAR_KINDS or cons.data is not fed:
+            raise _Reject(f"its output goes to {_describe(cons)}, not to a conv or linear")
+        if cons.decisions > out.decisions:
+            raise _Reject(f"its output crosses {_BRANCH} before {cons.name}()")
+        if cons.kind == "conv_transpose":
+            raise _Reject("a transposed conv after it cannot absorb it exactly")
+        if cons.kind == "conv" and not _is_zero_padding(cons.attrs):
+            raise _Reject(f"the conv after it pads with zeros ({cons.name}, not exact)")
+        if cons.kind == "linear":
+            if out.ndim is None:
+                notes.append("linear input rank not checked (symbolic walk)")
+            elif out.ndim != 2:
+                raise _Reject(f"the linear after it sees rank {out.ndim}, not (N, C)")
+        consumers.append(cons)
+    module_name, kind, adds_bias = _layer_of(
+        graph, owners, consumers, {id(n) for n in consumers}, "consumer"
+    )
+    groups = int(consumers[0].attrs.get("groups", 1))
+    channels = foldmath.in_channels(kind, consumers[0].weight, groups)
+    if channels != num_features(bn):
+        raise _Reject(f"`{module_name}` has {channels} input channels, the BN {num_features(bn)}")
+    return FoldEdit(
+        "", module_name, "consumer", kind, len(sites), adds_bias, "", tuple(dict.fromkeys(notes))
+    )
+
+
+def _hook_between(model: nn.Module, upstream: str, downstream: str) -> str | None:
+    """A user hook on the way from module ``upstream`` to module ``downstream``, which a fold
+    would merge into one layer: the forward hooks of ``upstream`` and of its parents that do
+    not hold ``downstream``, and the pre-hooks of ``downstream`` and of its parents that do not
+    hold ``upstream``. Such a hook sees, or changes, the tensor between the two, which the fold
+    removes (PyTorch's ``fuse_modules`` drops these hooks; bnsurgery does not fold there).
+    """
+    if user_hooks(None, "_forward_hooks") or user_hooks(None, "_forward_pre_hooks"):
+        return "a global module hook (register_module_forward_hook) sees every layer's tensors"
+    up, down = upstream.split("."), downstream.split(".")
+    shared = 0
+    while shared < min(len(up), len(down)) and up[shared] == down[shared]:
+        shared += 1
+    sides = ((up, "_forward_hooks", "a forward hook"), (down, "_forward_pre_hooks", "a pre-hook"))
+    for path, table, what in sides:
+        for depth in range(len(path), shared, -1):
+            name = ".".join(path[:depth])
+            if user_hooks(model.get_submodule(name), table):
+                return f"{what} on `{name}` sees the tensor between `{upstream}` and `{downstream}`"
+    return None
+
+
+def _why_not(bn: nn.Module, graph: Graph, sites: list[Node]) -> str | None:
+    stray = [n for n in graph.uses(bn.running_mean) if n.kind != "batchnorm"]
+    if stray:
+        return f"its statistics are also read by {_describe(stray[0])} outside its own call"
+    if not sites:
+        return "not called in the forward pass"
+    return None
+
+
+@on_unwrapped
+def plan_fold(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    placements: Sequence[str] = ("producer", "consumer"),
+    walked: Trace | None = None,
+) -> FoldPlan:
+    """Plan a fold without changing anything.
+
+    Args:
+        model: the model.
+        example_inputs: a tensor or tuple of positional inputs; with them the graph is walked on
+            a real forward pass, without them symbolically (``torch.fx``).
+        include, exclude: glob patterns on BN module names (see :func:`select_batchnorms`).
+        placements: which placements to try, in order: ``"producer"``, ``"consumer"``.
+        walked: an existing :class:`~bnsurgery.graph.Trace` to reuse.
+
+    Returns:
+        A :class:`FoldPlan` with one edit or one skip for every BN in the model.
+
+    Raises:
+        UsageError: a pattern selects nothing, or an unknown placement.
+        TraceError: the model cannot be walked.
+    """
+    for p in placements:
+        if p not in ("producer", "consumer"):
+            raise UsageError(f"unknown placement {p!r}; valid: producer, consumer")
+    if walked is None:
+        walked = trace(model, example_inputs)
+    graph = walked.graph
+    owners = Owners(model)
+    chosen, skipped = select(model, include, exclude)
+    edits: list[FoldEdit] = []
+    for name, bn in chosen:
+        sites = graph.bn_sites(bn)
+        reason = _why_not(bn, graph, sites)
+        if reason:
+            skipped.append(Skip(name, reason))
+            continue
+        reasons: list[str] = []
+        for placement in placements:
+            try:
+                find = _producer if placement == "producer" else _consumer
+                edit = find(graph, owners, bn, sites)
+            except _Reject as why:
+                reasons.append(f"{placement}: {why}")
+                continue
+            ends = (edit.into, name) if placement == "producer" else (name, edit.into)
+            hooked = _hook_between(model, *ends)
+            if hooked:
+                reasons.append(f"{placement}: {hooked}, which folding would remove")
+                continue
+            edits.append(FoldEdit(name, *list(asdict(edit).values())[1:]))
+            break
+        else:
+            skipped.append(Skip(name, "; ".join(reasons)))
+    order = {name: i for i, (name, _) in enumerate(iter_batchnorms(model))}
+    skipped.sort(key=lambda s: order.get(s.bn, -1))
+    step = {"op": "fold", "folded": len(edits), "left": len(skipped)}
+    return FoldPlan("fold", edits, skipped, step, method=graph.method)
