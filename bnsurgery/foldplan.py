@@ -45,6 +45,13 @@ class FoldEdit:
     keeps: str = ""  # what is left in the BN's place, e.g. "act=SiLU"
     notes: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        text = f"-> into {self.into} ({self.placement}, {self.layer}"
+        text += ", bias added" if self.adds_bias else ""
+        text += f", kept {self.keeps}" if self.keeps else ""
+        text += f", {self.sites} call sites" if self.sites > 1 else ""
+        return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
+
     def weights(
         self, model: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> tuple[nn.Parameter, nn.Parameter]:
@@ -313,9 +320,14 @@ def _hook_between(model: nn.Module, upstream: str, downstream: str) -> str | Non
 
 
 def _why_not(bn: nn.Module, graph: Graph, sites: list[Node]) -> str | None:
-    stray = [n for n in graph.uses(bn.running_mean) if n.kind != "batchnorm"]
-    if stray:
-        return f"its statistics are also read by {_describe(stray[0])} outside its own call"
+    for key in ("running_mean", "running_var", "weight", "bias"):  # what the fold removes
+        tensor = getattr(bn, key, None)
+        stray = (
+            [n for n in graph.uses(tensor) if n.kind != "batchnorm"] if tensor is not None else []
+        )
+        if stray:
+            what = "statistics" if key.startswith("running") else "affine parameters"
+            return f"its {what} are also read by {_describe(stray[0])} outside its own call"
     if not sites:
         return "not called in the forward pass"
     return None

@@ -76,8 +76,13 @@ _DEFAULTS = {
 #: Calls that turn a tensor's values into a Python value, on which Python code can branch
 #: (``if x.mean() > 0:``): the walk sees one side of such a branch only, so a tensor made
 #: before one and consumed after it may have other consumers on inputs that go the other way.
+#: Matched by function name in the runtime walk's TorchFunctionMode, so only calls that return
+#: Python (or NumPy) values from data belong here: ``torch.equal``/``allclose``/``is_nonzero``
+#: and their Tensor methods, ``v in x``, ``.numpy()``; not ``any``/``all`` (a tensor, counted at
+#: its ``__bool__``).
 DECISIONS = frozenset(
     {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__complex__"}
+    | {"equal", "allclose", "is_nonzero", "__contains__", "numpy", "__array__"}
 )
 
 #: Calls that read only a tensor's metadata, never its values: not consumers.
@@ -89,6 +94,8 @@ _METADATA = frozenset(
         "is_nonzero_size",
     }
 )  # fmt: skip
+#: Tensor attributes that are metadata (``z.shape``): fx records them as ``getattr`` nodes.
+_METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda"})
 
 
 @dataclass(eq=False)
@@ -394,9 +401,28 @@ def _one_line(exc: BaseException) -> str:
 # -------------------------------------------------------------------------- symbolic walk
 
 
+_STATS = ("running_mean", "running_var")
+
+
 class _Tracer(fx.Tracer):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        stats = [getattr(m, k, None) for m in model.modules() if is_batchnorm(m) for k in _STATS]
+        self.stats = {id(t) for t in stats if isinstance(t, torch.Tensor)}
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return is_batchnorm(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        # fx makes unproxied buffers constants, so `bn.running_mean.view(...)` left no trace of
+        # the statistic; proxy BN statistics (a BN is a leaf: any read seen is outside its call)
+        # so the read is a get_attr node and a use, as on the runtime walk. Only statistics: a
+        # proxied buffer cannot steer Python code, which other buffers may do.
+        self.proxy_buffer_attributes = id(attr_val) in self.stats
+        try:
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        finally:
+            self.proxy_buffer_attributes = False
 
 
 _MODULE_KINDS: tuple[tuple[type[nn.Module], str, tuple[str, ...]], ...] = (
@@ -411,13 +437,22 @@ _MODULE_KINDS: tuple[tuple[type[nn.Module], str, tuple[str, ...]], ...] = (
 
 
 def _symbolic(model: nn.Module) -> Graph:
+    before = set(vars(model))
     try:
-        fx_graph = _Tracer().trace(model)
+        # eval mode, as the runtime walk and the fold itself: `if not self.training` branches
+        # are the function a fold must keep (eval_mode restores every module's own flag); and
+        # no user hooks, as there: fx runs those of non-leaf modules, on proxies
+        with eval_mode(model), user_hooks_suspended(model):
+            fx_graph = _Tracer(model).trace(model)
     except Exception as exc:
         raise TraceError(
             f"symbolic tracing failed ({_one_line(exc)}); pass example_inputs to walk a real "
             "forward pass instead"
         ) from exc
+    finally:
+        # fx stores tensors made in forward on the root (_tensor_constant0, ...): take them off
+        # again, so the walk leaves the model as it was, and resolve them from here
+        added = {k: vars(model).pop(k) for k in set(vars(model)) - before}
     nodes: list[Node] = []
     values: list[Value] = []
     state_uses: dict[int, list[Node]] = defaultdict(list)
@@ -425,6 +460,8 @@ def _symbolic(model: nn.Module) -> Graph:
     tensor_of: dict[fx.Node, torch.Tensor] = {}
 
     def resolve(target: str) -> Any:
+        if target in added:
+            return added[target]
         obj: Any = model
         for part in target.split("."):
             obj = getattr(obj, part)
@@ -446,6 +483,8 @@ def _symbolic(model: nn.Module) -> Graph:
                 if arg in value_of:
                     value_of[arg].is_output = True
             continue
+        if _is_metadata(fnode):
+            continue  # z.shape, z.size(): no consumer, as on the runtime walk (_METADATA)
         node = Node(len(nodes), "op", str(getattr(fnode.target, "__name__", fnode.target)))
         nodes.append(node)
         used_state: list[torch.Tensor] = [tensor_of[a] for a in _fx_inputs(fnode) if a in tensor_of]
@@ -481,13 +520,21 @@ def _symbolic(model: nn.Module) -> Graph:
         for v in node.inputs:
             v.consumers.append(node)
         if fnode.op == "call_module" or node.kind != "op":
-            first = fnode.args[0] if fnode.args else None
+            first = call_input(fnode.args, fnode.kwargs)  # bn(input=x), F.linear(input=x) too
             node.data = value_of.get(first) if isinstance(first, fx.Node) else None
         out = Value(len(values), node)
         values.append(out)
         node.outputs.append(out)
         value_of[fnode] = out
     return Graph("symbolic", nodes, values, dict(state_uses))
+
+
+def _is_metadata(fnode: fx.Node) -> bool:
+    if fnode.op == "call_method":
+        return fnode.target in _METADATA
+    if fnode.op == "call_function" and fnode.target is getattr and len(fnode.args) == 2:
+        return fnode.args[1] in _METADATA_ATTRS
+    return False
 
 
 def _fx_inputs(fnode: fx.Node) -> list[fx.Node]:

@@ -211,26 +211,29 @@ def test_dict_inputs_tuple_outputs_and_containers():
 
 
 class StatisticsReadOutside(nn.Module):
-    def __init__(self):
+    def __init__(self, read: str = "running_mean"):
         super().__init__()
         self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
         self.conv2, self.bn2 = nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+        self.read = read
 
     def forward(self, x):
-        y = self.bn(self.conv(x)) - self.bn.running_mean.view(1, -1, 1, 1)
+        y = self.bn(self.conv(x)) - getattr(self.bn, self.read).view(1, -1, 1, 1)
         return self.bn2(self.conv2(y))
 
 
+@pytest.mark.parametrize("read", ["running_mean", "running_var", "weight", "bias"])
 @pytest.mark.parametrize("walk", ["symbolic", "runtime"])
-def test_bn_whose_statistics_are_read_outside_its_call_is_left(walk):
-    model = prepared(StatisticsReadOutside())
+def test_bn_whose_statistics_are_read_outside_its_call_is_left(walk, read):
+    model = prepared(StatisticsReadOutside(read))
     x = torch.randn(2, 3, 8, 8)
     expected = output(model, x)
     folded = bnsurgery.fold(copy.deepcopy(model), None if walk == "symbolic" else x)
     report = bnsurgery.last_report(folded)
     assert report.method == walk
     assert [e.bn for e in report.folded] == ["bn2"]
-    assert "statistics" in reasons(report)["bn"]
+    what = "statistics" if read.startswith("running") else "affine parameters"
+    assert f"its {what} are also read by" in reasons(report)["bn"]
     assert torch.allclose(output(folded, x), expected, atol=1e-5)
 
 
