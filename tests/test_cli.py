@@ -182,3 +182,12 @@ def test_swap_choices_are_the_registry():
     from bnsurgery.targets import TARGETS
 
     assert tuple(TARGETS) == SWAP_TARGETS
+
+
+def test_nothing_to_do_comes_after_the_report(tmp_path, capsys):
+    """Every writing command renders its report first, then stops: unfreeze too."""
+    out = tmp_path / "u.safetensors"
+    code, stdout, err = run(capsys, "unfreeze", "tests.models:simple_cnn", "-o", out)
+    assert code == NothingToDoError.exit_code and err.startswith("nothing to do: ")
+    assert "not frozen by bnsurgery" in stdout and "unfroze 0 BN layers" in stdout
+    assert not out.exists()

@@ -579,7 +579,7 @@ def test_main_restores_signal_handlers_and_keeps_ignored_ones(world, capsys, mon
         seen["hup"] = signal.getsignal(signal.SIGHUP)
         raise SourceError("stop here")
 
-    monkeypatch.setattr(cli, "_load", record)
+    monkeypatch.setattr(cli.job, "load_model", record)
     term_before = signal.getsignal(signal.SIGTERM)
     hup_before = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
     try:
@@ -589,7 +589,7 @@ def test_main_restores_signal_handlers_and_keeps_ignored_ones(world, capsys, mon
     finally:
         signal.signal(signal.SIGHUP, hup_before)
     assert code == 3
-    assert seen["term"] == cli._terminate
+    assert seen["term"] == cli.signals.terminate
     assert seen["hup"] == signal.SIG_IGN
 
 
@@ -601,7 +601,7 @@ def test_terminated_maps_to_its_exit_code(world, capsys, monkeypatch):
 
     def half_then_terminated(model, filename, metadata=None, force_contiguous=False):
         Path(filename).write_bytes(b"\0" * 1000)
-        cli._terminate(signal.SIGTERM, None)
+        cli.signals.terminate(signal.SIGTERM, None)
 
     monkeypatch.setattr(st_torch, "save_model", half_then_terminated)
     previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
