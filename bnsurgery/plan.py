@@ -209,8 +209,16 @@ class Replace:
     def to_dict(self) -> dict[str, Any]:
         return {"bn": self.bn, "target": self.target, "options": dict(self.options)}
 
+    def __str__(self) -> str:
+        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        return f"-> {self.target}" + (f" ({options})" if options else "")
+
     def apply(self, model: nn.Module, txn: Transaction) -> None:
         bn = model.get_submodule(self.bn)
+        # a replacement may share the BN's parameters and set their flags (a frozen BN fixes
+        # requires_grad): a rollback gives the BN its flags back with the BN
+        flags = [(p, p.requires_grad) for p in bn.parameters()]
+        txn.call(lambda: None, lambda: [p.requires_grad_(f) for p, f in flags])
         if self.factory is not None:
             new = self.factory(bn)
             if not isinstance(new, nn.Module):
@@ -232,6 +240,9 @@ class Restore:
 
     bn: str
 
+    def __str__(self) -> str:
+        return "-> the BN it froze"
+
     def apply(self, model: nn.Module, txn: Transaction) -> None:
         frozen = model.get_submodule(self.bn)
         if not isinstance(frozen, FrozenBatchNorm):
@@ -247,6 +258,9 @@ class SetAffineTraining:
 
     bn: str
     train_affine: bool
+
+    def __str__(self) -> str:
+        return f"affine {'trainable' if self.train_affine else 'fixed'} (stays frozen)"
 
     def apply(self, model: nn.Module, txn: Transaction) -> None:
         frozen = model.get_submodule(self.bn)
@@ -274,6 +288,9 @@ class SetStatistics:
     def to_dict(self) -> dict[str, Any]:
         keys = ("bn", "batches", "samples", "mean_kl", "max_kl")
         return {k: getattr(self, k) for k in keys}
+
+    def __str__(self) -> str:
+        return f"new statistics over {self.samples} values, mean KL(old||new) {self.mean_kl:.3g}"
 
     def apply(self, model: nn.Module, txn: Transaction) -> None:
         bn = model.get_submodule(self.bn)

@@ -150,9 +150,3 @@ def replay(model: nn.Module, structure: list[dict[str, Any]]) -> None:
             ) from exc
     record = get_record(model)
     record["structure"] = copy.deepcopy(list(structure))
-
-
-def last_report(model: nn.Module) -> Any:  # TEMPORARY: until cli imports it from .plan
-    from .plan import last_report as report_of
-
-    return report_of(model)

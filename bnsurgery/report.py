@@ -104,14 +104,9 @@ def _left_count(left: Sequence[Skip]) -> str:
 
 def plan_text(plan: Plan) -> str:
     """A plan for people: what each edit will do, what is left and why."""
-    rows: list[list[Any]] = []
-    for edit in plan.edits:
-        fields = getattr(edit, "to_dict", None)
-        data = fields() if callable(fields) else dict(vars(edit))
-        data.pop("bn", None)
-        rows.append([edit.bn, type(edit).__name__, ", ".join(f"{k}={v}" for k, v in data.items())])
-    rows += [[s.bn, "left", s.reason] for s in plan.skipped if s.reason != _NOT_SELECTED]
-    lines = [table(["bn", "edit", "detail"], rows)] if rows else []
+    rows: list[list[Any]] = [[edit.bn, str(edit)] for edit in plan.edits]
+    rows += [[s.bn, f"left: {s.reason}"] for s in plan.skipped if s.reason != _NOT_SELECTED]
+    lines = [table(["bn", "plan"], rows)] if rows else []
     lines.append(f"plan: {plan.operation} {len(plan.edits)} BN layers, {_left_count(plan.skipped)}")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
@@ -131,11 +126,7 @@ def fold_text(report: FoldReport) -> str:
     """A fold report for people: one line per BN, then a summary."""
     rows: list[list[Any]] = []
     for e in report.folded:
-        what = f"folded into {e.into} ({e.placement}, {e.layer}"
-        what += ", bias added" if e.adds_bias else ""
-        what += f", kept {e.keeps}" if e.keeps else ""
-        what += f", {e.sites} call sites" if e.sites > 1 else ""
-        rows.append([e.bn, what + ")" + ("; " + "; ".join(e.notes) if e.notes else "")])
+        rows.append([e.bn, "folded " + str(e).removeprefix("-> ")])
     rows += _left_rows(report.left)
     lines = [table(["bn", "result"], rows)] if rows else []
     summary = f"folded {len(report.folded)} of {report.bn_count} BN layers ({report.method} walk)"
