@@ -18,20 +18,11 @@ from typing import Any
 from torch import nn
 
 from . import targets
+from .edits import Replace, Restore, SetAffineTraining
 from .errors import UsageError
 from .frozen import FrozenBatchNorm
 from .norms import check_finite, is_batchnorm
-from .plan import (
-    Plan,
-    Replace,
-    Report,
-    Restore,
-    SetAffineTraining,
-    Skip,
-    apply,
-    select,
-    set_report,
-)
+from .plan import Plan, Report, Skip, apply, select, set_report
 from .report import freeze_text
 from .tree import on_unwrapped
 

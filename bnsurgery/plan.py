@@ -11,13 +11,11 @@ Every surgery works in two steps, as fvcore's precise BN and pip-tools' sync do:
    recorded (:mod:`bnsurgery.provenance`) so that a saved checkpoint rebuilds them, and the
    surgery's report is kept for :func:`last_report`.
 
-Edits are small frozen dataclasses with an ``apply(model, txn)`` method: :class:`Replace`
-(a registry target from :mod:`bnsurgery.targets` in the BN's place), :class:`Restore` (a
-frozen BN's original back), :class:`SetAffineTraining` (a frozen BN's affine trainable or
-not), :class:`SetStatistics` (new running statistics), and fold's
-:class:`~bnsurgery.folding.FoldEdit`.
+Edits are small frozen dataclasses with an ``apply(model, txn)`` method (:mod:`bnsurgery.edits`,
+and fold's :class:`~bnsurgery.foldplan.FoldEdit`).
 
 >>> from torch import nn
+>>> from bnsurgery.edits import Replace
 >>> net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
 >>> plan = Plan("swap", [Replace("1", "identity")], [], {"op": "swap", "to": "identity",
 ...     "swapped": 1})
@@ -37,10 +35,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 from torch import nn
 
-from . import provenance, targets
-from .errors import UsageError
-from .frozen import FrozenBatchNorm
-from .hooks import carry_hooks
+from . import provenance
 from .norms import iter_batchnorms, unusable
 from .select import select_batchnorms
 from .tree import parents, unwrapped
@@ -49,11 +44,7 @@ __all__ = [
     "NOT_SELECTED",
     "Edit",
     "Plan",
-    "Replace",
     "Report",
-    "Restore",
-    "SetAffineTraining",
-    "SetStatistics",
     "Skip",
     "Transaction",
     "apply",
@@ -187,118 +178,6 @@ def select(
         else:
             usable.append((name, bn))
     return usable, skipped
-
-
-# ----------------------------------------------------------------------------- edits
-
-
-@dataclass(frozen=True)
-class Replace:
-    """Put a replacement in the BN's place, under every name the BN has.
-
-    ``target`` names a :data:`~bnsurgery.targets.TARGETS` entry, built from the BN with
-    ``options`` (as the plan resolved them) and recorded for checkpoints; or ``factory``, a
-    user's ``factory(bn) -> module`` (recorded as ``custom``: a checkpoint cannot rebuild it).
-    """
-
-    bn: str
-    target: str
-    options: Mapping[str, Any] = field(default_factory=dict)
-    factory: Callable[[nn.Module], nn.Module] | None = field(default=None, compare=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"bn": self.bn, "target": self.target, "options": dict(self.options)}
-
-    def __str__(self) -> str:
-        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        return f"-> {self.target}" + (f" ({options})" if options else "")
-
-    def apply(self, model: nn.Module, txn: Transaction) -> None:
-        bn = model.get_submodule(self.bn)
-        # a replacement may share the BN's parameters and set their flags (a frozen BN fixes
-        # requires_grad): a rollback gives the BN its flags back with the BN
-        flags = [(p, p.requires_grad) for p in bn.parameters()]
-        txn.call(lambda: None, lambda: [p.requires_grad_(f) for p, f in flags])
-        if self.factory is not None:
-            new = self.factory(bn)
-            if not isinstance(new, nn.Module):
-                raise UsageError(f"the swap callable returned a {type(new).__name__} for {self.bn}")
-            record: dict[str, Any] = {"with": "custom"}
-        else:
-            new = targets.target(self.target).build(bn, self.options)
-            record = {"with": self.target}
-            if self.options:
-                record["options"] = dict(self.options)
-        if new is not bn:
-            carry_hooks(bn, new)
-        txn.replace(bn, new, record)
-
-
-@dataclass(frozen=True)
-class Restore:
-    """Put back the BN a :class:`~bnsurgery.frozen.FrozenBatchNorm` froze (``unfreeze``)."""
-
-    bn: str
-
-    def __str__(self) -> str:
-        return "-> the BN it froze"
-
-    def apply(self, model: nn.Module, txn: Transaction) -> None:
-        frozen = model.get_submodule(self.bn)
-        if not isinstance(frozen, FrozenBatchNorm):
-            raise UsageError(f"{self.bn} is a {type(frozen).__name__}, not frozen by bnsurgery")
-        flag = frozen.train_affine
-        txn.call(lambda: None, lambda: frozen.set_train_affine(flag))
-        txn.replace(frozen, frozen.restore(), None)
-
-
-@dataclass(frozen=True)
-class SetAffineTraining:
-    """Make a frozen BN's affine parameters trainable (``True``) or fixed; statistics stay."""
-
-    bn: str
-    train_affine: bool
-
-    def __str__(self) -> str:
-        return f"affine {'trainable' if self.train_affine else 'fixed'} (stays frozen)"
-
-    def apply(self, model: nn.Module, txn: Transaction) -> None:
-        frozen = model.get_submodule(self.bn)
-        before = frozen.train_affine
-        txn.call(
-            lambda: frozen.set_train_affine(self.train_affine),
-            lambda: frozen.set_train_affine(before),
-        )
-        for _, _, path in parents(model, frozen):
-            txn.amend(path, {"train_affine": self.train_affine})
-
-
-@dataclass(frozen=True)
-class SetStatistics:
-    """New running statistics for one BN (``recalibrate``), with how far they moved."""
-
-    bn: str
-    mean: torch.Tensor = field(repr=False)
-    var: torch.Tensor = field(repr=False)
-    batches: int | None = None
-    samples: int = 0
-    mean_kl: float = float("nan")
-    max_kl: float = float("nan")
-
-    def to_dict(self) -> dict[str, Any]:
-        keys = ("bn", "batches", "samples", "mean_kl", "max_kl")
-        return {k: getattr(self, k) for k in keys}
-
-    def __str__(self) -> str:
-        return f"new statistics over {self.samples} values, mean KL(old||new) {self.mean_kl:.3g}"
-
-    def apply(self, model: nn.Module, txn: Transaction) -> None:
-        bn = model.get_submodule(self.bn)
-        txn.copy(bn.running_mean, self.mean)
-        txn.copy(bn.running_var, self.var)
-        tracked = getattr(bn, "num_batches_tracked", None)
-        if self.batches is not None and isinstance(tracked, torch.Tensor):
-            txn.copy(tracked, torch.tensor(self.batches))
 
 
 # ----------------------------------------------------------------------------- applying

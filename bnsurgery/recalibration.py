@@ -31,14 +31,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .batches import DataCheck, default_forward, run_batch, to_device
+from .edits import SetStatistics
 from .errors import UsageError
-from .hooks import call_input
 from .layout import Layout
-from .norms import eps_of, has_activation
-from .plan import Plan, Report, SetStatistics, Skip, apply, select, set_report
+from .moments import Moments, collecting_forward, counting, gather
+from .plan import Plan, Report, Skip, apply, select, set_report
 from .report import recalibration_text
 from .tree import device_of, eval_mode, on_unwrapped
 
@@ -95,85 +94,6 @@ def gaussian_kl(
     m0, m1 = mean0.double().cpu(), mean1.double().cpu()
     v0, v1 = var0.double().cpu().clamp_min(1e-12), var1.double().cpu().clamp_min(1e-12)
     return 0.5 * (torch.log(v1 / v0) + (v0 + (m0 - m1) ** 2) / v1 - 1.0)
-
-
-class _Moments:
-    """Per-channel count, mean and M2 (sum of squared deviations), merged in float64."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-        self.batches = 0
-        self.empty = 0  # calls on empty batches (counted, nothing to merge)
-
-    def add(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
-        mean, m2 = mean.double(), m2.double()
-        if self.mean is None or self.m2 is None:
-            self.count, self.mean, self.m2 = count, mean.clone(), m2.clone()
-            return
-        total = self.count + count
-        delta = mean - self.mean
-        self.mean += delta * (count / total)
-        self.m2 += m2 + delta.square() * (self.count * count / total)
-        self.count = total
-
-
-def _collecting_forward(moments: _Moments) -> Callable[..., torch.Tensor]:
-    def forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  # bn(input=x) works
-        x, eps = input, eps_of(self)  # a frozen BN of Hugging Face's has no eps attribute
-        if x.numel() == 0:  # an empty batch (a detection head without detections) adds nothing
-            moments.empty += 1
-            out = F.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, eps
-            )
-            return self.act(self.drop(out)) if has_activation(self) else out
-        # One fused kernel normalises with the batch statistics and returns them.
-        out, mean, invstd = torch.native_batch_norm(
-            x, self.weight, self.bias, None, None, True, 0.0, eps
-        )
-        var = invstd.double().pow(-2) - eps
-        mean = mean.double()
-        if invstd.dtype not in (torch.float32, torch.float64):
-            # half-precision inputs get half-precision statistics from the kernel (bfloat16:
-            # ~3 significant digits): recompute them from the input in float64
-            small = torch.ones_like(var, dtype=torch.bool)
-        else:
-            small = var < 100 * eps
-        redo = small.nonzero().flatten()  # no bool(): the layout watch counts those as the
-        if redo.numel():  # model's data-dependent branches
-            # var + eps loses var's digits when var << eps: recompute those channels directly.
-            dims = [0, *range(2, x.dim())]
-            exact_var, exact_mean = torch.var_mean(x[:, redo].double(), dim=dims, correction=0)
-            var[redo], mean[redo] = exact_var, exact_mean
-        count = x.numel() // max(x.shape[1], 1)
-        moments.add(count, mean.detach(), var.detach() * count)
-        moments.batches += 1
-        if has_activation(self):
-            out = self.act(self.drop(out))
-        return out
-
-    return forward
-
-
-def _gather(moments: _Moments, channels: int, device: torch.device) -> _Moments:
-    """Merge every rank's moments, in rank order, identically on all ranks."""
-    import torch.distributed as dist
-
-    local = torch.zeros(2 + 2 * channels, dtype=torch.float64, device=device)
-    if moments.mean is not None and moments.m2 is not None:
-        local[0], local[1] = moments.count, moments.batches
-        local[2 : 2 + channels] = moments.mean
-        local[2 + channels :] = moments.m2
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
-    merged = _Moments()
-    for part in parts:
-        part = part.cpu()
-        if part[0] > 0:
-            merged.add(int(part[0]), part[2 : 2 + channels], part[2 + channels :])
-            merged.batches += int(part[1])
-    return merged
 
 
 def _check_ema(
@@ -325,7 +245,7 @@ def plan_recalibrate(
         return RecalibrationPlan("recalibrate", [], skipped, step, mode=mode)
     feed = forward or default_forward
     device = torch.device(device) if device is not None else device_of(model)
-    moments = {name: _Moments() for name, _ in chosen}
+    moments = {name: Moments() for name, _ in chosen}
     old = {name: {k: b.clone() for k, b in bn.named_buffers(recurse=False)} for name, bn in chosen}
     saved_momentum = {name: getattr(bn, "momentum", None) for name, bn in chosen}
     batches = 0
@@ -342,13 +262,13 @@ def plan_recalibrate(
         try:
             for name, bn in chosen:
                 if mode == "exact":
-                    bn.forward = types.MethodType(_collecting_forward(moments[name]), bn)
+                    bn.forward = types.MethodType(collecting_forward(moments[name]), bn)
                 else:
                     bn.train()
                     if momentum is not None:
                         bn.momentum = momentum
                     handles.append(
-                        bn.register_forward_pre_hook(_counting(moments[name]), with_kwargs=True)
+                        bn.register_forward_pre_hook(counting(moments[name]), with_kwargs=True)
                     )
             limit = None if num_batches is None else max(num_batches, 0)
             for batch in itertools.islice(data, limit):  # no batch beyond num_batches
@@ -390,7 +310,7 @@ def plan_recalibrate(
             edits.append(_edit(name, old[name], mean, var, count, stats.count))
             continue
         if world > 1:
-            stats = _gather(stats, bn.running_mean.numel(), bn.running_mean.device)
+            stats = gather(stats, bn.running_mean.numel(), bn.running_mean.device)
         if stats.mean is None or stats.m2 is None:
             seen = "saw only empty batches" if moments[name].empty else "not called"
             skipped.append(Skip(name, f"{seen} on this data: its statistics are kept"))
@@ -437,15 +357,3 @@ def _edit(
         float(kl.mean()) if kl.numel() else math.nan,
         float(kl.max()) if kl.numel() else math.nan,
     )
-
-
-def _counting(moments: _Moments) -> Callable[..., None]:
-    """A pre-hook counting the values per channel a BN sees (EMA mode's ``samples``)."""
-
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = call_input(args, kwargs)
-        if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1]:
-            moments.count += x.numel() // x.shape[1]
-            moments.batches += 1
-
-    return hook

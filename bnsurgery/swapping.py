@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from .batches import default_forward, run_batch, to_device
+from .edits import Replace
 from .errors import TraceError, UsageError, brief
 from .hooks import call_input, user_hooks_suspended
 from .norms import check_finite, iter_batchnorms
-from .plan import Plan, Replace, Report, Skip, begin, select, set_report
+from .plan import Plan, Report, Skip, begin, select, set_report
 from .report import swap_text
 from .swapfit import SCHEDULES
 from .swapfit import calibrate as fit_norms

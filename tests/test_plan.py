@@ -13,9 +13,10 @@ from torch import nn
 
 import bnsurgery
 from bnsurgery import provenance
+from bnsurgery.edits import Replace
 from bnsurgery.errors import StatisticsError
 from bnsurgery.frozen import FrozenBatchNorm
-from bnsurgery.plan import NOT_SELECTED, Plan, Replace, Skip, Transaction, apply, begin
+from bnsurgery.plan import NOT_SELECTED, Plan, Skip, Transaction, apply, begin
 from bnsurgery.report import to_json
 
 
