@@ -97,6 +97,10 @@ def _left_rows(left: Sequence[Skip], *cells: str) -> list[list[Any]]:
     return [[s.bn, f"left: {s.reason}", *cells] for s in left if s.reason != _NOT_SELECTED]
 
 
+def _layers(n: int) -> str:
+    return f"{n} BN layer" + ("" if n == 1 else "s")
+
+
 def _left_count(left: Sequence[Skip]) -> str:
     unselected = sum(1 for s in left if s.reason == _NOT_SELECTED)
     return f"left {len(left)}" + (f" ({unselected} not selected)" if unselected else "")
@@ -107,7 +111,7 @@ def plan_text(plan: Plan) -> str:
     rows: list[list[Any]] = [[edit.bn, str(edit)] for edit in plan.edits]
     rows += [[s.bn, f"left: {s.reason}"] for s in plan.skipped if s.reason != _NOT_SELECTED]
     lines = [table(["bn", "plan"], rows)] if rows else []
-    lines.append(f"plan: {plan.operation} {len(plan.edits)} BN layers, {_left_count(plan.skipped)}")
+    lines.append(f"plan: {plan.operation} {_layers(len(plan.edits))}, {_left_count(plan.skipped)}")
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
 
@@ -117,7 +121,7 @@ def report_text(report: Report) -> str:
     rows = [[name, report.operation] for name in report.changed]
     rows += [[s.bn, f"left: {s.reason}"] for s in report.left if s.reason != _NOT_SELECTED]
     lines = [table(["bn", "result"], rows)] if rows else []
-    lines.append(f"{report.operation}: {len(report.changed)} BN layers, {_left_count(report.left)}")
+    lines.append(f"{report.operation}: {_layers(len(report.changed))}, {_left_count(report.left)}")
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
@@ -129,7 +133,7 @@ def fold_text(report: FoldReport) -> str:
         rows.append([e.bn, "folded " + str(e).removeprefix("-> ")])
     rows += _left_rows(report.left)
     lines = [table(["bn", "result"], rows)] if rows else []
-    summary = f"folded {len(report.folded)} of {report.bn_count} BN layers ({report.method} walk)"
+    summary = f"folded {len(report.folded)} of {_layers(report.bn_count)} ({report.method} walk)"
     summary += f", {_left_count(report.left)}" if report.left else ""
     if report.verified and report.max_rel_error is not None:
         summary += f"; verified: max relative error {report.max_rel_error:.2e}"
@@ -159,7 +163,7 @@ def survey_text(result: Survey) -> str:
     lines = [table(headers, rows)] if rows else []
     unhealthy = sum(1 for i in result.layers if not i.healthy)
     lines.append(
-        f"{len(result.layers)} BN layers, {result.foldable} foldable, {unhealthy} with "
+        f"{_layers(len(result.layers))}, {result.foldable} foldable, {unhealthy} with "
         f"statistics problems"
         + (f" (fold plan from a {result.fold_method} walk)" if result.fold_method else "")
     )
@@ -175,7 +179,7 @@ def freeze_text(report: FreezeReport) -> str:
     rows = [[name, verb] for name in report.changed] + _left_rows(report.left)
     lines = [table(["bn", "result"], rows)] if rows else []
     what = " (statistics only; weight and bias stay trainable)" if report.train_affine else ""
-    lines.append(f"{verb} {len(report.changed)} BN layers{what}, {_left_count(report.left)}")
+    lines.append(f"{verb} {_layers(len(report.changed))}{what}, {_left_count(report.left)}")
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
@@ -185,7 +189,8 @@ def recalibration_text(report: RecalibrationReport) -> str:
     rows = [[d.name, d.samples, f"{d.mean_kl:.4g}", f"{d.max_kl:.4g}"] for d in report.layers]
     lines = [table(["bn", "values per channel", "mean KL(old||new)", "max KL"], rows)]
     where = f" on {report.world_size} processes" if report.world_size > 1 else ""
-    done = f"recalibrated {len(report.layers)} BN layers over {report.batches} batches"
+    batches = f"{report.batches} batch" + ("" if report.batches == 1 else "es")
+    done = f"recalibrated {_layers(len(report.layers))} over {batches}"
     lines.append(f"{done}{where} ({report.mode})")
     lines += [f"left {s.bn}: {s.reason}" for s in report.left if s.reason != _NOT_SELECTED]
     if any(s.reason == _NOT_SELECTED for s in report.left):
@@ -246,7 +251,7 @@ def swap_text(report: SwapReport) -> str:
     lines = [table(["bn", "swap", "detail", "repair"], rows)] if rows else []
     how = " and repaired on calibration data" if report.calibrated else ""
     lines.append(
-        f"swapped {len(report.swapped)} BN layers to {report.target}{how}; "
+        f"swapped {_layers(len(report.swapped))} to {report.target}{how}; "
         + _left_count(report.left)
     )
     lines += [f"note: {n}" for n in report.notes]
