@@ -37,6 +37,7 @@ from torch import nn
 
 from . import provenance
 from .norms import iter_batchnorms, unusable
+from .report import plan_text, report_text
 from .select import select_batchnorms
 from .tree import parents, unwrapped
 
@@ -95,14 +96,12 @@ class Plan:
     """
 
     operation: str
-    edits: list[Any]
+    edits: list[Edit]
     skipped: list[Skip]
     step: dict[str, Any]
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:  # a short table for people; to_dict() for scripts
-        from .report import plan_text
-
         return plan_text(self)
 
     def to_dict(self) -> dict[str, Any]:
@@ -134,8 +133,6 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:  # a short table for people; to_dict() for scripts
-        from .report import report_text
-
         return report_text(self)
 
     def to_dict(self) -> dict[str, Any]:

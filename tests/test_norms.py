@@ -1,5 +1,6 @@
-"""norms: what counts as a BN, its epsilon and statistics, the modules that replace it, and
-the hook helpers every surgery shares."""
+"""norms: what counts as a BN, its epsilon and statistics, and the one policy on which BNs
+a surgery can work on (:func:`~bnsurgery.norms.unusable`,
+:func:`~bnsurgery.norms.bad_statistics`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import torchvision
 from torch import nn
 
 from bnsurgery.errors import StatisticsError
-from bnsurgery.hooks import call_input, carry_hooks, has_hooks, user_hooks, user_hooks_suspended
-from bnsurgery.layers import FoldedBatchNorm, NormActRemainder
-from bnsurgery.norms import bn_stats, check_finite, eps_of, is_batchnorm
-from bnsurgery.targets import remainder_of
+from bnsurgery.frozen import FrozenBatchNorm
+from bnsurgery.layers import FoldedBatchNorm
+from bnsurgery.norms import bad_statistics, bn_stats, check_finite, eps_of, is_batchnorm, unusable
+
+LAZY = "an uninitialised lazy BN (run one forward pass first)"
+NO_STATS = "no running statistics (track_running_stats=False): it normalises with batch statistics"
 
 
 @pytest.mark.parametrize(
@@ -53,15 +56,6 @@ def test_eps_and_statistics_are_read_in_float64():
     assert torch.equal(shift, torch.zeros(3, dtype=torch.float64))
 
 
-@pytest.mark.parametrize(
-    "make", [lambda: nn.BatchNorm2d(3, track_running_stats=False), nn.LazyBatchNorm2d]
-)
-def test_a_bn_without_statistics_has_no_fixed_map(make):
-    module = make()
-    assert bn_stats(module) is None
-    assert type(remainder_of(module)) is nn.Identity
-
-
 @pytest.mark.parametrize("key", ["running_mean", "running_var", "weight"])
 def test_broken_statistics_are_refused_with_the_layer_named(key):
     bn = nn.BatchNorm2d(4)
@@ -71,57 +65,96 @@ def test_broken_statistics_are_refused_with_the_layer_named(key):
         check_finite([("layer3", bn)], "fold")
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-@pytest.mark.parametrize("eps", [1e-5, 1e-3, 0.1])
-def test_a_folded_bn_reads_as_an_exact_identity_bn(dtype, eps):
-    left = FoldedBatchNorm(nn.BatchNorm2d(5, eps=eps).to(dtype))
-    assert left.running_var.dtype == dtype
-    assert bool((left.running_var + left.eps == 1).all())
-    assert left.state_dict() == {}  # nothing persistent: the checkpoint is Identity's
-    x = torch.randn(2, 5, 3, 3).to(dtype)
-    assert left(x) is x
-    scale = left.weight / torch.sqrt(left.running_var + left.eps)
-    assert torch.equal(scale, torch.ones_like(scale))
+def test_check_finite_names_the_first_broken_layer_and_counts_the_others():
+    good, bad1, bad2 = nn.BatchNorm2d(2), nn.BatchNorm2d(2), nn.BatchNorm2d(2)
+    with torch.no_grad():
+        bad1.bias[0] = float("inf")
+        bad2.running_var[1] = -1.0
+    named = [("a", good), ("b", bad1), ("c", bad2)]
+    with pytest.raises(
+        StatisticsError, match=r"cannot freeze: b: bias is inf in 1 of 2 channels \(and 1 more"
+    ):
+        check_finite(named, "freeze")
+    check_finite([("a", good)], "freeze")  # nothing wrong: no error
 
 
-def test_a_norm_act_leaves_its_activation():
-    bn = timm.layers.BatchNormAct2d(3, act_layer=nn.ReLU)
-    left = remainder_of(bn)
-    assert isinstance(left, NormActRemainder) and left.act is bn.act
+# ---- unusable: the shared policy -----------------------------------------------------------
 
 
-def test_call_input_positional_and_keyword():
-    assert call_input((1, 2), {"input": 3}) == 1
-    assert call_input((), {"input": 3}) == 3
-    assert call_input((), {}) is None
+@pytest.mark.parametrize("statistics", [True, False])
+def test_a_lazy_bn_is_unusable_for_every_surgery(statistics):
+    assert unusable(nn.LazyBatchNorm2d(), statistics=statistics) == LAZY
+    assert unusable(nn.LazyBatchNorm1d(affine=False), statistics=statistics) == LAZY
 
 
-def test_carried_hooks_are_shared_tables():
-    bn, new = nn.BatchNorm2d(2), nn.Identity()
-    calls = []
-    handle = bn.register_forward_hook(lambda *a: calls.append(1))
-    carry_hooks(bn, new)
-    assert has_hooks(new) and not has_hooks(nn.Identity())
-    new(torch.zeros(1))
-    handle.remove()  # the user's handle removes it from both
-    new(torch.zeros(1))
-    assert calls == [1] and not has_hooks(bn) and not has_hooks(new)
+def test_a_lazy_bn_is_usable_once_it_has_seen_an_input():
+    bn = nn.LazyBatchNorm2d()
+    bn(torch.randn(2, 3, 4, 4))
+    assert unusable(bn) is None and unusable(bn, statistics=False) is None
 
 
-def test_user_hooks_are_suspended_module_and_global_and_come_back():
-    conv = nn.Conv2d(1, 1, 1)
-    calls = []
-    conv.register_forward_hook(lambda *a: calls.append("module"))
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(
-        lambda *a: calls.append("global")
-    )
-    try:
-        assert user_hooks(None, "_forward_pre_hooks") and user_hooks(conv, "_forward_hooks")
-        with user_hooks_suspended(conv):
-            conv(torch.zeros(1, 1, 1, 1))
-            assert not user_hooks(None, "_forward_pre_hooks")
-        assert calls == []
-        conv(torch.zeros(1, 1, 1, 1))
-        assert calls == ["global", "module"]
-    finally:
-        handle.remove()
+def test_a_bn_without_running_statistics_is_unusable_only_where_statistics_are_needed():
+    bn = nn.BatchNorm2d(3, track_running_stats=False)
+    assert bn_stats(bn) is None
+    assert unusable(bn) == NO_STATS
+    assert unusable(bn, statistics=True) == NO_STATS
+    assert unusable(bn, statistics=False) is None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.BatchNorm2d(3),
+        lambda: nn.BatchNorm1d(3, affine=False),
+        lambda: timm.layers.BatchNormAct2d(3, act_layer=nn.SiLU),
+        lambda: torchvision.ops.misc.FrozenBatchNorm2d(3),
+        lambda: FrozenBatchNorm(nn.BatchNorm2d(3)),
+    ],
+    ids=["BatchNorm2d", "BatchNorm1d_no_affine", "BatchNormAct2d", "tv_Frozen", "Frozen"],
+)
+@pytest.mark.parametrize("statistics", [True, False])
+def test_a_healthy_bn_is_usable(make, statistics):
+    assert unusable(make(), statistics=statistics) is None
+
+
+# ---- bad_statistics ------------------------------------------------------------------------
+
+
+def test_healthy_statistics_have_nothing_wrong():
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.tensor([-3.0, 0.0, 1e30, 2.0]))
+        bn.running_var.copy_(torch.tensor([0.0, 1e-30, 5.0, 1e30]))  # zero variance is fine
+        bn.weight.copy_(torch.tensor([-1.0, 0.0, 2.0, 3.0]))
+    assert bad_statistics(bn) is None
+    assert bad_statistics(nn.BatchNorm2d(4, affine=False)) is None
+    assert bad_statistics(nn.BatchNorm2d(4, track_running_stats=False)) is None
+    assert bad_statistics(nn.LazyBatchNorm2d()) is None  # nothing to read yet
+
+
+@pytest.mark.parametrize(
+    ("key", "values", "expected"),
+    [
+        ("running_mean", [0.0, float("inf"), float("-inf"), 1.0], "running_mean is inf in 2 of 4"),
+        ("running_var", [float("nan"), 1.0, 1.0, 1.0], "running_var is NaN in 1 of 4"),
+        ("weight", [float("nan"), float("inf"), 1.0, 1.0], "weight is NaN/inf in 2 of 4"),
+        ("bias", [0.0, 0.0, 0.0, float("nan")], "bias is NaN in 1 of 4"),
+        ("running_var", [1.0, -0.5, -2.0, -1e-9], "running_var is negative in 3 of 4"),
+    ],
+    ids=["inf_mean", "nan_var", "nan_inf_weight", "nan_bias", "negative_var"],
+)
+def test_bad_statistics_says_which_tensor_what_and_how_many_channels(key, values, expected):
+    bn = nn.BatchNorm2d(4)
+    with torch.no_grad():
+        getattr(bn, key).copy_(torch.tensor(values))
+    assert bad_statistics(bn) == f"{expected} channels"
+
+
+def test_bad_statistics_reads_frozen_buffers_and_half_precision():
+    frozen = torchvision.ops.misc.FrozenBatchNorm2d(3)
+    frozen.running_var[2] = float("inf")
+    assert bad_statistics(frozen) == "running_var is inf in 1 of 3 channels"
+    half = nn.BatchNorm2d(3).half()
+    with torch.no_grad():
+        half.running_mean[0] = 70000.0  # beyond float16: inf
+    assert bad_statistics(half) == "running_mean is inf in 1 of 3 channels"
