@@ -119,7 +119,7 @@ class FoldedBatchNorm(nn.Identity):
         self.eps = eps_of(bn)
         factory = {"dtype": like.dtype, "device": like.device}
         var = torch.full((self.num_features,), 1.0 - self.eps, **factory)
-        for _ in range(4):  # settle on the value whose sum with eps rounds to exactly one
+        for _ in range(0 if like.is_meta else 4):  # the value whose sum with eps is exactly 1
             total = var + self.eps
             if bool((total == 1).all()):
                 break

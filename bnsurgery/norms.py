@@ -28,6 +28,7 @@ __all__ = [
     "BNStats",
     "bn_stats",
     "eps_of",
+    "has_statistics",
     "bad_statistics",
     "check_finite",
     "unusable",
@@ -176,20 +177,28 @@ class BNStats:
         return scale, self.bias - self.mean * scale
 
 
-def bn_stats(module: nn.Module) -> BNStats | None:
-    """Read a BN module's eval-mode statistics, or ``None`` if it has no running statistics.
+def has_statistics(module: nn.Module) -> bool:
+    """True when a BN module normalises with running statistics it holds (read nothing, so it
+    works on the meta device too).
 
     A BN with ``track_running_stats=False`` normalises with batch statistics even in eval mode,
-    so it is not a fixed affine map and has no :class:`BNStats`.
+    so it is not a fixed affine map; an uninitialised lazy BN has no statistics yet.
     """
     mean = getattr(module, "running_mean", None)
     var = getattr(module, "running_var", None)
-    if mean is None or var is None or not isinstance(mean, torch.Tensor):
-        return None
+    if not isinstance(mean, torch.Tensor) or not isinstance(var, torch.Tensor):
+        return False
     if isinstance(module, _BatchNorm) and not module.track_running_stats:
+        return False
+    return not isinstance(mean, nn.parameter.UninitializedBuffer)
+
+
+def bn_stats(module: nn.Module) -> BNStats | None:
+    """Read a BN module's eval-mode statistics, or ``None`` if it has no running statistics
+    (:func:`has_statistics`)."""
+    if not has_statistics(module):
         return None
-    if isinstance(mean, nn.parameter.UninitializedBuffer):
-        return None
+    mean, var = module.running_mean, module.running_var
     c = mean.numel()
 
     def as64(t: torch.Tensor | None, default: float) -> torch.Tensor:
@@ -240,7 +249,7 @@ def unusable(module: nn.Module, *, statistics: bool = True) -> str | None:
     lazy = (nn.parameter.UninitializedBuffer, nn.parameter.UninitializedParameter)
     if any(isinstance(getattr(module, k, None), lazy) for k in ("running_mean", "weight")):
         return "an uninitialised lazy BN (run one forward pass first)"
-    if statistics and bn_stats(module) is None:
+    if statistics and not has_statistics(module):
         return (
             "no running statistics (track_running_stats=False): it normalises with batch statistics"
         )

@@ -34,9 +34,9 @@ from .layers import (
     NormActRemainder,
 )
 from .norms import (
-    bn_stats,
     eps_of,
     has_activation,
+    has_statistics,
     is_batchnorm,
     is_frozen_batchnorm,
     num_features,
@@ -118,7 +118,7 @@ def _groupnorm_options(bn: nn.Module, opts: Mapping[str, Any]) -> dict[str, Any]
 
 
 def _groupnorm(bn: nn.Module, opts: Mapping[str, Any]) -> nn.Module:
-    g = int(opts["groups"])
+    g = opts.get("groups") or _groupnorm_options(bn, opts)["groups"]
     affine = _affine(bn, opts.get("force_affine", False))
     if has_activation(bn):
         from timm.layers import GroupNormAct
@@ -337,6 +337,6 @@ def remainder_of(module: nn.Module) -> nn.Module:
             drop if isinstance(drop, nn.Module) else nn.Identity(),
             act if isinstance(act, nn.Module) else nn.Identity(),
         )
-    if bn_stats(module) is None:  # no statistics (track_running_stats=False, lazy): no BN view
+    if not has_statistics(module):  # track_running_stats=False, or lazy: no BN view
         return nn.Identity()
     return FoldedBatchNorm(module)
