@@ -27,7 +27,7 @@ from .plan import Plan, Skip, Transaction, select
 from .targets import remainder_of
 from .tree import on_unwrapped
 
-__all__ = ["FoldEdit", "FoldPlan", "Owners", "plan_fold"]
+__all__ = ["FoldEdit", "FoldPlan", "plan_fold"]
 
 _LINEAR_KINDS = ("conv", "conv_transpose", "linear")
 
@@ -81,7 +81,7 @@ class FoldEdit:
         weight: torch.Tensor = layer.weight
         bias: torch.Tensor | None = layer.bias
         new_w, new_b = self.weights(model, weight, bias)
-        owners = Owners(model)
+        owners = _Owners(model)
         for module_name, attr in owners.of(weight):
             txn.set(model.get_submodule(module_name), attr, new_w)
         if bias is None:
@@ -128,7 +128,7 @@ def _folded_weights(
     return _param(new_w, weight), _param(new_b, weight if bias is None else bias)
 
 
-class Owners:
+class _Owners:
     """Which module attributes hold each parameter (a tied parameter has several)."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -162,7 +162,7 @@ def _is_zero_padding(attrs: dict[str, Any]) -> bool:
 
 
 def _layer_of(
-    graph: Graph, owners: Owners, layer_nodes: list[Node], allowed: set[int], role: str
+    graph: Graph, owners: _Owners, layer_nodes: list[Node], allowed: set[int], role: str
 ) -> tuple[str, str, bool]:
     """Check that every call of the layer is one we fold; return (module, kind, adds_bias)."""
     first = layer_nodes[0]
@@ -195,12 +195,36 @@ def _layer_of(
     return module_name, first.kind, adds_bias
 
 
+def _check_linear_rank(value: Value, notes: list[str], side: str) -> None:
+    """A linear layer folds a BN only on ``(N, C)`` tensors (its last axis is the channel);
+    ``side`` is ``"output"`` (producer) or ``"input"`` (consumer)."""
+    if value.ndim is None:
+        notes.append(f"linear {side} rank not checked (symbolic walk)")
+    elif value.ndim != 2:
+        raise _Reject(f"the linear {side} has rank {value.ndim}; only (N, C) tensors fold")
+
+
+def _absorber(
+    graph: Graph, owners: _Owners, bn: nn.Module, layers: list[Node], role: str
+) -> tuple[str, str, bool]:
+    """The layer every call site folds into, checked (:func:`_layer_of`) and with as many
+    channels on the BN's side (its outputs for a producer, inputs for a consumer) as the BN."""
+    module_name, kind, adds_bias = _layer_of(graph, owners, layers, {id(n) for n in layers}, role)
+    groups = int(layers[0].attrs.get("groups", 1))
+    count = foldmath.out_channels if role == "producer" else foldmath.in_channels
+    channels = count(kind, layers[0].weight, groups)
+    if channels != num_features(bn):
+        side = "output" if role == "producer" else "input"
+        raise _Reject(f"`{module_name}` has {channels} {side} channels, the BN {num_features(bn)}")
+    return module_name, kind, adds_bias
+
+
 #: Why a tensor that a data-dependent branch separates from its consumer does not fold: on
 #: inputs that go the other way the walk never saw, it may go elsewhere.
 _BRANCH = "a data-dependent Python branch (a tensor's truth value, .item(), .tolist())"
 
 
-def _producer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
+def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     producers: list[Node] = []
     notes: list[str] = []
     for site in sites:
@@ -220,18 +244,9 @@ def _producer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
         if site.decisions > data.decisions:
             raise _Reject(f"the output of {prod.name}() crosses {_BRANCH} before it")
         if prod.kind == "linear":
-            if data.ndim is None:
-                notes.append("linear output rank not checked (symbolic walk)")
-            elif data.ndim != 2:
-                raise _Reject(f"linear output has rank {data.ndim}; only (N, C) inputs fold")
+            _check_linear_rank(data, notes, "output")
         producers.append(prod)
-    module_name, kind, adds_bias = _layer_of(
-        graph, owners, producers, {id(n) for n in producers}, "producer"
-    )
-    groups = int(producers[0].attrs.get("groups", 1))
-    channels = foldmath.out_channels(kind, producers[0].weight, groups)
-    if channels != num_features(bn):
-        raise _Reject(f"`{module_name}` has {channels} output channels, the BN {num_features(bn)}")
+    module_name, kind, adds_bias = _absorber(graph, owners, bn, producers, "producer")
     keeps = ""
     if has_activation(bn):
         keeps = f"act={type(bn.act).__name__}, drop={type(getattr(bn, 'drop', None)).__name__}"
@@ -256,7 +271,7 @@ def _through_copy_padding(value: Value) -> tuple[Node, Value]:
     return node, value
 
 
-def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
+def _consumer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     if has_activation(bn):
         raise _Reject("an activation follows the norm inside the layer, so no layer after it can")
     consumers: list[Node] = []
@@ -280,18 +295,9 @@ def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
         if cons.kind == "conv" and not _is_zero_padding(cons.attrs):
             raise _Reject(f"the conv after it pads with zeros ({cons.name}, not exact)")
         if cons.kind == "linear":
-            if out.ndim is None:
-                notes.append("linear input rank not checked (symbolic walk)")
-            elif out.ndim != 2:
-                raise _Reject(f"the linear after it sees rank {out.ndim}, not (N, C)")
+            _check_linear_rank(out, notes, "input")
         consumers.append(cons)
-    module_name, kind, adds_bias = _layer_of(
-        graph, owners, consumers, {id(n) for n in consumers}, "consumer"
-    )
-    groups = int(consumers[0].attrs.get("groups", 1))
-    channels = foldmath.in_channels(kind, consumers[0].weight, groups)
-    if channels != num_features(bn):
-        raise _Reject(f"`{module_name}` has {channels} input channels, the BN {num_features(bn)}")
+    module_name, kind, adds_bias = _absorber(graph, owners, bn, consumers, "consumer")
     return FoldEdit(
         "", module_name, "consumer", kind, len(sites), adds_bias, "", tuple(dict.fromkeys(notes))
     )
@@ -366,7 +372,7 @@ def plan_fold(
     if walked is None:
         walked = trace(model, example_inputs)
     graph = walked.graph
-    owners = Owners(model)
+    owners = _Owners(model)
     chosen, skipped = select(model, include, exclude)
     edits: list[FoldEdit] = []
     for name, bn in chosen:
