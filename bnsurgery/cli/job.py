@@ -6,7 +6,6 @@ there was nothing to do, and saves (under ``--dry-run``, says what it would have
 
     job = open_job(options, "freeze", "frozen")
     freeze(job.model, job.include, job.exclude)
-    report = last_report(job.model)
     job.finish(last_report(job.model), nothing="...; nothing written")
 
 Everything a run decides, it decides here and once: which architecture spec SOURCE names, where
