@@ -77,6 +77,8 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
             busy.append(True)  # the recomputation calls the layer: its hooks stand aside
             try:
                 got = torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
+                for op, args, kwargs in last.through if last else ():  # layout ops to the BN
+                    got = getattr(got, op)(*args, **dict(kwargs))
                 if after is not None:
                     got = after(got)
             finally:

@@ -44,9 +44,14 @@ class FoldEdit:
     adds_bias: bool = False
     keeps: str = ""  # what is left in the BN's place, e.g. "act=SiLU"
     notes: tuple[str, ...] = ()
+    #: layout ops between the layer and the BN, in the order they run, as (name, args,
+    #: keyword items), e.g. (("flatten", (0, 1), ()),): they move the channel axis to where
+    #: the BN reads it
+    through: tuple[tuple[str, tuple[Any, ...], tuple[tuple[str, Any], ...]], ...] = ()
 
     def __str__(self) -> str:
         text = f"-> into {self.into} ({self.placement}, {self.layer}"
+        text += f", through {', '.join(s[0] + '()' for s in self.through)}" if self.through else ""
         text += ", bias added" if self.adds_bias else ""
         text += f", kept {self.keeps}" if self.keeps else ""
         text += f", {self.sites} call sites" if self.sites > 1 else ""
@@ -195,6 +200,88 @@ def _layer_of(
     return module_name, first.kind, adds_bias
 
 
+#: Ops that only rearrange a tensor: a per-channel map commutes with them wherever they take
+#: the channel axis (:func:`_channel_route` follows it).
+_RESHAPES = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone"}
+)
+_PERMUTES = frozenset({"transpose", "swapaxes", "swapdims", "permute"})
+
+
+def _only_for(value: Value, user: Node, site: Node, what: str) -> None:
+    """``value`` flows only to ``user`` (on its way to the BN call ``site``)."""
+    others = [c for c in value.consumers if c is not user]
+    if others:
+        raise _Reject(f"{what} is also used by {_describe(others[0])}")
+    if value.is_output:
+        raise _Reject(f"{what} is also a model output")
+    if site.decisions > value.decisions:
+        raise _Reject(f"{what} crosses {_BRANCH} before it")
+
+
+def _layout_chain(value: Value, site: Node) -> tuple[Value, Node, list[Node]]:
+    """Walk back from the BN's input through layout ops (:data:`_RESHAPES`, :data:`_PERMUTES`)
+    that feed only the next step: the value they start from, its one user, and the ops in
+    the order they run."""
+    chain: list[Node] = []
+    user = site
+    while (op := value.producer) is not None and op.kind == "op":
+        if op.name not in _RESHAPES | _PERMUTES or len(op.inputs) != 1 or "args" not in op.attrs:
+            break
+        _only_for(value, user, site, f"the output of {op.name}()")
+        chain.insert(0, op)
+        user, value = op, op.inputs[0]
+    return value, user, chain
+
+
+def _channel_route(prod: Node, value: Value, chain: list[Node]) -> tuple[Any, ...]:
+    """Follow the layer's channel axis (the last of a linear's output, axis 1 of a conv's)
+    through ``chain``; it must arrive at axis 1, where the BN normalises. Returns the chain as
+    (name, args, keyword items) triples."""
+    if value.shape is None:
+        raise _Reject(
+            f"its input comes through {chain[0].name}(), and the symbolic walk has no shapes "
+            "to follow the channel axis (pass example inputs)"
+        )
+    axis = len(value.shape) - 1 if prod.kind == "linear" else 1
+    shape = value.shape
+    for op in chain:
+        out = op.outputs[0].shape if len(op.outputs) == 1 else None
+        if out is None:
+            raise _Reject(f"{op.name}() gives no single tensor")
+        axis = _moved_axis(op, axis, shape, out)
+        shape = out
+    if axis != 1:
+        raise _Reject(
+            f"the layer's channel axis arrives at axis {axis} of the BN's input through "
+            f"{', '.join(o.name + '()' for o in chain)}; the BN normalises axis 1"
+        )
+    return tuple((op.name, op.attrs["args"], op.attrs["kwargs"]) for op in chain)
+
+
+def _moved_axis(op: Node, axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> int:
+    """Where axis ``axis`` of ``op``'s input is in its output, or :class:`_Reject`."""
+    if op.name in _PERMUTES:
+        given = (*op.attrs["args"], *(v for _, v in op.attrs["kwargs"]))
+        dims = [d for d in given if isinstance(d, int)] or [
+            d for a in given if isinstance(a, tuple | list) for d in a
+        ]
+        dims = [d % len(before) for d in dims]
+        if op.name == "permute":
+            return dims.index(axis)
+        first, second = dims
+        return second if axis == first else first if axis == second else axis
+    # a reshape keeps each index of an axis whose leading (or trailing) sizes it keeps
+    if before[: axis + 1] == after[: axis + 1]:
+        return axis
+    tail = len(before) - axis
+    if len(after) >= tail and before[axis:] == after[len(after) - tail :]:
+        return len(after) - tail
+    raise _Reject(
+        f"{op.name}() {tuple(before)} -> {tuple(after)} merges or splits the channel axis"
+    )
+
+
 def _check_linear_rank(value: Value, notes: list[str], side: str) -> None:
     """A linear layer folds a BN only on ``(N, C)`` tensors (its last axis is the channel);
     ``side`` is ``"output"`` (producer) or ``"input"`` (consumer)."""
@@ -227,32 +314,39 @@ _BRANCH = "a data-dependent Python branch (a tensor's truth value, .item(), .tol
 def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     producers: list[Node] = []
     notes: list[str] = []
+    routes: set[tuple[Any, ...]] = set()
     for site in sites:
         data: Value | None = site.data
         if data is None:
             raise _Reject("its input is not a tensor")
+        data, user, chain = _layout_chain(data, site)
         prod = data.producer
         if prod is None:
             raise _Reject(f"its input is a {data.origin}")
+        if prod.kind == "op" and prod.name in _RESHAPES | _PERMUTES and "args" not in prod.attrs:
+            raise _Reject(
+                f"its input comes through {prod.name}(), which the symbolic walk cannot follow "
+                "the channel axis through (pass example inputs)"
+            )
         if prod.kind not in _LINEAR_KINDS:
             raise _Reject(f"its input comes from {_describe(prod)}, not from a conv or linear")
-        others = [c for c in data.consumers if c is not site]
-        if others:
-            raise _Reject(f"the output of {prod.name}() is also used by {_describe(others[0])}")
-        if data.is_output:
-            raise _Reject(f"the output of {prod.name}() is also a model output")
-        if site.decisions > data.decisions:
-            raise _Reject(f"the output of {prod.name}() crosses {_BRANCH} before it")
-        if prod.kind == "linear":
+        _only_for(data, user, site, f"the output of {prod.name}()")
+        if chain:
+            routes.add(_channel_route(prod, data, chain))
+        elif prod.kind == "linear":
             _check_linear_rank(data, notes, "output")
         producers.append(prod)
+    if len(routes) > 1:
+        raise _Reject("its call sites reach it through different layout ops")
     module_name, kind, adds_bias = _absorber(graph, owners, bn, producers, "producer")
     keeps = ""
     if has_activation(bn):
         keeps = f"act={type(bn.act).__name__}, drop={type(getattr(bn, 'drop', None)).__name__}"
+    through = next(iter(routes), ())
     return FoldEdit(
-        "", module_name, "producer", kind, len(sites), adds_bias, keeps, tuple(dict.fromkeys(notes))
-    )
+        "", module_name, "producer", kind, len(sites), adds_bias, keeps,
+        tuple(dict.fromkeys(notes)), through,
+    )  # fmt: skip
 
 
 def _through_copy_padding(value: Value) -> tuple[Node, Value]:

@@ -94,6 +94,19 @@ _METADATA = frozenset(
         "is_nonzero_size",
     }
 )  # fmt: skip
+#: Calls that read only the shape, dtype or device of the tensor at these argument positions
+#: (``y.reshape_as(x)`` reads ``x``'s shape, ``torch.zeros_like(x)`` its shape and dtype):
+#: such a tensor is not consumed, so a layer whose output is also read this way still folds.
+_SHAPE_ONLY = {
+    **dict.fromkeys(("reshape_as", "view_as", "expand_as", "type_as"), (1,)),
+    **dict.fromkeys(
+        (
+            "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like",
+            "new_zeros", "new_ones", "new_empty", "new_full",
+        ),
+        (0,),
+    ),
+}  # fmt: skip
 #: Tensor attributes that are metadata (``z.shape``): fx records them as ``getattr`` nodes.
 _METADATA_ATTRS = frozenset({"shape", "dtype", "device", "ndim", "layout", "is_cuda"})
 
@@ -108,6 +121,8 @@ class Value:
     consumers: list[Node] = field(default_factory=list)
     is_output: bool = False
     ndim: int | None = None
+    #: the tensor's shape (runtime walk only)
+    shape: tuple[int, ...] | None = None
     #: data-dependent decisions (:data:`DECISIONS`) the forward pass had made when it was made
     decisions: int = 0
 
@@ -217,6 +232,33 @@ def _func_name(func: Any) -> str:
     return name
 
 
+#: Ops that rearrange a tensor without computing: their arguments are recorded (``attrs``).
+_LAYOUT_OPS = frozenset(
+    {
+        "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous",
+        "clone", "transpose", "swapaxes", "swapdims", "permute",
+    }
+)  # fmt: skip
+
+
+def _plain(value: Any) -> bool:
+    """Ints, None and tuples or lists of them, nested: arguments that can be replayed."""
+    if isinstance(value, tuple | list):
+        return all(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(_plain(v) for v in value.values())
+    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _shape_only(name: str, args: tuple, tensors: list[torch.Tensor]) -> set[int]:
+    """Ids of the tensors a call reads only the shape, dtype or device of (:data:`_SHAPE_ONLY`)
+    and does not also take as data in another argument."""
+    positions = _SHAPE_ONLY.get(name, ())
+    meta = [id(args[i]) for i in positions if i < len(args) and isinstance(args[i], torch.Tensor)]
+    seen = [id(t) for t in tensors]
+    return {m for m in meta if seen.count(m) == meta.count(m)}  # x.reshape_as(x) reads x
+
+
 def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
     bound = dict(_DEFAULTS)
     bound.update(zip(names, args, strict=False))
@@ -242,7 +284,10 @@ class _Recorder(TorchFunctionMode):
 
     # values ---------------------------------------------------------------------------
     def _new_value(self, t: torch.Tensor, producer: Node | None, origin: str) -> Value:
-        v = Value(len(self.values), producer, origin, ndim=t.dim(), decisions=self.decisions)
+        v = Value(
+            len(self.values), producer, origin, ndim=t.dim(), shape=tuple(t.shape),
+            decisions=self.decisions,
+        )  # fmt: skip
         self.values.append(v)
         self.bound[t] = (v, _version(t))
         return v
@@ -273,7 +318,8 @@ class _Recorder(TorchFunctionMode):
             leaves, _ = tree_flatten((args, kwargs))
             tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
             before = [_version(t) for t in tensors]
-            ins = [self.value_of(t) for t in tensors if id(t) not in self.state]
+            skip = self.state | _shape_only(_func_name(func), args, tensors)
+            ins = [self.value_of(t) for t in tensors if id(t) not in skip]
         finally:
             self.quiet -= 1
         out = func(*args, **kwargs)
@@ -305,6 +351,10 @@ class _Recorder(TorchFunctionMode):
         if name == "pad":  # F.pad: the mode says whether padded values copy real ones
             mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
             node.attrs = {"mode": mode}
+        elif name in _LAYOUT_OPS and _plain((args[1:], kwargs)):
+            # how to replay it: fold follows the channel axis through it, and its layer check
+            # repeats it on the recomputed layer's output
+            node.attrs = {"args": tuple(args[1:]), "kwargs": tuple(kwargs.items())}
         for v in ins:
             v.consumers.append(node)
         for t in tensors:

@@ -385,3 +385,118 @@ def test_unit_check_keeps_one_activation_alive_not_all():
     changes = unit_changes(model, plan, (x,))
     assert max(changes.values()) < 1e-5
     assert peak and peak[0] <= 4, peak
+
+
+# ------------------------------------------------------------------ through layout ops
+
+
+class LinearNorm(nn.Module):
+    """LeViT's block: a BatchNorm1d over the tokens of a linear layer's (B, N, C) output."""
+
+    def __init__(self, c_in=6, c_out=8, flat=lambda y: y.flatten(0, 1)):
+        super().__init__()
+        self.linear = nn.Linear(c_in, c_out, bias=False)
+        self.bn = nn.BatchNorm1d(c_out)
+        self.flat = flat
+
+    def forward(self, x):
+        y = self.linear(x)
+        return self.bn(self.flat(y)).reshape_as(y)  # reshape_as reads y's shape only
+
+
+class TokenNorm(nn.Module):
+    """BatchNorm1d on (B, C, L) tokens: the linear's channel axis moved to 1 and back."""
+
+    def __init__(self, swap=lambda y: y.transpose(1, 2)):
+        super().__init__()
+        self.linear, self.bn, self.swap = nn.Linear(6, 8), nn.BatchNorm1d(8), swap
+
+    def forward(self, x):
+        return self.bn(self.swap(self.linear(x))).transpose(1, 2)
+
+
+class ConvFlatNorm(nn.Module):
+    """A conv's (N, C, H, W) output flattened to (N, C, HW) for a BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3), nn.BatchNorm1d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x).flatten(2))
+
+
+TOKENS = torch.randn(2, 5, 6, dtype=torch.float64)
+FOLDS_THROUGH = {
+    "flatten": (lambda: LinearNorm(), TOKENS, "flatten()"),
+    "view": (lambda: LinearNorm(flat=lambda y: y.view(-1, 8)), TOKENS, "view()"),
+    "reshape": (lambda: LinearNorm(flat=lambda y: y.reshape(10, 8)), TOKENS, "reshape()"),
+    "transpose": (lambda: TokenNorm(), TOKENS, "transpose()"),
+    "permute": (lambda: TokenNorm(swap=lambda y: y.permute(0, 2, 1)), TOKENS, "permute()"),
+    "conv-flatten": (ConvFlatNorm, torch.randn(2, 3, 6, 6, dtype=torch.float64), "flatten()"),
+}
+
+
+@pytest.mark.parametrize("case", list(FOLDS_THROUGH))
+def test_bn_folds_through_layout_ops_that_keep_the_channel_axis(case):
+    make, x, op = FOLDS_THROUGH[case]
+    _, report = fold_and_check(make().double(), x, tol=1e-12)  # exact in float64
+    assert [e.bn for e in report.folded] == ["bn"] and op in str(report.folded[0])
+    assert report.max_rel_error < 1e-12
+
+
+REFUSED_THROUGH = {
+    # (B, N, C) -> (B, N*C): each BN channel mixes tokens and channels
+    "merged": (
+        lambda: LinearNorm(c_out=4, flat=lambda y: y.reshape(y.shape[0], -1)),
+        "merges or splits the channel axis",
+    ),
+    # the linear's channel axis ends at axis 2, the BN normalises axis 1 (same size)
+    "wrong axis": (
+        lambda: TokenNorm(swap=lambda y: y.reshape(y.shape)),
+        "arrives at axis 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_THROUGH))
+def test_layout_ops_that_move_the_channel_axis_elsewhere_are_refused(case):
+    make, why = REFUSED_THROUGH[case]
+    model = make().double()
+    if case == "merged":
+        model.bn = nn.BatchNorm1d(20).double()
+        x = TOKENS
+    else:
+        model.linear = nn.Linear(6, 5).double()
+        model.bn = nn.BatchNorm1d(5).double()
+        x = TOKENS
+    _, report = fold_and_check(model, x, tol=1e-12)
+    assert not report.folded and why in reasons(report)["bn"], reasons(report)
+
+
+class SharedFlatten(LinearNorm):
+    def forward(self, x):
+        y = self.linear(x)
+        flat = y.flatten(0, 1)
+        return self.bn(flat).reshape_as(y) + flat.sum()  # the flattened tensor is used twice
+
+
+def test_a_layout_op_whose_output_is_used_elsewhere_is_refused():
+    _, report = fold_and_check(SharedFlatten().double(), TOKENS, tol=1e-12)
+    assert "the output of flatten() is also used by sum()" in reasons(report)["bn"]
+
+
+def test_the_symbolic_walk_cannot_follow_the_channel_axis():
+    model = prepared(LinearNorm())
+    report = bnsurgery.last_report(bnsurgery.fold(model))
+    assert "pass example inputs" in reasons(report)["bn"]
+
+
+def test_the_layer_check_replays_the_layout_ops():
+    from bnsurgery.foldcheck import unit_changes
+
+    for make, x, _ in FOLDS_THROUGH.values():
+        model = prepared(make().double())
+        plan = bnsurgery.plan_fold(model, x)
+        changes = unit_changes(model, plan, (x,))
+        assert list(changes) == ["bn"] and changes["bn"] < 1e-12, (make, changes)
