@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -205,11 +205,7 @@ def swap(
         if example_inputs is None:
             first, calibrate = _peek(calibrate)
             feed = forward or default_forward
-            probe = (
-                None
-                if first is None
-                else lambda m: run_batch(feed, m, to_device(first, device_of(m)))
-            )
+            probe = None if first is None else functools.partial(_batch_pass, feed, first)
         else:
             probe = functools.partial(_example_pass, args=as_args(example_inputs))
         if probe is not None:
@@ -261,6 +257,28 @@ def _peek(data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
     it = iter(data)
     first = next(it, None)
     return first, (it if first is None else itertools.chain([first], it))
+
+
+def _one_sample(batch: Any) -> Any:
+    """The first sample of a batch: every tensor's first row (tensors in tuples, lists, dicts)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:1] if batch.dim() else batch
+    if isinstance(batch, Mapping):
+        return {k: _one_sample(v) for k, v in batch.items()}
+    if isinstance(batch, tuple | list):
+        return type(batch)(_one_sample(v) for v in batch)
+    return batch
+
+
+def _batch_pass(feed: Callable[[nn.Module, Any], Any], batch: Any, model: nn.Module) -> None:
+    """Run the model on the first sample of a calibration batch (the shapes each BN sees are
+    all the probe needs: a whole batch would cost a quarter or more of a calibrated swap), or
+    on the whole batch where one sample does not run."""
+    device = device_of(model)
+    try:
+        run_batch(feed, model, to_device(_one_sample(batch), device))
+    except Exception:  # a batch whose tensors are not all batch-major: the whole batch
+        run_batch(feed, model, to_device(batch, device))
 
 
 def _example_pass(model: nn.Module, args: tuple[Any, ...]) -> None:

@@ -369,3 +369,29 @@ def test_cli_swap_shows_progress_on_a_terminal_unless_quiet(quiet, tmp_path, cap
     err = capsys.readouterr().err
     assert ("calibrating" in err) is not quiet, err
     assert "100%" in err or quiet, err
+
+
+class PooledHead(nn.Module):
+    """A BN after global pooling sees one value per channel: its group norm needs wide groups.
+    Records the batch size of every forward pass it makes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64)
+        self.pool, self.head_bn = nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(64)
+        self.seen: list[int] = []
+
+    def forward(self, x):
+        self.seen.append(x.shape[0])
+        return self.head_bn(self.pool(torch.relu(self.bn(self.conv(x)))))
+
+
+@pytest.mark.parametrize("batch", ["tensor", "dict with a table"])
+def test_the_flat_bn_probe_runs_one_sample_of_the_first_calibration_batch(batch):
+    model = prepared(PooledHead())
+    x = torch.randn(8, 3, 8, 8)
+    data = [x, x] if batch == "tensor" else [{"x": x, "table": torch.arange(5)}] * 2
+    forward = None if batch == "tensor" else (lambda m, b: m(b["x"]))
+    bnsurgery.swap(model, "groupnorm", calibrate=data, forward=forward)
+    assert model.seen == [1, 8, 8]  # the probe, then the calibration pass
+    assert model.head_bn.num_groups == 4 and model.bn.num_groups == 32  # >= 16 channels a group
