@@ -169,8 +169,8 @@ def swap(
             stands. ``"sequential"``: exact, norm by norm in forward order, each fitted on
             all the data through the final fits before it; it runs the data once per norm,
             so its cost grows with the square of the depth. On resnet50 (CPU) the online
-            calibrated swap to group norm takes 1.1 times a plain forward pass over the same
-            data and the sequential one 31 times; online fit errors exceed the exact ones by
+            calibrated swap to group norm takes 1.3 times a plain forward pass over the same
+            data and the sequential one 40 times; online fit errors exceed the exact ones by
             at most 0.003 per norm on the models measured (``benchmarks/results/swap.md``;
             fitting all norms at once from one pass, even refined over 3 more, was far
             worse). With the data as one batch, online is exact.
