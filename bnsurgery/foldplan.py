@@ -113,26 +113,6 @@ def _param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.to(dtype=like.dtype, device=like.device), like.requires_grad)
 
 
-def _folded_weights(
-    model: nn.Module, edit: FoldEdit, weight: torch.Tensor, bias: torch.Tensor | None
-) -> tuple[nn.Parameter, nn.Parameter]:
-    """``edit``'s layer weight and bias with its BN folded in (float64 maths, cast back)."""
-    stats = bn_stats(model.get_submodule(edit.bn))
-    assert stats is not None  # planned edits only have BNs with statistics
-    scale, shift = stats.scale_shift()
-    layer = model.get_submodule(edit.into)
-    maths = foldmath.fold_producer if edit.placement == "producer" else foldmath.fold_consumer
-    new_w, new_b = maths(
-        edit.layer,
-        weight.detach().double().cpu(),
-        None if bias is None else bias.detach().double().cpu(),
-        scale,
-        shift,
-        int(getattr(layer, "groups", 1)),
-    )
-    return _param(new_w, weight), _param(new_b, weight if bias is None else bias)
-
-
 class _Owners:
     """Which module attributes hold each parameter (a tied parameter has several)."""
 
