@@ -231,7 +231,7 @@ class Job:
                 (``bnsurgery.report.drift_plot``); needed when the job has a plot.
 
         Raises:
-            NothingToDoError: ``done`` is false; nothing was written (exit code 9).
+            NothingToDoError: the report changed no BN layer; nothing was written (exit code 9).
         """
         if not self.writer:
             return
