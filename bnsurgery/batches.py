@@ -18,7 +18,7 @@ from torch import nn
 from .errors import BnSurgeryError, DataError, UsageError
 from .tree import unwrapped
 
-__all__ = ["DataCheck", "default_forward", "run_batch", "tensors_of", "to_device"]
+__all__ = ["DataCheck", "default_forward", "map_tensors", "run_batch", "tensors_of", "to_device"]
 
 
 def default_forward(model: nn.Module, batch: Any) -> Any:
@@ -33,17 +33,28 @@ def default_forward(model: nn.Module, batch: Any) -> Any:
     raise UsageError(f"cannot feed a batch of type {type(batch).__name__}; pass forward=")
 
 
-def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``batch`` with ``fn`` applied to every tensor in it (tensors in tuples, lists and dicts,
+    nested; everything else as it is)."""
     if isinstance(batch, torch.Tensor):
-        batch = batch.to(device, non_blocking=True)
-        if channels_last and batch.dim() == 4 and batch.is_floating_point():
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        return batch
+        return fn(batch)
     if isinstance(batch, Mapping):
-        return {k: to_device(v, device, channels_last) for k, v in batch.items()}
+        return {k: map_tensors(v, fn) for k, v in batch.items()}
     if isinstance(batch, tuple | list):
-        return type(batch)(to_device(v, device, channels_last) for v in batch)
+        return type(batch)(map_tensors(v, fn) for v in batch)
     return batch
+
+
+def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """``batch`` on ``device``; 4-D floating tensors in channels-last format if asked."""
+
+    def move(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(device, non_blocking=True)
+        if channels_last and t.dim() == 4 and t.is_floating_point():
+            t = t.contiguous(memory_format=torch.channels_last)
+        return t
+
+    return map_tensors(batch, move)
 
 
 def tensors_of(batch: Any) -> Iterator[torch.Tensor]:

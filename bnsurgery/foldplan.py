@@ -10,7 +10,8 @@ the model; :meth:`FoldEdit.apply` does, inside a :class:`~bnsurgery.plan.Transac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from . import foldmath
 from .errors import UsageError
-from .graph import Graph, Node, Trace, Value, trace
+from .graph import PERMUTES, RESHAPES, Graph, Node, Trace, Value, trace
 from .hooks import carry_hooks, user_hooks
 from .norms import bn_stats, has_activation, iter_batchnorms, num_features
 from .plan import Plan, Skip, Transaction, select
@@ -108,6 +109,15 @@ class FoldPlan(Plan):
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method, **super().to_dict()}
 
+    def without(self, reasons: Mapping[str, str]) -> FoldPlan:
+        """As :meth:`Plan.without`, with the recorded step's counts of folded and left BN."""
+        plan = super().without(reasons)
+        return dataclasses.replace(plan, step=_step(plan.edits, plan.skipped))
+
+
+def _step(edits: list[FoldEdit], skipped: list[Skip]) -> dict[str, Any]:
+    return {"op": "fold", "folded": len(edits), "left": len(skipped)}
+
 
 def _param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.to(dtype=like.dtype, device=like.device), like.requires_grad)
@@ -180,14 +190,6 @@ def _layer_of(
     return module_name, first.kind, adds_bias
 
 
-#: Ops that only rearrange a tensor: a per-channel map commutes with them wherever they take
-#: the channel axis (:func:`_channel_route` follows it).
-_RESHAPES = frozenset(
-    {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone"}
-)
-_PERMUTES = frozenset({"transpose", "swapaxes", "swapdims", "permute"})
-
-
 def _only_for(value: Value, user: Node, site: Node, what: str) -> None:
     """``value`` flows only to ``user`` (on its way to the BN call ``site``)."""
     others = [c for c in value.consumers if c is not user]
@@ -200,13 +202,14 @@ def _only_for(value: Value, user: Node, site: Node, what: str) -> None:
 
 
 def _layout_chain(value: Value, site: Node) -> tuple[Value, Node, list[Node]]:
-    """Walk back from the BN's input through layout ops (:data:`_RESHAPES`, :data:`_PERMUTES`)
-    that feed only the next step: the value they start from, its one user, and the ops in
-    the order they run."""
+    """Walk back from the BN's input through layout ops (:data:`~bnsurgery.graph.RESHAPES`,
+    :data:`~bnsurgery.graph.PERMUTES`: a per-channel map commutes with them wherever they take
+    the channel axis, which :func:`_channel_route` follows) that feed only the next step: the
+    value they start from, its one user, and the ops in the order they run."""
     chain: list[Node] = []
     user = site
     while (op := value.producer) is not None and op.kind == "op":
-        if op.name not in _RESHAPES | _PERMUTES or len(op.inputs) != 1 or "args" not in op.attrs:
+        if op.name not in RESHAPES | PERMUTES or len(op.inputs) != 1 or "args" not in op.attrs:
             break
         _only_for(value, user, site, f"the output of {op.name}()")
         chain.insert(0, op)
@@ -241,7 +244,7 @@ def _channel_route(prod: Node, value: Value, chain: list[Node]) -> tuple[Any, ..
 
 def _moved_axis(op: Node, axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> int:
     """Where axis ``axis`` of ``op``'s input is in its output, or :class:`_Reject`."""
-    if op.name in _PERMUTES:
+    if op.name in PERMUTES:
         given = (*op.attrs["args"], *(v for _, v in op.attrs["kwargs"]))
         dims = [d for d in given if isinstance(d, int)] or [
             d for a in given if isinstance(a, tuple | list) for d in a
@@ -303,7 +306,7 @@ def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
         prod = data.producer
         if prod is None:
             raise _Reject(f"its input is a {data.origin}")
-        if prod.kind == "op" and prod.name in _RESHAPES | _PERMUTES and "args" not in prod.attrs:
+        if prod.kind == "op" and prod.name in RESHAPES | PERMUTES and "args" not in prod.attrs:
             raise _Reject(
                 f"its input comes through {prod.name}(), which the symbolic walk cannot follow "
                 "the channel axis through (pass example inputs)"
@@ -474,5 +477,4 @@ def plan_fold(
             skipped.append(Skip(name, "; ".join(reasons)))
     order = {name: i for i, (name, _) in enumerate(iter_batchnorms(model))}
     skipped.sort(key=lambda s: order.get(s.bn, -1))
-    step = {"op": "fold", "folded": len(edits), "left": len(skipped)}
-    return FoldPlan("fold", edits, skipped, step, method=graph.method)
+    return FoldPlan("fold", edits, skipped, _step(edits, skipped), method=graph.method)

@@ -40,6 +40,8 @@ __all__ = [
     "Trace",
     "Value",
     "DECISIONS",
+    "PERMUTES",
+    "RESHAPES",
     "trace",
 ]
 
@@ -232,13 +234,14 @@ def _func_name(func: Any) -> str:
     return name
 
 
-#: Ops that rearrange a tensor without computing: their arguments are recorded (``attrs``).
-_LAYOUT_OPS = frozenset(
-    {
-        "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous",
-        "clone", "transpose", "swapaxes", "swapdims", "permute",
-    }
-)  # fmt: skip
+#: Ops that rearrange a tensor without computing, in two kinds: those that keep the order of
+#: its elements (``RESHAPES``) and those that swap axes (``PERMUTES``). Their arguments are
+#: recorded (``attrs["args"]``, ``attrs["kwargs"]``) when they can be replayed.
+RESHAPES = frozenset(
+    {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous", "clone"}
+)
+PERMUTES = frozenset({"transpose", "swapaxes", "swapdims", "permute"})
+_LAYOUT_OPS = RESHAPES | PERMUTES
 
 
 def _plain(value: Any) -> bool:
@@ -253,7 +256,9 @@ def _plain(value: Any) -> bool:
 def _shape_only(name: str, args: tuple, tensors: list[torch.Tensor]) -> set[int]:
     """Ids of the tensors a call reads only the shape, dtype or device of (:data:`_SHAPE_ONLY`)
     and does not also take as data in another argument."""
-    positions = _SHAPE_ONLY.get(name, ())
+    positions = _SHAPE_ONLY.get(name)
+    if positions is None:  # nearly every call: nothing to work out
+        return set()
     meta = [id(args[i]) for i in positions if i < len(args) and isinstance(args[i], torch.Tensor)]
     seen = [id(t) for t in tensors]
     return {m for m in meta if seen.count(m) == meta.count(m)}  # x.reshape_as(x) reads x
@@ -311,15 +316,18 @@ class _Recorder(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.quiet:
             return func(*args, **kwargs)
-        if _func_name(func) in DECISIONS and not (args and id(args[0]) in self.state):
+        name = _func_name(func)
+        if name in DECISIONS and not (args and id(args[0]) in self.state):
             self.decisions += 1  # a value read into Python (a parameter's is no data)
         self.quiet += 1
         try:
             leaves, _ = tree_flatten((args, kwargs))
             tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
             before = [_version(t) for t in tensors]
-            skip = self.state | _shape_only(_func_name(func), args, tensors)
-            ins = [self.value_of(t) for t in tensors if id(t) not in skip]
+            meta = _shape_only(name, args, tensors)
+            ins = [
+                self.value_of(t) for t in tensors if id(t) not in self.state and id(t) not in meta
+            ]
         finally:
             self.quiet -= 1
         out = func(*args, **kwargs)

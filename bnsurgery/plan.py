@@ -116,11 +116,7 @@ class Plan:
         """The plan with the edits of these BNs turned into skips with these reasons."""
         edits = [e for e in self.edits if e.bn not in reasons]
         skipped = [*self.skipped, *(Skip(bn, why) for bn, why in reasons.items())]
-        step = {**self.step}
-        for key, count in (("folded", len(edits)), ("left", len(skipped))):  # fold's counts
-            if key in step:
-                step[key] = count
-        return dataclasses.replace(self, edits=edits, skipped=skipped, step=step)
+        return dataclasses.replace(self, edits=edits, skipped=skipped)
 
 
 @dataclass

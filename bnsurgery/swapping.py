@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from .batches import default_forward, run_batch, to_device
+from .batches import default_forward, map_tensors, run_batch, to_device
 from .edits import Replace
 from .errors import TraceError, UsageError, brief
 from .hooks import call_input, user_hooks_suspended
@@ -217,7 +217,6 @@ def swap(
     if fit or (isinstance(to, str) and TARGETS[to].keeps_statistics):
         what = f"swap to {plan.step['to']}" + (" with calibration" if fit else "")
         check_finite(((e.bn, model.get_submodule(e.bn)) for e in plan.edits), what)
-    was = {e.bn: type(model.get_submodule(e.bn)).__name__ for e in plan.edits}
     bns = {e.bn: model.get_submodule(e.bn) for e in plan.edits}
     txn = begin(model, plan)  # all or nothing: a failing edit or fit puts every BN back
     report = SwapReport(
@@ -245,7 +244,8 @@ def swap(
         new = model.get_submodule(name)
         detail = f"groups={new.num_groups}" if isinstance(new, nn.GroupNorm) else ""
         before, after = errors.get(name, (None, None))
-        report.swapped.append(Swapped(name, was[name], type(new).__name__, detail, before, after))
+        was = type(bns[name]).__name__
+        report.swapped.append(Swapped(name, was, type(new).__name__, detail, before, after))
     set_report(model, report)
     return model
 
@@ -259,24 +259,14 @@ def _peek(data: Iterable[Any]) -> tuple[Any, Iterable[Any]]:
     return first, (it if first is None else itertools.chain([first], it))
 
 
-def _one_sample(batch: Any) -> Any:
-    """The first sample of a batch: every tensor's first row (tensors in tuples, lists, dicts)."""
-    if isinstance(batch, torch.Tensor):
-        return batch[:1] if batch.dim() else batch
-    if isinstance(batch, Mapping):
-        return {k: _one_sample(v) for k, v in batch.items()}
-    if isinstance(batch, tuple | list):
-        return type(batch)(_one_sample(v) for v in batch)
-    return batch
-
-
 def _batch_pass(feed: Callable[[nn.Module, Any], Any], batch: Any, model: nn.Module) -> None:
     """Run the model on the first sample of a calibration batch (the shapes each BN sees are
     all the probe needs: a whole batch would cost a quarter or more of a calibrated swap), or
     on the whole batch where one sample does not run."""
     device = device_of(model)
     try:
-        run_batch(feed, model, to_device(_one_sample(batch), device))
+        first = map_tensors(batch, lambda t: t[:1] if t.dim() else t)  # every tensor's first row
+        run_batch(feed, model, to_device(first, device))
     except Exception:  # a batch whose tensors are not all batch-major: the whole batch
         run_batch(feed, model, to_device(batch, device))
 
