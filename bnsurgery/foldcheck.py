@@ -29,7 +29,8 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
 
     A unit is one conv or linear layer with the BN folded into it from before (consumer fold)
     and the one folded into it from after (producer fold), either or both: it turns
-    ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))``. Recomputing each unit on
+    ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))``; or the layers whose
+    outputs a concatenation joins before a BN, each with its slice. Recomputing each unit on
     its recorded input keeps data-dependent parts elsewhere in the model (proposal selection,
     NMS) and the network's amplification of rounding out of the comparison.
 
@@ -40,8 +41,10 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
     """
     changes = {e.bn: math.inf for e in plan.edits}
     units: dict[str, list[FoldEdit]] = {}
+    joined = [e for e in plan.edits if e.parts]
     for e in plan.edits:  # plan order: the order _apply folds them in, so the same rounding
-        units.setdefault(e.into, []).append(e)
+        if not e.parts:
+            units.setdefault(e.into, []).append(e)
     handles = []
     busy: list[bool] = []  # non-empty while a hook recomputes a layer
     results: list[tuple[list[FoldEdit], list[torch.Tensor], dict[str, Any]]] = []
@@ -90,10 +93,61 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
         handles.append(exit_.register_forward_hook(leave))
         results.append((edits, pending, state))
 
+    def watch_joined(edit: FoldEdit) -> None:
+        """A BN after a concatenation: its layers recomputed with their slices folded in,
+        joined, against the BN's output."""
+        layers = [model.get_submodule(p.into) for p in edit.parts]
+        seen: list[list[torch.Tensor]] = [[] for _ in layers]
+        state = {"worst": 0.0, "calls": 0, "broken": False}
+        after = remainder_of(model.get_submodule(edit.bn))
+
+        def enter(i: int):
+            def hook(module: nn.Module, inputs: tuple) -> None:
+                if not busy and inputs and isinstance(inputs[0], torch.Tensor):
+                    seen[i].append(inputs[0].detach().clone())
+                elif not busy:
+                    state["broken"] = True
+
+            return hook
+
+        def leave(module: nn.Module, inputs: tuple, expected: Any) -> None:
+            if busy:
+                return
+            if not all(seen) or not isinstance(expected, torch.Tensor):
+                state["broken"] = True
+                return
+            busy.append(True)
+            try:
+                pieces = []
+                for part, layer, xs in zip(edit.parts, layers, seen, strict=True):
+                    weight, bias = edit.weights(model, layer.weight, layer.bias, part)
+                    pieces.append(
+                        torch.func.functional_call(
+                            layer, {"weight": weight, "bias": bias}, xs.pop(0)
+                        )
+                    )
+                got = after(torch.cat(pieces, 1))
+            finally:
+                busy.pop()
+            state["worst"] = max(state["worst"], max_relative_error(expected, got))
+            state["calls"] += 1
+
+        for i, layer in enumerate(layers):
+            handles.append(layer.register_forward_pre_hook(enter(i)))
+        handles.append(model.get_submodule(edit.bn).register_forward_hook(leave))
+        results.append(([edit], seen[0] if seen else [], state))
+
     with user_hooks_suspended(model):  # first: the hooks watch() registers are ours
         for name, edits in units.items():
             if isinstance(model.get_submodule(name), _ConvNd | nn.Linear):
                 watch(name, edits)
+        shared = set(units)
+        for edit in joined:
+            layers = [model.get_submodule(p.into) for p in edit.parts]
+            if shared.isdisjoint(p.into for p in edit.parts) and all(
+                isinstance(m, _ConvNd | nn.Linear) for m in layers
+            ):
+                watch_joined(edit)
         try:
             with eval_mode(model), torch.no_grad():
                 model(*args)

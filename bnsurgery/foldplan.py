@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,21 +21,34 @@ from torch.nn.modules.conv import _ConvNd
 
 from . import foldmath
 from .errors import UsageError
-from .graph import PERMUTES, RESHAPES, Graph, Node, Trace, Value, trace
+from .graph import CONCATS, PERMUTES, RESHAPES, Graph, Node, Trace, Value, trace
 from .hooks import carry_hooks, user_hooks
 from .norms import bn_stats, has_activation, iter_batchnorms, num_features
 from .plan import Plan, Skip, Transaction, select
 from .targets import remainder_of
 from .tree import on_unwrapped
 
-__all__ = ["FoldEdit", "FoldPlan", "plan_fold"]
+__all__ = ["FoldEdit", "FoldPart", "FoldPlan", "plan_fold"]
 
 _LINEAR_KINDS = ("conv", "conv_transpose", "linear")
 
 
 @dataclass(frozen=True)
+class FoldPart:
+    """The layer that absorbs channels ``start:stop`` of a BN whose input is a concatenation
+    of several layers' outputs."""
+
+    into: str
+    layer: str  # "conv", "conv_transpose" or "linear"
+    start: int
+    stop: int
+    adds_bias: bool = False
+
+
+@dataclass(frozen=True)
 class FoldEdit:
-    """One BN folded into one layer."""
+    """One BN folded into one layer, or (``parts``) into the layers whose outputs a
+    concatenation joins, each its own slice of the BN's channels."""
 
     bn: str
     into: str
@@ -49,8 +62,19 @@ class FoldEdit:
     #: keyword items), e.g. (("flatten", (0, 1), ()),): they move the channel axis to where
     #: the BN reads it
     through: tuple[tuple[str, tuple[Any, ...], tuple[tuple[str, Any], ...]], ...] = ()
+    #: for a BN after a concatenation: the layer each slice of its channels folds into
+    #: (``into`` then names them all)
+    parts: tuple[FoldPart, ...] = ()
 
     def __str__(self) -> str:
+        if self.parts:
+            slices = ", ".join(f"[{p.start}:{p.stop}] {p.into}" for p in self.parts)
+            text = f"-> per slice after cat() into {slices} ({self.placement}, {self.layer}"
+            text += (
+                f", bias added to {sum(p.adds_bias for p in self.parts)}" if self.adds_bias else ""
+            )
+            text += f", kept {self.keeps}" if self.keeps else ""
+            return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
         text = f"-> into {self.into} ({self.placement}, {self.layer}"
         text += f", through {', '.join(s[0] + '()' for s in self.through)}" if self.through else ""
         text += ", bias added" if self.adds_bias else ""
@@ -58,19 +82,33 @@ class FoldEdit:
         text += f", {self.sites} call sites" if self.sites > 1 else ""
         return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
 
+    def targets(self) -> tuple[FoldPart, ...]:
+        """Every layer this BN folds into, with its slice of the BN's channels."""
+        if self.parts:
+            return self.parts
+        return (FoldPart(self.into, self.layer, 0, -1, self.adds_bias),)
+
     def weights(
-        self, model: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None
+        self,
+        model: nn.Module,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        part: FoldPart | None = None,
     ) -> tuple[nn.Parameter, nn.Parameter]:
-        """The layer's ``weight`` and ``bias`` with this BN folded in (float64 maths, cast
-        back to each tensor's dtype and device)."""
+        """The layer's ``weight`` and ``bias`` with this BN (its ``part`` slice, for a BN
+        after a concatenation) folded in (float64 maths, cast back to each tensor's dtype and
+        device)."""
         stats = bn_stats(model.get_submodule(self.bn))
         if stats is None:  # plans only hold BNs with statistics
             raise ValueError(f"{self.bn} has no running statistics to fold")
         scale, shift = stats.scale_shift()
-        layer = model.get_submodule(self.into)
+        part = part or self.targets()[0]
+        if part.stop >= 0:
+            scale, shift = scale[part.start : part.stop], shift[part.start : part.stop]
+        layer = model.get_submodule(part.into)
         maths = foldmath.fold_producer if self.placement == "producer" else foldmath.fold_consumer
         new_w, new_b = maths(
-            self.layer,
+            part.layer,
             weight.detach().double().cpu(),
             None if bias is None else bias.detach().double().cpu(),
             scale,
@@ -83,19 +121,20 @@ class FoldEdit:
         """Fold: new weights into every attribute that holds the layer's (tied ones too), a
         zero bias first where the layer has none, and the BN's remainder in its place."""
         bn = model.get_submodule(self.bn)
-        layer = model.get_submodule(self.into)
-        weight: torch.Tensor = layer.weight
-        bias: torch.Tensor | None = layer.bias
-        new_w, new_b = self.weights(model, weight, bias)
         owners = _Owners(model)
-        for module_name, attr in owners.of(weight):
-            txn.set(model.get_submodule(module_name), attr, new_w)
-        if bias is None:
-            txn.set(layer, "bias", new_b)
-            txn.add_record({"add_bias": self.into, "channels": int(new_b.numel())})
-        else:
-            for module_name, attr in owners.of(bias):
-                txn.set(model.get_submodule(module_name), attr, new_b)
+        for part in self.targets():
+            layer = model.get_submodule(part.into)
+            weight: torch.Tensor = layer.weight
+            bias: torch.Tensor | None = layer.bias
+            new_w, new_b = self.weights(model, weight, bias, part)
+            for module_name, attr in owners.of(weight):
+                txn.set(model.get_submodule(module_name), attr, new_w)
+            if bias is None:
+                txn.set(layer, "bias", new_b)
+                txn.add_record({"add_bias": part.into, "channels": int(new_b.numel())})
+            else:
+                for module_name, attr in owners.of(bias):
+                    txn.set(model.get_submodule(module_name), attr, new_b)
         txn.replace(bn, carry_hooks(bn, remainder_of(bn)), {"with": "identity"})
 
 
@@ -294,6 +333,58 @@ def _absorber(
 _BRANCH = "a data-dependent Python branch (a tensor's truth value, .item(), .tolist())"
 
 
+def _kept(bn: nn.Module) -> str:
+    """What a producer fold leaves of a timm norm-act layer: its activation and drop."""
+    if not has_activation(bn):
+        return ""
+    return f"act={type(bn.act).__name__}, drop={type(getattr(bn, 'drop', None)).__name__}"
+
+
+def _concatenated(
+    graph: Graph, owners: _Owners, bn: nn.Module, site: Node, cat: Node, user: Node
+) -> FoldEdit:
+    """A BN after ``cat`` along its channel axis: each slice of its channels folds into the
+    conv or linear that alone produces that piece (MixNet's split -> convs -> cat -> BN)."""
+    data = cat.outputs[0]
+    _only_for(data, user, site, "the output of cat()")
+    dim = cat.attrs.get("dim")
+    if dim is None:
+        raise _Reject("its input comes from cat() along an axis that is not a plain int")
+    if dim < 0 and data.ndim is not None:
+        dim += data.ndim
+    if dim != 1:
+        raise _Reject(f"its input comes from cat() along axis {dim}; the BN normalises axis 1")
+    parts: list[FoldPart] = []
+    notes: list[str] = []
+    for i, piece in enumerate(cat.inputs):
+        prod = piece.producer
+        if prod is None or prod.kind not in _LINEAR_KINDS:
+            source = f"a {piece.origin}" if prod is None else _describe(prod)
+            raise _Reject(f"piece {i} of its cat() comes from {source}, not from a conv or linear")
+        if cat.inputs.count(piece) > 1:
+            raise _Reject(f"cat() joins the output of {prod.name}() more than once")
+        _only_for(piece, cat, site, f"the output of {prod.name}()")
+        module_name, kind, adds_bias = _layer_of(graph, owners, [prod], {id(prod)}, "producer")
+        if any(p.into == module_name for p in parts):
+            raise _Reject(f"`{module_name}` produces more than one piece of its cat()")
+        if kind == "linear":
+            _check_linear_rank(piece, notes, "output")
+        start = parts[-1].stop if parts else 0
+        width = foldmath.out_channels(kind, prod.weight, int(prod.attrs.get("groups", 1)))
+        if piece.shape is not None and piece.shape[1] != width:
+            raise _Reject(f"piece {i} of its cat() is not the output channels of {prod.name}()")
+        parts.append(FoldPart(module_name, kind, start, start + width, adds_bias))
+    joined = parts[-1].stop if parts else 0
+    if joined != num_features(bn):
+        raise _Reject(
+            f"its cat() joins {joined} layer output channels, the BN has {num_features(bn)}"
+        )
+    return FoldEdit(
+        "", " + ".join(p.into for p in parts), "producer", parts[0].layer, 1,
+        any(p.adds_bias for p in parts), _kept(bn), tuple(dict.fromkeys(notes)), (), tuple(parts),
+    )  # fmt: skip
+
+
 def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     producers: list[Node] = []
     notes: list[str] = []
@@ -306,6 +397,11 @@ def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
         prod = data.producer
         if prod is None:
             raise _Reject(f"its input is a {data.origin}")
+        if prod.kind == "op" and prod.name in CONCATS:
+            if len(sites) > 1 or chain:
+                where = "at several call sites" if chain == [] else "through layout ops"
+                raise _Reject(f"its input comes from cat() {where}; only one direct site folds")
+            return _concatenated(graph, owners, bn, site, prod, user)
         if prod.kind == "op" and prod.name in RESHAPES | PERMUTES and "args" not in prod.attrs:
             raise _Reject(
                 f"its input comes through {prod.name}(), which the symbolic walk cannot follow "
@@ -322,12 +418,9 @@ def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
     if len(routes) > 1:
         raise _Reject("its call sites reach it through different layout ops")
     module_name, kind, adds_bias = _absorber(graph, owners, bn, producers, "producer")
-    keeps = ""
-    if has_activation(bn):
-        keeps = f"act={type(bn.act).__name__}, drop={type(getattr(bn, 'drop', None)).__name__}"
     through = next(iter(routes), ())
     return FoldEdit(
-        "", module_name, "producer", kind, len(sites), adds_bias, keeps,
+        "", module_name, "producer", kind, len(sites), adds_bias, _kept(bn),
         tuple(dict.fromkeys(notes)), through,
     )  # fmt: skip
 
@@ -466,12 +559,15 @@ def plan_fold(
             except _Reject as why:
                 reasons.append(f"{placement}: {why}")
                 continue
-            ends = (edit.into, name) if placement == "producer" else (name, edit.into)
-            hooked = _hook_between(model, *ends)
+            ends = [
+                (p.into, name) if placement == "producer" else (name, p.into)
+                for p in edit.targets()
+            ]
+            hooked = next(filter(None, (_hook_between(model, *e) for e in ends)), None)
             if hooked:
                 reasons.append(f"{placement}: {hooked}, which folding would remove")
                 continue
-            edits.append(FoldEdit(name, *list(asdict(edit).values())[1:]))
+            edits.append(dataclasses.replace(edit, bn=name))
             break
         else:
             skipped.append(Skip(name, "; ".join(reasons)))

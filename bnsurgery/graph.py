@@ -39,6 +39,7 @@ __all__ = [
     "Node",
     "Trace",
     "Value",
+    "CONCATS",
     "DECISIONS",
     "PERMUTES",
     "RESHAPES",
@@ -242,6 +243,15 @@ RESHAPES = frozenset(
 )
 PERMUTES = frozenset({"transpose", "swapaxes", "swapdims", "permute"})
 _LAYOUT_OPS = RESHAPES | PERMUTES
+#: Ops that join tensors along an axis, recorded with it (``attrs["dim"]``): a BN after one
+#: folds slice by slice into the layers that produce the pieces.
+CONCATS = frozenset({"cat", "concat", "concatenate"})
+
+
+def _concat_dim(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``{"dim": d}`` for ``torch.cat(tensors, d)`` when ``d`` is a plain int, else ``{}``."""
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+    return {"dim": dim} if isinstance(dim, int) and not isinstance(dim, bool) else {}
 
 
 def _plain(value: Any) -> bool:
@@ -359,6 +369,8 @@ class _Recorder(TorchFunctionMode):
         if name == "pad":  # F.pad: the mode says whether padded values copy real ones
             mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
             node.attrs = {"mode": mode}
+        elif name in CONCATS:
+            node.attrs = _concat_dim(args, kwargs)
         elif name in _LAYOUT_OPS and _plain((args[1:], kwargs)):
             # how to replay it: fold follows the channel axis through it, and its layer check
             # repeats it on the recomputed layer's output
@@ -572,6 +584,8 @@ def _symbolic(model: nn.Module) -> Graph:
             node.attrs = {k: bound[k] for k in names[3:] if not isinstance(bound[k], fx.Node)}
             if len(node.attrs) < len(names) - 3:
                 node.kind = "op"  # a stride or padding computed at run time
+        elif fnode.op == "call_function" and node.name in CONCATS:
+            node.attrs = _concat_dim(fnode.args, fnode.kwargs)
         for t in used_state:
             state_uses[id(t)].append(node)
         node.inputs = [value_of[a] for a in _fx_inputs(fnode) if a in value_of]

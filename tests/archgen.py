@@ -16,7 +16,8 @@ Node kinds: ``conv`` (Conv1d/2d/3d, or ``F.conv*`` on a parameter when ``functio
 ``call`` (a module of an earlier node called again: a reused conv, a shared BN), ``act``
 (``inplace`` ones modify their input, which no later node then reads), ``add``, ``cat``,
 ``reshape`` (a round trip through another shape, or a channel shuffle), ``flatten`` (to
-features, by pooling or flattening), ``pool`` and ``scale``.
+features, by pooling or flattening), ``pool`` and ``scale``; a ``mixed`` draw adds MixNet's
+block from these kinds (a 1x1 and a 3x3 conv of one input, their ``cat`` and a BN).
 
 :func:`architectures` is the hypothesis strategy; :func:`build` the model factory;
 :func:`inputs` the example batch.
@@ -136,7 +137,7 @@ def architectures(
         kinds = ["conv" if dims else "linear", "bn", "conv", "bn", "act", "add", "cat", "call"]
         kinds += ["scale", "bn", "linear"] + (["flatten"] if dims else ["linear"])
         if dims:
-            kinds += ["convT", "reshape", "pool"]
+            kinds += ["convT", "reshape", "pool", "mixed"]
         if layer_bn_pairs:
             kinds = [k for k in kinds if k not in ("bn", "call")]
         kind = draw(st.sampled_from(kinds))
@@ -256,6 +257,26 @@ def architectures(
                 continue
             node = {"op": "pool", "src": src, "how": draw(st.sampled_from(("avg", "max")))}
             new_shape = (shapes[src][0], shapes[src][1] // 2)  # type: ignore[operator]
+        elif kind == "mixed":  # MixNet: convs of different kernels on one input, cat, one BN
+            src = pick(spatial)
+            if src is None:
+                continue
+            c_in, s = shapes[src]
+            stride = draw(st.integers(1, 2))
+            outs = []
+            for k in (1, 3):
+                conv = {"op": "conv", "functional": False, "mode": "zeros", "src": src}
+                conv.update(out=draw(st.integers(1, 4)), k=k, stride=stride, pad=k // 2, dil=1)
+                conv.update(groups=1, bias=draw(st.booleans()), gain=draw(st.integers(-3, 1)))
+                conv["in"] = c_in
+                add(conv, (conv["out"], conv_out(s, k, stride, k // 2, 1)))
+                readable[len(nodes)] = False  # read by the cat only
+                outs.append(len(nodes))
+            node = {"op": "cat", "a": outs[0], "b": outs[1]}
+            add(node, (nodes[-1]["out"] + nodes[-2]["out"], shapes[-1][1]))
+            node = bn_node(len(nodes))
+            new_shape = shapes[-1]
+            readable[len(nodes)] = False  # goes to the BN only
         elif kind == "scale":
             src = pick()
             if src is None:

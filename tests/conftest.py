@@ -60,6 +60,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if pairs is not None:
         pairs_folded = counts.get("generated: fold (layer-BN pairs, a BN folded)", 0)
         write(f"  plus layer-BN pair graphs: {pairs}, of which a BN folded: {pairs_folded}")
+    joined = counts.get("generated: fold (a BN folded per slice after cat)")
+    if joined is not None:
+        write(f"  graphs where a BN after cat() folded slice by slice: {joined}")
     meaningless = counts.get("generated: fold (dtype cannot represent the model)")
     if meaningless:
         write(f"  of which checked in float64 only (own dtype noise >= 0.5): {meaningless}")

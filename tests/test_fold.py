@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import timm.layers
@@ -500,3 +501,121 @@ def test_the_layer_check_replays_the_layout_ops():
         plan = bnsurgery.plan_fold(model, x)
         changes = unit_changes(model, plan, (x,))
         assert list(changes) == ["bn"] and changes["bn"] < 1e-12, (make, changes)
+
+
+# ------------------------------------------------------------------ through concatenation
+
+
+class MixedConv(nn.Module):
+    """MixNet's block: split the channels, a conv per piece (own kernel size), cat, one BN."""
+
+    def __init__(self, join=lambda ys: torch.cat(ys, 1), bias=(False, True)):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(2, 3, 3, padding=1, bias=bias[0]),
+                nn.Conv2d(2, 5, 5, padding=2, groups=1, bias=bias[1]),
+            ]
+        )
+        self.bn = nn.BatchNorm2d(8)
+        self.join = join
+
+    def forward(self, x):
+        pieces = [x[:, :2], x[:, 2:]]  # slicing, not torch.split: fx can trace it
+        return self.bn(self.join([self.convs[0](pieces[0]), self.convs[1](pieces[1])]))
+
+
+MIXED_X = torch.randn(2, 4, 6, 6, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("walk", ["runtime", "symbolic"])
+def test_bn_after_cat_folds_slice_by_slice_into_each_producer(walk):
+    model = prepared(MixedConv().double())
+    args = MIXED_X if walk == "runtime" else None
+    folded = bnsurgery.fold(copy.deepcopy(model), args)
+    assert_same_function(model, folded, (MIXED_X,), 1e-12)
+    (edit,) = bnsurgery.last_report(folded).folded
+    assert [(p.into, p.start, p.stop, p.adds_bias) for p in edit.parts] == [
+        ("convs.0", 0, 3, True),
+        ("convs.1", 3, 8, False),
+    ]
+    assert "per slice after cat() into [0:3] convs.0, [3:8] convs.1" in str(edit)
+    assert isinstance(folded.bn, nn.Module) and not list(iter_batchnorms(folded))
+
+
+def test_cat_fold_on_timm_mixnet_block_keeps_the_activation():
+    block = timm.create_model("mixnet_s").blocks[1][0]  # split -> convs -> cat -> BatchNormAct
+    x = torch.randn(2, block.conv_pw.in_channels, 8, 8, dtype=torch.float64)
+    _, report = fold_and_check(block.double(), x, tol=1e-12)
+    assert not report.left
+    assert any(e.parts and "act=" in e.keeps for e in report.folded)
+
+
+class CatWithRelu(MixedConv):
+    def forward(self, x):
+        return self.bn(torch.cat([self.convs[0](x[:, :2]), self.convs[1](x[:, 2:]).relu()], 1))
+
+
+class CatPieceUsedTwice(MixedConv):
+    def forward(self, x):
+        a, b = self.convs[0](x[:, :2]), self.convs[1](x[:, 2:])
+        return self.bn(torch.cat([a, b], 1)) + b.sum()
+
+
+class CatAlongWidth(MixedConv):
+    def __init__(self):
+        super().__init__()
+        self.convs[1] = nn.Conv2d(2, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.convs[0](x[:, :2]), self.convs[1](x[:, 2:])], 3))
+
+
+class CatSameConvTwice(MixedConv):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.convs[0](x[:, :2]), self.convs[0](x[:, 2:])], 1))
+
+
+class CatWithInput(MixedConv):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        return self.bn(torch.cat([self.convs[0](x[:, :2]), x[:, 2:]], 1))
+
+
+REFUSED_CAT = {
+    "relu in a piece": (CatWithRelu, "piece 1 of its cat() comes from relu()"),
+    "piece used elsewhere": (CatPieceUsedTwice, "the output of conv2d() is also used by sum()"),
+    "cat along width": (CatAlongWidth, "cat() along axis 3"),
+    "same conv twice": (CatSameConvTwice, "`convs.0` is also used by conv2d()"),
+    "input piece": (CatWithInput, "piece 1 of its cat() comes from __getitem__()"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_CAT))
+def test_cat_fold_refuses_pieces_it_cannot_fold_exactly(case):
+    make, why = REFUSED_CAT[case]
+    _, report = fold_and_check(make().double(), MIXED_X, tol=1e-12)
+    assert not report.folded and why in reasons(report)["bn"], reasons(report)
+
+
+def test_the_layer_check_recomputes_the_joined_layers():
+    from bnsurgery.foldcheck import unit_changes
+
+    model = prepared(MixedConv().double())
+    plan = bnsurgery.plan_fold(model, MIXED_X)
+    assert unit_changes(model, plan, (MIXED_X,))["bn"] < 1e-12
+    broken = copy.deepcopy(plan)
+    part = broken.edits[0].parts[1]
+    broken.edits[0] = dataclasses.replace(
+        broken.edits[0],
+        parts=(broken.edits[0].parts[0], dataclasses.replace(part, start=2, stop=7)),
+    )
+    assert unit_changes(model, broken, (MIXED_X,))["bn"] > 1e-3  # a wrong slice is seen

@@ -89,7 +89,11 @@ def check_fold(arch: dict[str, Any]) -> dict[str, bool]:
         reference64 = run(model64, x64)
         error64 = max_relative_error(reference64, run(bnsurgery.fold(model64, x64), x64))
         assert error64 <= 1e-9, f"float64 fold error {error64:.3g}\n{describe(arch)}"
-    return {"folded": bool(done), "float64 only": noise >= 0.5}
+    return {
+        "folded": bool(done),
+        "float64 only": noise >= 0.5,
+        "cat": any(e.parts for e in report.folded),
+    }
 
 
 @given(architectures(layer_bn_pairs=True))
@@ -101,6 +105,8 @@ def test_fold_of_layer_bn_pairs(arch):
     tally.add_unique("generated: fold (layer-BN pairs)", arch)
     if outcome["folded"]:
         tally.add_unique("generated: fold (layer-BN pairs, a BN folded)", arch)
+    if outcome["cat"]:
+        tally.add_unique("generated: fold (a BN folded per slice after cat)", arch)
 
 
 @given(architectures())
@@ -109,6 +115,8 @@ def test_fold_keeps_the_function_or_says_why(arch):
     tally.add_unique("generated: fold", arch)
     if outcome["folded"]:
         tally.add_unique("generated: fold (with a BN folded)", arch)
+    if outcome["cat"]:
+        tally.add_unique("generated: fold (a BN folded per slice after cat)", arch)
     if outcome["float64 only"]:
         tally.add_unique("generated: fold (dtype cannot represent the model)", arch)
 
