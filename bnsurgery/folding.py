@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import UnsupportedModelError, VerificationError
 from .foldcheck import unit_changes
-from .foldplan import FoldEdit, FoldPlan, plan_fold
+from .foldplan import PLACEMENTS, FoldEdit, FoldPlan, plan_fold
 from .graph import trace
 from .hooks import has_hooks, user_hooks_suspended
 from .norms import check_finite, is_batchnorm
@@ -160,7 +160,7 @@ def fold(
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    placements: Sequence[str] = ("producer", "consumer"),
+    placements: Sequence[str] = PLACEMENTS,
     verify: bool = True,
     tolerance: float | None = None,
 ) -> nn.Module:
@@ -224,7 +224,7 @@ def fold(
         txn = begin(model, plan)
         if plan.edits and example_inputs is None:
             notes.append("not verified: no example inputs")
-    hooked = [e.bn for e in plan.edits if has_hooks(model.get_submodule(e.bn))]
+    hooked = [e.bn for e in plan.edits if not e.collapse and has_hooks(model.get_submodule(e.bn))]
     if hooked:
         notes.append(
             f"hooks of {', '.join(hooked)} fire on the module that replaced each BN, on the "

@@ -25,12 +25,15 @@ from .graph import CONCATS, PERMUTES, RESHAPES, Graph, Node, Trace, Value, trace
 from .hooks import carry_hooks, user_hooks
 from .norms import bn_stats, has_activation, iter_batchnorms, num_features
 from .plan import Plan, Skip, Transaction, select
+from .regions import COLLAPSED, Collapse, find_collapses
 from .targets import remainder_of
-from .tree import on_unwrapped
+from .tree import on_unwrapped, parents
 
-__all__ = ["FoldEdit", "FoldPart", "FoldPlan", "plan_fold"]
+__all__ = ["PLACEMENTS", "FoldEdit", "FoldPart", "FoldPlan", "plan_fold"]
 
 _LINEAR_KINDS = ("conv", "conv_transpose", "linear")
+#: where a BN can go, in the order :func:`plan_fold` tries them
+PLACEMENTS = ("producer", "consumer", "region")
 
 
 @dataclass(frozen=True)
@@ -65,8 +68,19 @@ class FoldEdit:
     #: for a BN after a concatenation: the layer each slice of its channels folds into
     #: (``into`` then names them all)
     parts: tuple[FoldPart, ...] = ()
+    #: for a BN in a linear region of its block (``placement == "region"``): every region of
+    #: that block, collapsed together (``into`` names the region's new conv)
+    collapse: Collapse | None = None
 
     def __str__(self) -> str:
+        if self.collapse is not None:
+            region = next(s for s in self.collapse.sums if self.into.endswith("." + s.name))
+            k = "x".join(map(str, region.conv.kernel))
+            merged = ", ".join(f"`{p}`" for p in (*region.layers, *region.bns))
+            return (
+                f"-> collapsed into {self.into} (region: {region.branches} branches, {merged} "
+                f"into one {k} conv, groups {region.conv.groups})"
+            )
         if self.parts:
             slices = ", ".join(f"[{p.start}:{p.stop}] {p.into}" for p in self.parts)
             text = f"-> per slice after cat() into {slices} ({self.placement}, {self.layer}"
@@ -119,7 +133,16 @@ class FoldEdit:
 
     def apply(self, model: nn.Module, txn: Transaction) -> None:
         """Fold: new weights into every attribute that holds the layer's (tied ones too), a
-        zero bias first where the layer has none, and the BN's remainder in its place."""
+        zero bias first where the layer has none, and the BN's remainder in its place. A
+        region's BN: its block rewritten with every region as one conv (once per block)."""
+        if self.collapse is not None:
+            block = model.get_submodule(self.collapse.block)
+            if not getattr(block, COLLAPSED, False):
+                new = carry_hooks(block, self.collapse.rewritten(block))
+                for parent, child, _ in parents(model, block):
+                    txn.set(parent, child, new)
+                txn.add_record(self.collapse.record())
+            return
         bn = model.get_submodule(self.bn)
         owners = _Owners(model)
         for part in self.targets():
@@ -149,7 +172,13 @@ class FoldPlan(Plan):
         return {"method": self.method, **super().to_dict()}
 
     def without(self, reasons: Mapping[str, str]) -> FoldPlan:
-        """As :meth:`Plan.without`, with the recorded step's counts of folded and left BN."""
+        """As :meth:`Plan.without`, with the recorded step's counts of folded and left BN; a
+        BN left from a collapsed block leaves every BN of that block's regions."""
+        reasons = dict(reasons)
+        blocks = {e.collapse.block: e.bn for e in self.edits if e.collapse and e.bn in reasons}
+        for e in self.edits:
+            if e.collapse and e.collapse.block in blocks and e.bn not in reasons:
+                reasons[e.bn] = f"its region's block is left with {blocks[e.collapse.block]}"
         plan = super().without(reasons)
         return dataclasses.replace(plan, step=_step(plan.edits, plan.skipped))
 
@@ -516,7 +545,7 @@ def plan_fold(
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
-    placements: Sequence[str] = ("producer", "consumer"),
+    placements: Sequence[str] = PLACEMENTS,
     walked: Trace | None = None,
 ) -> FoldPlan:
     """Plan a fold without changing anything.
@@ -526,7 +555,9 @@ def plan_fold(
         example_inputs: a tensor or tuple of positional inputs; with them the graph is walked on
             a real forward pass, without them symbolically (``torch.fx``).
         include, exclude: glob patterns on BN module names (see :func:`select_batchnorms`).
-        placements: which placements to try, in order: ``"producer"``, ``"consumer"``.
+        placements: which placements to try, in order: ``"producer"``, ``"consumer"``;
+            ``"region"`` (tried last, for the BNs neither placement takes) collapses a linear
+            region of the BN's block (:mod:`bnsurgery.regions`) into one conv.
         walked: an existing :class:`~bnsurgery.graph.Trace` to reuse.
 
     Returns:
@@ -537,14 +568,15 @@ def plan_fold(
         TraceError: the model cannot be walked.
     """
     for p in placements:
-        if p not in ("producer", "consumer"):
-            raise UsageError(f"unknown placement {p!r}; valid: producer, consumer")
+        if p not in PLACEMENTS:
+            raise UsageError(f"unknown placement {p!r}; valid: {', '.join(PLACEMENTS)}")
     if walked is None:
         walked = trace(model, example_inputs)
     graph = walked.graph
     owners = _Owners(model)
     chosen, skipped = select(model, include, exclude)
     edits: list[FoldEdit] = []
+    unplaced: list[str] = []  # BNs no placement took (regions may)
     for name, bn in chosen:
         sites = graph.bn_sites(bn)
         reason = _why_not(bn, graph, sites)
@@ -552,7 +584,7 @@ def plan_fold(
             skipped.append(Skip(name, reason))
             continue
         reasons: list[str] = []
-        for placement in placements:
+        for placement in (p for p in placements if p != "region"):
             try:
                 find = _producer if placement == "producer" else _consumer
                 edit = find(graph, owners, bn, sites)
@@ -571,6 +603,106 @@ def plan_fold(
             break
         else:
             skipped.append(Skip(name, "; ".join(reasons)))
+            unplaced.append(name)
+    if "region" in placements:
+        edits, skipped = _regions(model, graph, chosen, edits, skipped, unplaced)
     order = {name: i for i, (name, _) in enumerate(iter_batchnorms(model))}
     skipped.sort(key=lambda s: order.get(s.bn, -1))
     return FoldPlan("fold", edits, skipped, _step(edits, skipped), method=graph.method)
+
+
+#: ops that sum branches, and those that may scale one (names as the walks record them)
+_SUMS = frozenset({"add", "add_", "iadd", "radd", "sub", "sub_", "isub", "rsub"})
+_LINEAR_OPS = _SUMS | {"mul", "mul_", "imul", "rmul"}
+
+
+def _roots(value: Value | None, depth: int = 8) -> set[int]:
+    """The values a linear chain ending at ``value`` starts from (through BN, conv, linear,
+    sums and scales): the inputs a region around it could share."""
+    if value is None:
+        return set()
+    prod = value.producer
+    if depth == 0 or prod is None:
+        return {value.index}
+    if prod.kind in ("batchnorm", *_LINEAR_KINDS):
+        return _roots(prod.data, depth - 1)
+    if prod.kind == "op" and prod.name.strip("_") in _LINEAR_OPS:
+        return set().union(*(_roots(v, depth - 1) for v in prod.inputs)) or {value.index}
+    return {value.index}
+
+
+def _region_seeds(graph: Graph, model: nn.Module, edits: list[FoldEdit], unplaced: list[str]):
+    """The BNs worth looking for a region around (tracing blocks costs): those no placement
+    took whose input or output is a sum or a scale, and those folded into a layer whose sum
+    with another branch starts from the layer's own input (RepVGG's conv branches)."""
+
+    def sites(bn: str) -> list[Node]:
+        return graph.bn_sites(model.get_submodule(bn))
+
+    def linear_neighbour(site: Node) -> bool:
+        after = [c for out in site.outputs for c in out.consumers]
+        before = site.data.producer if site.data is not None else None
+        return any(
+            n is not None and n.kind == "op" and n.name.strip("_") in _LINEAR_OPS
+            for n in (*after, before)
+        )
+
+    def summed_with_a_sibling(site: Node) -> bool:
+        own = _roots(site.data)
+        for out in site.outputs:
+            for c in out.consumers:
+                if c.kind == "op" and c.name.strip("_") in _SUMS:
+                    others = [v for v in c.inputs if v is not out]
+                    if any(own & _roots(v) for v in others):
+                        return True
+        return False
+
+    left = [bn for bn in unplaced if any(linear_neighbour(s) for s in sites(bn))]
+    summed = [
+        e.bn
+        for e in edits
+        if e.placement == "producer" and any(summed_with_a_sibling(s) for s in sites(e.bn))
+    ]
+    return left, summed
+
+
+def _regions(
+    model: nn.Module,
+    graph: Graph,
+    chosen: list[tuple[str, nn.Module]],
+    edits: list[FoldEdit],
+    skipped: list[Skip],
+    unplaced: list[str],
+) -> tuple[list[FoldEdit], list[Skip]]:
+    """Collapse the linear regions that hold BNs no placement took, or BNs summed with other
+    branches (RepVGG's, each folding into its own conv, still leaves convs to add up): each
+    BN of such a region (its own edit then goes) becomes a region edit; the BNs still left
+    get the region's reason added to theirs. Region edits come first: the block is rewritten
+    as it was planned, before other edits change its modules."""
+    left, summed = _region_seeds(graph, model, edits, unplaced)
+    if not left and not summed:
+        return edits, skipped
+    collapses, why = find_collapses(
+        model, [*left, *summed], {name for name, _ in chosen}, set(summed)
+    )
+    regional: list[FoldEdit] = []
+    for c in collapses:
+        layers = {f"{c.block}.{p}" for s in c.sums for p in s.layers}
+        bns = {f"{c.block}.{b}" for s in c.sums for b in s.bns}
+        if any(e.into in layers for e in edits if e.bn not in bns):
+            for s in c.sums:
+                for bn in s.bns:
+                    why[f"{c.block}.{bn}"] = "a BN outside its region folds into its conv"
+            continue
+        for s in c.sums:
+            regional += [
+                FoldEdit(f"{c.block}.{bn}", f"{c.block}.{s.name}", "region", "conv", collapse=c)
+                for bn in s.bns
+            ]
+    claimed = {e.bn for e in regional}
+    skipped = [
+        Skip(s.bn, f"{s.reason}; region: {why[s.bn]}" if s.bn in why else s.reason)
+        for s in skipped
+        if s.bn not in claimed
+    ]
+    return regional + [e for e in edits if e.bn not in claimed], skipped

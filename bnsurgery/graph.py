@@ -43,6 +43,7 @@ __all__ = [
     "DECISIONS",
     "PERMUTES",
     "RESHAPES",
+    "fx_trace",
     "trace",
 ]
 
@@ -506,7 +507,14 @@ _MODULE_KINDS: tuple[tuple[type[nn.Module], str, tuple[str, ...]], ...] = (
 )
 
 
-def _symbolic(model: nn.Module) -> Graph:
+def fx_trace(model: nn.Module) -> tuple[fx.Graph, dict[str, Any]]:
+    """``torch.fx`` symbolic tracing as the symbolic walk does it: eval mode, BN modules as
+    leaves, without user hooks. Returns the graph and the tensors fx made in ``forward``
+    (``_tensor_constant0``, ...), taken off the model again so tracing leaves it as it was.
+
+    Raises:
+        TraceError: the module cannot be traced symbolically.
+    """
     before = set(vars(model))
     try:
         # eval mode, as the runtime walk and the fold itself: `if not self.training` branches
@@ -520,9 +528,12 @@ def _symbolic(model: nn.Module) -> Graph:
             "forward pass instead"
         ) from exc
     finally:
-        # fx stores tensors made in forward on the root (_tensor_constant0, ...): take them off
-        # again, so the walk leaves the model as it was, and resolve them from here
         added = {k: vars(model).pop(k) for k in set(vars(model)) - before}
+    return fx_graph, added
+
+
+def _symbolic(model: nn.Module) -> Graph:
+    fx_graph, added = fx_trace(model)
     nodes: list[Node] = []
     values: list[Value] = []
     state_uses: dict[int, list[Node]] = defaultdict(list)

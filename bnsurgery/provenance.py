@@ -20,7 +20,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from . import targets
+from . import regions, targets
 from .errors import BnSurgeryError, SourceError
 from .hooks import carry_hooks
 from .tree import unwrapped
@@ -46,8 +46,10 @@ class Step(TypedDict, total=False):
 
 
 #: A structural edit: a module replaced (``{"replace": path, "with": target name, "options":
-#: {...}}``) or a zero bias added to a layer (``{"add_bias": path, "channels": n}``). ("with" is
-#: a Python keyword, so this is a mapping type rather than a TypedDict.)
+#: {...}}``), a zero bias added to a layer (``{"add_bias": path, "channels": n}``) or a block's
+#: linear regions collapsed into convs (``{"collapse": path, "regions": [...]}``, see
+#: :meth:`bnsurgery.regions.Collapse.record`). ("with" is a Python keyword, so this is a
+#: mapping type rather than a TypedDict.)
 StructureEdit = dict[str, Any]
 
 
@@ -144,6 +146,10 @@ def replay(model: nn.Module, structure: list[dict[str, Any]]) -> None:
             elif "add_bias" in edit:
                 module = model.get_submodule(edit["add_bias"])
                 add_zero_bias(module, int(edit["channels"]), module.weight)
+            elif "collapse" in edit:  # a block whose linear regions fold made one conv each
+                parent, child = _parent(model, edit["collapse"])
+                old = parent._modules[child]
+                setattr(parent, child, carry_hooks(old, regions.rebuild(old, edit["regions"])))
         except (AttributeError, KeyError, TypeError, ValueError, BnSurgeryError) as exc:
             raise SourceError(
                 f"checkpoint structure does not fit the architecture at {edit}: {exc}"[:400]

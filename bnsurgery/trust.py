@@ -339,11 +339,47 @@ _OPTIONS: dict[str, _Check] = {
 }
 
 
+_NODE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
+_SIZES = ("kernel", "stride", "padding", "dilation")
+
+
+def _region_problem(region: Any) -> str | None:
+    """What is wrong with one recorded region of a collapse edit, or ``None``."""
+    if not isinstance(region, Mapping) or set(region) != {"source", "output", "name", "conv"}:
+        return "a collapsed region is not {source, output, name, conv}"
+    if not all(
+        isinstance(region[k], str) and _NODE.fullmatch(region[k])
+        for k in ("source", "output", "name")
+    ):
+        return "a collapsed region names a node badly"
+    conv = region["conv"]
+    keys = {"dims", "in_channels", "out_channels", "groups", *_SIZES}
+    if not isinstance(conv, Mapping) or set(conv) != keys or conv["dims"] not in (1, 2, 3):
+        return "a collapsed region's conv is not a conv spec"
+    if not all(_int_in(1, 1 << 20)(conv[k]) for k in ("in_channels", "out_channels", "groups")):
+        return "a collapsed region's conv has bad channel counts"
+    for key in _SIZES:
+        sizes = conv[key]
+        low = 0 if key == "padding" else 1
+        if not isinstance(sizes, list) or len(sizes) != conv["dims"]:
+            return f"a collapsed region's conv {key} is not one size per axis"
+        if not all(_int_in(low, 1 << 10)(v) for v in sizes):
+            return f"a collapsed region's conv {key} is out of range"
+    return None
+
+
 def _edit_problem(edit: Any) -> str | None:
     """What is wrong with one structural edit, or ``None``."""
     if not isinstance(edit, Mapping):
         return "an edit is not a mapping"
     keys = set(edit)
+    if "collapse" in edit:
+        if keys != {"collapse", "regions"} or not _module_path(edit["collapse"]):
+            return f"collapse edit with keys {sorted(keys)}"
+        regions = edit["regions"]
+        if not isinstance(regions, list) or not 1 <= len(regions) <= 64:
+            return "collapse edit without a list of regions"
+        return next(filter(None, map(_region_problem, regions)), None)
     if "add_bias" in edit:
         if keys != {"add_bias", "channels"}:
             return f"add_bias edit with keys {sorted(keys)}"

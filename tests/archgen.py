@@ -16,8 +16,10 @@ Node kinds: ``conv`` (Conv1d/2d/3d, or ``F.conv*`` on a parameter when ``functio
 ``call`` (a module of an earlier node called again: a reused conv, a shared BN), ``act``
 (``inplace`` ones modify their input, which no later node then reads), ``add``, ``cat``,
 ``reshape`` (a round trip through another shape, or a channel shuffle), ``flatten`` (to
-features, by pooling or flattening), ``pool`` and ``scale``; a ``mixed`` draw adds MixNet's
-block from these kinds (a 1x1 and a 3x3 conv of one input, their ``cat`` and a BN).
+features, by pooling or flattening), ``pool``, ``scale`` and ``rep`` (a block summing a kxk
+and a 1x1 conv with their BNs, an identity BN, a layer scale: RepVGG, MobileOne); a ``mixed``
+draw adds MixNet's block from the other kinds (a 1x1 and a 3x3 conv of one input, their
+``cat`` and a BN).
 
 :func:`architectures` is the hypothesis strategy; :func:`build` the model factory;
 :func:`inputs` the example batch.
@@ -137,7 +139,7 @@ def architectures(
         kinds = ["conv" if dims else "linear", "bn", "conv", "bn", "act", "add", "cat", "call"]
         kinds += ["scale", "bn", "linear"] + (["flatten"] if dims else ["linear"])
         if dims:
-            kinds += ["convT", "reshape", "pool", "mixed"]
+            kinds += ["convT", "reshape", "pool", "mixed", "rep"]
         if layer_bn_pairs:
             kinds = [k for k in kinds if k not in ("bn", "call")]
         kind = draw(st.sampled_from(kinds))
@@ -257,6 +259,19 @@ def architectures(
                 continue
             node = {"op": "pool", "src": src, "how": draw(st.sampled_from(("avg", "max")))}
             new_shape = (shapes[src][0], shapes[src][1] // 2)  # type: ignore[operator]
+        elif kind == "rep":  # RepVGG / MobileOne: branches of one input summed (a block)
+            src = pick(spatial)
+            if src is None:
+                continue
+            c_in, s = shapes[src]
+            groups = draw(st.sampled_from([g for g in (1, 2, 3) if c_in % g == 0]))
+            out = groups * draw(st.integers(1, max(1, 6 // groups)))
+            stride, k = draw(st.integers(1, 2)), draw(st.sampled_from((1, 3)))
+            identity = stride == 1 and out == c_in and draw(st.booleans())
+            node = {"op": "rep", "src": src, "in": c_in, "out": out, "k": k, "stride": stride}
+            node.update(groups=groups, identity=identity, scale=draw(st.booleans()))
+            node["bias"] = draw(st.booleans())
+            new_shape = (out, conv_out(s, k, stride, k // 2, 1))
         elif kind == "mixed":  # MixNet: convs of different kernels on one input, cat, one BN
             src = pick(spatial)
             if src is None:
@@ -355,9 +370,37 @@ class FunctionalConv(nn.Module):
         return fn(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
+class RepBranches(nn.Module):
+    """RepVGG's and MobileOne's block: a kxk and a 1x1 conv of one input, each with its BN, an
+    identity BN where the shapes allow, summed; times a per-channel scale when ``scale``."""
+
+    def __init__(self, node: dict[str, Any], dims: int) -> None:
+        super().__init__()
+        c, out, k, stride, g = node["in"], node["out"], node["k"], node["stride"], node["groups"]
+        conv = CONV[dims]
+        self.kxk = nn.Sequential(
+            conv(c, out, k, stride, k // 2, groups=g, bias=False), BN[dims](out)
+        )
+        self.one = nn.Sequential(
+            conv(c, out, 1, stride, groups=g, bias=node["bias"]), BN[dims](out)
+        )
+        self.identity = BN[dims](c) if node["identity"] else None
+        self.gamma = nn.Parameter(torch.rand(out) + 0.5) if node["scale"] else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.kxk(x) + self.one(x)
+        if self.identity is not None:
+            y = y + self.identity(x)
+        if self.gamma is not None:
+            y = y * self.gamma.view(1, -1, *[1] * (x.dim() - 2))
+        return y
+
+
 def _make(node: dict[str, Any], dims: int) -> nn.Module | None:
     op = node["op"]
     c_in = node.get("in", 0)
+    if op == "rep":
+        return RepBranches(node, dims)
     if op == "conv":
         conv = CONV[dims](
             c_in,
@@ -448,7 +491,7 @@ class GeneratedNet(nn.Module):
 
     def _node(self, i: int, node: dict[str, Any], values: list[torch.Tensor]) -> torch.Tensor:
         op = node["op"]
-        if op in ("conv", "convT", "linear", "bn"):
+        if op in ("conv", "convT", "linear", "bn", "rep"):
             return self.layers[f"n{i}"](values[node["src"]])
         if op == "call":
             return self.layers[f"n{node['of']}"](values[node["src"]])
@@ -541,6 +584,12 @@ def _set_statistics(model: GeneratedNet, arch: dict[str, Any]) -> None:
             handles.append(
                 module.register_forward_pre_hook(lambda m, a, node=node: hook(m, a, node))
             )
+        elif node["op"] == "rep":  # its BNs: statistics of the data they see
+            for module in model.layers[f"n{i}"].modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    handles.append(
+                        module.register_forward_pre_hook(lambda m, a: hook(m, a, {"stats": "data"}))
+                    )
     try:
         model.eval()(inputs(dict(arch, dtype="float32"), batch=4, seed=arch["seed"] + 2))
     finally:

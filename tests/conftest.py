@@ -63,6 +63,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     joined = counts.get("generated: fold (a BN folded per slice after cat)")
     if joined is not None:
         write(f"  graphs where a BN after cat() folded slice by slice: {joined}")
+    collapsed = counts.get("generated: fold (a block's branches collapsed)")
+    if collapsed is not None:
+        write(f"  graphs where a block's branches collapsed into one conv: {collapsed}")
     meaningless = counts.get("generated: fold (dtype cannot represent the model)")
     if meaningless:
         write(f"  of which checked in float64 only (own dtype noise >= 0.5): {meaningless}")

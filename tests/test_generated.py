@@ -93,6 +93,7 @@ def check_fold(arch: dict[str, Any]) -> dict[str, bool]:
         "folded": bool(done),
         "float64 only": noise >= 0.5,
         "cat": any(e.parts for e in report.folded),
+        "region": any(e.placement == "region" for e in report.folded),
     }
 
 
@@ -107,6 +108,8 @@ def test_fold_of_layer_bn_pairs(arch):
         tally.add_unique("generated: fold (layer-BN pairs, a BN folded)", arch)
     if outcome["cat"]:
         tally.add_unique("generated: fold (a BN folded per slice after cat)", arch)
+    if outcome["region"]:
+        tally.add_unique("generated: fold (a block's branches collapsed)", arch)
 
 
 @given(architectures())
@@ -117,6 +120,8 @@ def test_fold_keeps_the_function_or_says_why(arch):
         tally.add_unique("generated: fold (with a BN folded)", arch)
     if outcome["cat"]:
         tally.add_unique("generated: fold (a BN folded per slice after cat)", arch)
+    if outcome["region"]:
+        tally.add_unique("generated: fold (a block's branches collapsed)", arch)
     if outcome["float64 only"]:
         tally.add_unique("generated: fold (dtype cannot represent the model)", arch)
 
