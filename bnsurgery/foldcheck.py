@@ -43,7 +43,7 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
     units: dict[str, list[FoldEdit]] = {}
     joined = [e for e in plan.edits if e.parts]
     for e in plan.edits:  # plan order: the order _apply folds them in, so the same rounding
-        if not e.parts and e.collapse is None:  # a collapsed region: by the output only
+        if not (e.parts or e.collapse or e.scales or e.functional):  # others: by the output
             units.setdefault(e.into, []).append(e)
     handles = []
     busy: list[bool] = []  # non-empty while a hook recomputes a layer

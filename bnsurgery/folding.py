@@ -208,7 +208,7 @@ def fold(
     was_training = any(m.training for _, m in model.named_modules() if is_batchnorm(m))
     walked = trace(model, example_inputs)
     plan = plan_fold(model, include=include, exclude=exclude, placements=placements, walked=walked)
-    check_finite(((e.bn, model.get_submodule(e.bn)) for e in plan.edits), "fold")
+    check_finite(((e.bn, e.holder(model)) for e in plan.edits), "fold")
     notes = []
     if was_training:
         notes.append("model was in train mode: folded with eval semantics (running statistics)")
@@ -224,7 +224,11 @@ def fold(
         txn = begin(model, plan)
         if plan.edits and example_inputs is None:
             notes.append("not verified: no example inputs")
-    hooked = [e.bn for e in plan.edits if not e.collapse and has_hooks(model.get_submodule(e.bn))]
+    hooked = [
+        e.bn
+        for e in plan.edits
+        if not e.collapse and not e.functional and has_hooks(model.get_submodule(e.bn))
+    ]
     if hooked:
         notes.append(
             f"hooks of {', '.join(hooked)} fire on the module that replaced each BN, on the "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -23,9 +24,10 @@ from . import foldmath
 from .errors import UsageError
 from .graph import CONCATS, PERMUTES, RESHAPES, Graph, Node, Trace, Value, trace
 from .hooks import carry_hooks, user_hooks
-from .norms import bn_stats, has_activation, iter_batchnorms, num_features
-from .plan import Plan, Skip, Transaction, select
+from .norms import BNStats, bn_stats, has_activation, iter_batchnorms, num_features
+from .plan import NOT_SELECTED, Plan, Skip, Transaction, select
 from .regions import COLLAPSED, Collapse, find_collapses
+from .select import matches, patterns
 from .targets import remainder_of
 from .tree import on_unwrapped, parents
 
@@ -71,6 +73,14 @@ class FoldEdit:
     #: for a BN in a linear region of its block (``placement == "region"``): every region of
     #: that block, collapsed together (``into`` names the region's new conv)
     collapse: Collapse | None = None
+    #: ``"weight_norm"``: the layer's weight is weight norm's ``g * v / |v|`` and the fold
+    #: scales ``g`` (the parametrisation stays)
+    scales: str = ""
+    #: for an ``F.batch_norm`` call on tensors a module holds (``bn`` is its running mean's
+    #: path): the paths of its running mean, running variance, weight and bias ("" for none),
+    #: and its eps; the fold makes the call an identity
+    functional: tuple[str, str, str, str] = ()
+    eps: float = 0.0
 
     def __str__(self) -> str:
         if self.collapse is not None:
@@ -91,6 +101,8 @@ class FoldEdit:
             return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
         text = f"-> into {self.into} ({self.placement}, {self.layer}"
         text += f", through {', '.join(s[0] + '()' for s in self.through)}" if self.through else ""
+        text += ", into its weight norm's g" if self.scales else ""
+        text += ", F.batch_norm left as an identity" if self.functional else ""
         text += ", bias added" if self.adds_bias else ""
         text += f", kept {self.keeps}" if self.keeps else ""
         text += f", {self.sites} call sites" if self.sites > 1 else ""
@@ -102,6 +114,31 @@ class FoldEdit:
             return self.parts
         return (FoldPart(self.into, self.layer, 0, -1, self.adds_bias),)
 
+    def holder(self, model: nn.Module) -> Any:
+        """What holds the BN's tensors as ``running_mean``, ``running_var``, ``weight`` and
+        ``bias``: the BN module, or for an ``F.batch_norm`` call a namespace of its tensors."""
+        if not self.functional:
+            return model.get_submodule(self.bn)
+        keys = ("running_mean", "running_var", "weight", "bias")
+        return SimpleNamespace(
+            **{k: _tensor_at(model, p) for k, p in zip(keys, self.functional, strict=True)}
+        )
+
+    def stats(self, model: nn.Module) -> BNStats | None:
+        """The BN's eval-mode function (of an ``F.batch_norm`` call: from its tensors)."""
+        if not self.functional:
+            return bn_stats(model.get_submodule(self.bn))
+        mean, var, weight, bias = (_tensor_at(model, p) for p in self.functional)
+        assert mean is not None and var is not None
+        c = mean.numel()
+
+        def as64(t: torch.Tensor | None, default: float) -> torch.Tensor:
+            if t is None:
+                return torch.full((c,), default, dtype=torch.float64)
+            return t.detach().double().cpu().reshape(-1)
+
+        return BNStats(as64(mean, 0), as64(var, 1), as64(weight, 1), as64(bias, 0), self.eps)
+
     def weights(
         self,
         model: nn.Module,
@@ -112,7 +149,7 @@ class FoldEdit:
         """The layer's ``weight`` and ``bias`` with this BN (its ``part`` slice, for a BN
         after a concatenation) folded in (float64 maths, cast back to each tensor's dtype and
         device)."""
-        stats = bn_stats(model.get_submodule(self.bn))
+        stats = self.stats(model)
         if stats is None:  # plans only hold BNs with statistics
             raise ValueError(f"{self.bn} has no running statistics to fold")
         scale, shift = stats.scale_shift()
@@ -131,6 +168,12 @@ class FoldEdit:
         )
         return _param(new_w, weight), _param(new_b, weight if bias is None else bias)
 
+    def _scaled_g(self, model: nn.Module, g: torch.Tensor) -> nn.Parameter:
+        stats = bn_stats(model.get_submodule(self.bn))
+        assert stats is not None
+        scale = stats.scale_shift()[0].view(-1, *[1] * (g.dim() - 1))
+        return _param(g.detach().double().cpu() * scale, g)
+
     def apply(self, model: nn.Module, txn: Transaction) -> None:
         """Fold: new weights into every attribute that holds the layer's (tied ones too), a
         zero bias first where the layer has none, and the BN's remainder in its place. A
@@ -143,13 +186,16 @@ class FoldEdit:
                     txn.set(parent, child, new)
                 txn.add_record(self.collapse.record())
             return
-        bn = model.get_submodule(self.bn)
+        bn = model.get_submodule(self.bn) if not self.functional else None
         owners = _Owners(model)
         for part in self.targets():
             layer = model.get_submodule(part.into)
             weight: torch.Tensor = layer.weight
             bias: torch.Tensor | None = layer.bias
             new_w, new_b = self.weights(model, weight, bias, part)
+            if self.scales == "weight_norm":  # g * s: weight norm then makes W * s
+                weight = _weight_norm_g(layer)
+                new_w = self._scaled_g(model, weight)
             for module_name, attr in owners.of(weight):
                 txn.set(model.get_submodule(module_name), attr, new_w)
             if bias is None:
@@ -158,6 +204,12 @@ class FoldEdit:
             else:
                 for module_name, attr in owners.of(bias):
                     txn.set(model.get_submodule(module_name), attr, new_b)
+        if self.functional:  # the call stays, as an identity: mean 0, variance 1 - eps, ...
+            for path, value in zip(self.functional, _IDENTITY, strict=True):
+                tensor = _tensor_at(model, path)
+                if tensor is not None:
+                    txn.copy(tensor, _identity_value(tensor, value, self.eps))
+            return
         txn.replace(bn, carry_hooks(bn, remainder_of(bn)), {"with": "identity"})
 
 
@@ -185,6 +237,38 @@ class FoldPlan(Plan):
 
 def _step(edits: list[FoldEdit], skipped: list[Skip]) -> dict[str, Any]:
     return {"op": "fold", "folded": len(edits), "left": len(skipped)}
+
+
+#: the values that make ``F.batch_norm`` an identity: mean, variance (see
+#: :func:`_identity_value`), weight, bias
+_IDENTITY = (0.0, None, 1.0, 0.0)
+
+
+def _identity_value(tensor: torch.Tensor, value: float | None, eps: float) -> torch.Tensor:
+    """``value`` everywhere; for the variance (``None``) the largest ``v <= 1 - eps`` in the
+    tensor's dtype with ``v + eps == 1`` exactly there, so ``1 / sqrt(v + eps)`` is 1."""
+    if value is not None:
+        return torch.full_like(tensor, value)
+    one = torch.ones((), dtype=tensor.dtype)
+    v = (one - eps).to(tensor.dtype)
+    for _ in range(64):
+        if (v + eps).to(tensor.dtype) == one:
+            break
+        v = torch.nextafter(v, one if (v + eps) < one else -one)
+    return torch.full_like(tensor, float(v))
+
+
+def _tensor_at(model: nn.Module, path: str) -> torch.Tensor | None:
+    if not path:
+        return None
+    owner, _, attr = path.rpartition(".")
+    return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def _weight_norm_g(layer: nn.Module) -> torch.Tensor:
+    """Weight norm's ``g`` of a layer (either PyTorch API)."""
+    plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
+    return plist.original0 if plist is not None else layer.weight_g
 
 
 def _param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
@@ -224,23 +308,72 @@ def _is_zero_padding(attrs: dict[str, Any]) -> bool:
     return all(int(p) == 0 for p in padding)
 
 
+def _weight_norm_of(node: Node) -> tuple[torch.Tensor, int] | None:
+    """``(g, dim)`` when the layer's weight is weight norm's ``g * v / |v|`` (PyTorch's
+    ``parametrizations.weight_norm`` or the older ``weight_norm`` hook), else ``None``."""
+    made = node.weight_value.producer if node.weight_value is not None else None
+    if made is not None and made.name == "_weight_norm" and "g" in made.attrs:  # runtime walk
+        return made.attrs["g"], int(made.attrs["dim"])
+    module = node.module
+    if module is None:
+        return None
+    plist = getattr(getattr(module, "parametrizations", None), "weight", None)
+    if plist is not None and len(plist) == 1 and type(plist[0]).__name__ == "_WeightNorm":
+        return plist.original0, int(plist[0].dim)
+    for hook in module._forward_pre_hooks.values():
+        if type(hook).__name__ == "WeightNorm" and getattr(hook, "name", "") == "weight":
+            return module.weight_g, int(hook.dim)
+    return None
+
+
+def _scaled_tensor(owners: _Owners, node: Node, role: str) -> tuple[torch.Tensor, str]:
+    """The parameter a fold scales for ``node``'s weight, and how: ``""`` (the weight
+    itself) or ``"weight_norm"`` (its ``g``, per output channel: a producer fold only)."""
+    if owners.of(node.weight):
+        return node.weight, ""
+    norm = _weight_norm_of(node)
+    if norm is None:
+        raise _Reject(
+            f"the weight of {node.name}() is computed at run time (weight standardisation, "
+            "spectral norm, a parametrisation), not a parameter a fold can scale"
+        )
+    g, dim = norm
+    if role != "producer" or node.kind not in ("conv", "linear") or dim != 0:
+        raise _Reject(
+            f"the weight of {node.name}() is weight-normed (dim {dim}); only the layer "
+            "before a BN, normalised per output channel, folds into its g"
+        )
+    if not owners.of(g):
+        raise _Reject(f"the weight norm of {node.name}() has no g parameter")
+    return g, "weight_norm"
+
+
 def _layer_of(
     graph: Graph, owners: _Owners, layer_nodes: list[Node], allowed: set[int], role: str
-) -> tuple[str, str, bool]:
-    """Check that every call of the layer is one we fold; return (module, kind, adds_bias)."""
+) -> tuple[str, str, bool, str]:
+    """Check that every call of the layer is one we fold; return (module, kind, adds_bias,
+    how its weight is scaled: see :func:`_scaled_tensor`)."""
     first = layer_nodes[0]
-    if any(n.weight is not first.weight or n.bias is not first.bias for n in layer_nodes):
+    scaled, how = _scaled_tensor(owners, first, role)
+    if any(
+        _scaled_tensor(owners, n, role)[0] is not scaled or n.bias is not first.bias
+        for n in layer_nodes
+    ):
         raise _Reject(f"its {role} layers differ between calls")
-    weight_owners = owners.of(first.weight)
-    if not weight_owners:
-        raise _Reject(
-            f"the weight of {first.name}() is computed at run time (for example weight "
-            "standardisation), not a parameter"
-        )
+    weight_owners = owners.of(scaled)
     if first.bias is not None and not owners.of(first.bias):
         raise _Reject(f"the bias of {first.name}() is computed at run time")
-    for tensor in (first.weight, first.bias):
+    for tensor in (scaled, first.bias):
         others = [n for n in graph.uses(tensor) if id(n) not in allowed]
+        others = [  # weight norm reads g to make this layer's weight: not another use
+            n
+            for n in others
+            if not (
+                how
+                and n.name == "_weight_norm"
+                and all(id(c) in allowed for o in n.outputs for c in o.consumers)
+            )
+        ]
         if others:
             module = weight_owners[0][0] or "the model"
             raise _Reject(
@@ -248,14 +381,18 @@ def _layer_of(
                 f"{len(graph.uses(tensor))} sites with different neighbours)"
             )
     module_name, attr = weight_owners[0]
+    if how == "weight_norm":  # g lives at LAYER.parametrizations.weight.original0 or LAYER.weight_g
+        module_name = module_name.removesuffix(".parametrizations.weight")
+        module_name = module_name.removesuffix("parametrizations.weight")
+        attr = "weight"
     adds_bias = first.bias is None
     if adds_bias:
         module = owners.modules.get(module_name)
-        if attr != "weight" or not isinstance(module, _ConvNd | nn.Linear):
+        if attr not in ("weight", "weight_g") or not isinstance(module, _ConvNd | nn.Linear):
             raise _Reject(f"{first.name}() has no bias parameter to absorb the BN's shift")
-    if not first.weight.dtype.is_floating_point:
+    if not scaled.dtype.is_floating_point:
         raise _Reject(f"the weight of `{module_name}` is not floating point")
-    return module_name, first.kind, adds_bias
+    return module_name, first.kind, adds_bias, how
 
 
 def _only_for(value: Value, user: Node, site: Node, what: str) -> None:
@@ -344,17 +481,19 @@ def _check_linear_rank(value: Value, notes: list[str], side: str) -> None:
 
 def _absorber(
     graph: Graph, owners: _Owners, bn: nn.Module, layers: list[Node], role: str
-) -> tuple[str, str, bool]:
+) -> tuple[str, str, bool, str]:
     """The layer every call site folds into, checked (:func:`_layer_of`) and with as many
     channels on the BN's side (its outputs for a producer, inputs for a consumer) as the BN."""
-    module_name, kind, adds_bias = _layer_of(graph, owners, layers, {id(n) for n in layers}, role)
+    module_name, kind, adds_bias, how = _layer_of(
+        graph, owners, layers, {id(n) for n in layers}, role
+    )
     groups = int(layers[0].attrs.get("groups", 1))
     count = foldmath.out_channels if role == "producer" else foldmath.in_channels
     channels = count(kind, layers[0].weight, groups)
     if channels != num_features(bn):
         side = "output" if role == "producer" else "input"
         raise _Reject(f"`{module_name}` has {channels} {side} channels, the BN {num_features(bn)}")
-    return module_name, kind, adds_bias
+    return module_name, kind, adds_bias, how
 
 
 #: Why a tensor that a data-dependent branch separates from its consumer does not fold: on
@@ -393,7 +532,9 @@ def _concatenated(
         if cat.inputs.count(piece) > 1:
             raise _Reject(f"cat() joins the output of {prod.name}() more than once")
         _only_for(piece, cat, site, f"the output of {prod.name}()")
-        module_name, kind, adds_bias = _layer_of(graph, owners, [prod], {id(prod)}, "producer")
+        module_name, kind, adds_bias, how = _layer_of(graph, owners, [prod], {id(prod)}, "producer")
+        if how:
+            raise _Reject(f"`{module_name}` is weight-normed; a slice of a cat() does not fold")
         if any(p.into == module_name for p in parts):
             raise _Reject(f"`{module_name}` produces more than one piece of its cat()")
         if kind == "linear":
@@ -446,11 +587,11 @@ def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
         producers.append(prod)
     if len(routes) > 1:
         raise _Reject("its call sites reach it through different layout ops")
-    module_name, kind, adds_bias = _absorber(graph, owners, bn, producers, "producer")
+    module_name, kind, adds_bias, how = _absorber(graph, owners, bn, producers, "producer")
     through = next(iter(routes), ())
     return FoldEdit(
         "", module_name, "producer", kind, len(sites), adds_bias, _kept(bn),
-        tuple(dict.fromkeys(notes)), through,
+        tuple(dict.fromkeys(notes)), through, scales=how,
     )  # fmt: skip
 
 
@@ -496,7 +637,7 @@ def _consumer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -
         if cons.kind == "linear":
             _check_linear_rank(out, notes, "input")
         consumers.append(cons)
-    module_name, kind, adds_bias = _absorber(graph, owners, bn, consumers, "consumer")
+    module_name, kind, adds_bias, _ = _absorber(graph, owners, bn, consumers, "consumer")
     return FoldEdit(
         "", module_name, "consumer", kind, len(sites), adds_bias, "", tuple(dict.fromkeys(notes))
     )
@@ -604,6 +745,9 @@ def plan_fold(
         else:
             skipped.append(Skip(name, "; ".join(reasons)))
             unplaced.append(name)
+    more, left = _functional(model, graph, owners, include, exclude, placements)
+    edits += more
+    skipped += left
     if "region" in placements:
         edits, skipped = _regions(model, graph, chosen, edits, skipped, unplaced)
     order = {name: i for i, (name, _) in enumerate(iter_batchnorms(model))}
@@ -661,7 +805,9 @@ def _region_seeds(graph: Graph, model: nn.Module, edits: list[FoldEdit], unplace
     summed = [
         e.bn
         for e in edits
-        if e.placement == "producer" and any(summed_with_a_sibling(s) for s in sites(e.bn))
+        if e.placement == "producer"
+        and not e.functional
+        and any(summed_with_a_sibling(s) for s in sites(e.bn))
     ]
     return left, summed
 
@@ -706,3 +852,79 @@ def _regions(
         if s.bn not in claimed
     ]
     return regional + [e for e in edits if e.bn not in claimed], skipped
+
+
+def _same_call(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
+    """Two ``F.batch_norm`` calls with the very same tensors and options."""
+    return a.keys() == b.keys() and all(
+        a[k] is b[k] if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
+
+
+def _functional(
+    model: nn.Module,
+    graph: Graph,
+    owners: _Owners,
+    include: str | Sequence[str] | None,
+    exclude: str | Sequence[str] | None,
+    placements: Sequence[str],
+) -> tuple[list[FoldEdit], list[Skip]]:
+    """``F.batch_norm`` calls on running statistics a module holds, each named by its running
+    mean's path, folded like a BN module's calls; the call stays, made an identity."""
+    paths: dict[int, str] = {}
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        paths.setdefault(id(t), name)
+    calls: dict[int, list[Node]] = {}
+    for node in graph.nodes:
+        args = node.attrs.get("batch_norm") if node.kind == "op" else None
+        if args and isinstance(args.get("running_mean"), torch.Tensor):
+            calls.setdefault(id(args["running_mean"]), []).append(node)
+    edits: list[FoldEdit] = []
+    skipped: list[Skip] = []
+    for sites in calls.values():
+        args = sites[0].attrs["batch_norm"]
+        keys = ("running_mean", "running_var", "weight", "bias")
+        tensors = [args.get(k) for k in keys]
+        name = paths.get(id(tensors[0]))
+        if name is None:
+            continue  # statistics made during the forward pass: not a module's BN
+        if (include and not any(matches(name, p) for p in patterns(include))) or any(
+            matches(name, p) for p in patterns(exclude)
+        ):
+            skipped.append(Skip(name, NOT_SELECTED))
+            continue
+        try:
+            if any(not _same_call(n.attrs["batch_norm"], args) for n in sites[1:]):
+                raise _Reject("its F.batch_norm calls differ in tensors or options")
+            if args.get("training"):
+                raise _Reject("F.batch_norm with training=True normalises with batch statistics")
+            if tensors[1] is None or any(t is not None and id(t) not in paths for t in tensors):
+                raise _Reject("F.batch_norm reads statistics or affine tensors made at run time")
+            for t in tensors:
+                stray = [n for n in graph.uses(t) if n not in sites]
+                if stray:
+                    raise _Reject(f"its tensors are also read by {_describe(stray[0])}")
+            stand_in = SimpleNamespace(num_features=int(tensors[0].numel()))
+            reasons = []
+            for placement in (p for p in placements if p != "region"):
+                try:
+                    find = _producer if placement == "producer" else _consumer
+                    edit = find(graph, owners, stand_in, sites)
+                except _Reject as why:
+                    reasons.append(f"{placement}: {why}")
+                    continue
+                owner = name.rpartition(".")[0]
+                ends = (edit.into, owner) if placement == "producer" else (owner, edit.into)
+                hooked = _hook_between(model, *ends)
+                if hooked:
+                    reasons.append(f"{placement}: {hooked}, which folding would remove")
+                    continue
+                eps = 1e-5 if args.get("eps") is None else float(args["eps"])
+                found = tuple(paths.get(id(t), "") if t is not None else "" for t in tensors)
+                edits.append(dataclasses.replace(edit, bn=name, functional=found, eps=eps))
+                break
+            else:
+                raise _Reject("; ".join(reasons))
+        except _Reject as why:
+            skipped.append(Skip(name, f"F.batch_norm: {why}"))
+    return edits, skipped

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
@@ -68,6 +69,9 @@ _LINEAR_OPS: dict[Any, tuple[str, tuple[str, ...]]] = {
     torch.conv_transpose3d: ("conv_transpose", _CONVT_ARGS),
     F.linear: ("linear", ("input", "weight", "bias")),
 }
+_BATCH_NORM_ARGS = (
+    "input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"
+)  # fmt: skip
 _DEFAULTS = {
     "bias": None,
     "stride": 1,
@@ -156,6 +160,9 @@ class Node:
     attrs: dict[str, Any] = field(default_factory=dict)
     #: data-dependent decisions (:data:`DECISIONS`) the forward pass had made when it was called
     decisions: int = 0
+    #: the weight as a value, where the forward pass computed it (weight norm's ``g * v /
+    #: |v|``): its producer says how (runtime walk)
+    weight_value: Value | None = None
 
     def __repr__(self) -> str:
         return f"Node(#{self.index} {self.kind} {self.name})"
@@ -367,11 +374,22 @@ class _Recorder(TorchFunctionMode):
             node.data = self.value_of(data) if isinstance(data, torch.Tensor) else None
             node.weight, node.bias = bound.get("weight"), bound.get("bias")
             node.attrs = {k: bound[k] for k in names[3:] if k in bound}
+            if isinstance(node.weight, torch.Tensor) and id(node.weight) not in self.state:
+                node.weight_value = self.value_of(node.weight)
+        if func is F.batch_norm:  # a BN written as a call (a BN module's own is not seen)
+            bound = dict(zip(_BATCH_NORM_ARGS, args, strict=False))
+            bound.update({k: v for k, v in kwargs.items() if k in _BATCH_NORM_ARGS})
+            data = bound.get("input")
+            node.data = self.value_of(data) if isinstance(data, torch.Tensor) else None
+            node.attrs = {"batch_norm": {k: bound.get(k) for k in _BATCH_NORM_ARGS[1:]}}
         if name == "pad":  # F.pad: the mode says whether padded values copy real ones
             mode = args[2] if len(args) > 2 else kwargs.get("mode", "constant")
             node.attrs = {"mode": mode}
         elif name in CONCATS:
             node.attrs = _concat_dim(args, kwargs)
+        elif name == "_weight_norm" and len(args) >= 2:  # torch._weight_norm(v, g, dim)
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            node.attrs = {"v": args[0], "g": args[1], "dim": dim}
         elif name in _LAYOUT_OPS and _plain((args[1:], kwargs)):
             # how to replay it: fold follows the channel axis through it, and its layer check
             # repeats it on the recomputed layer's output
@@ -576,9 +594,13 @@ def _symbolic(model: nn.Module) -> Graph:
             if is_batchnorm(module):
                 node.kind, node.module = "batchnorm", module
             else:
+                made = type(module)
+                if parametrize.is_parametrized(module):  # ParametrizedConv2d: a Conv2d
+                    made = made.__bases__[0]
                 for cls, kind, names in _MODULE_KINDS:
-                    if type(module) is cls:
+                    if made is cls:
                         node.kind, node.weight, node.bias = kind, module.weight, module.bias
+                        node.module = module  # a parametrised weight is found through it
                         node.attrs = {k: getattr(module, k) for k in names[3:]}
                         node.attrs["padding_mode"] = getattr(module, "padding_mode", "zeros")
         elif fnode.op == "call_function" and fnode.target in _LINEAR_OPS:
@@ -597,12 +619,21 @@ def _symbolic(model: nn.Module) -> Graph:
                 node.kind = "op"  # a stride or padding computed at run time
         elif fnode.op == "call_function" and node.name in CONCATS:
             node.attrs = _concat_dim(fnode.args, fnode.kwargs)
+        elif fnode.op == "call_function" and fnode.target is F.batch_norm:
+            bound = dict(zip(_BATCH_NORM_ARGS, fnode.args, strict=False))
+            bound.update({k: v for k, v in fnode.kwargs.items() if k in _BATCH_NORM_ARGS})
+            node.attrs = {
+                "batch_norm": {
+                    k: tensor_of.get(v, v) if isinstance(v, fx.Node) else v
+                    for k, v in ((k, bound.get(k)) for k in _BATCH_NORM_ARGS[1:])
+                }
+            }
         for t in used_state:
             state_uses[id(t)].append(node)
         node.inputs = [value_of[a] for a in _fx_inputs(fnode) if a in value_of]
         for v in node.inputs:
             v.consumers.append(node)
-        if fnode.op == "call_module" or node.kind != "op":
+        if fnode.op == "call_module" or node.kind != "op" or "batch_norm" in node.attrs:
             first = call_input(fnode.args, fnode.kwargs)  # bn(input=x), F.linear(input=x) too
             node.data = value_of.get(first) if isinstance(first, fx.Node) else None
         out = Value(len(values), node)

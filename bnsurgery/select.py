@@ -14,7 +14,7 @@ from .norms import iter_batchnorms
 __all__ = ["select_batchnorms"]
 
 
-def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
+def patterns(patterns: str | Sequence[str] | None) -> list[str]:
     if patterns is None:
         return []
     if isinstance(patterns, str):
@@ -22,7 +22,7 @@ def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
     return list(patterns)
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
     # "layer1" selects the module and everything under it, "layer1.*" only what is under it.
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, pattern + ".*")
 
@@ -44,20 +44,20 @@ def select_batchnorms(
             would otherwise act on the very layers it meant to spare); the message suggests
             the nearest names.
     """
-    include_list, exclude_list = _as_list(include), _as_list(exclude)
+    include_list, exclude_list = patterns(include), patterns(exclude)
     every = list(iter_batchnorms(model))
     names = [n for n, _ in every]
-    for option, patterns in (("--include", include_list), ("--exclude", exclude_list)):
-        for pattern in patterns:
-            if not any(_matches(n, pattern) for n in names):
+    for option, given in (("--include", include_list), ("--exclude", exclude_list)):
+        for pattern in given:
+            if not any(matches(n, pattern) for n in names):
                 near = difflib.get_close_matches(pattern, names, n=3, cutoff=0.4)
                 hint = f"; nearest BN names: {', '.join(near)}" if near else ""
                 raise UsageError(f"{option} {pattern!r} matches no BN layer{hint}")
     chosen = [
         (n, m)
         for n, m in every
-        if (not include_list or any(_matches(n, p) for p in include_list))
-        and not any(_matches(n, p) for p in exclude_list)
+        if (not include_list or any(matches(n, p) for p in include_list))
+        and not any(matches(n, p) for p in exclude_list)
         and (types is None or isinstance(m, tuple(types)))
     ]
     if every and not chosen:

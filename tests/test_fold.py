@@ -619,3 +619,151 @@ def test_the_layer_check_recomputes_the_joined_layers():
         parts=(broken.edits[0].parts[0], dataclasses.replace(part, start=2, stop=7)),
     )
     assert unit_changes(model, broken, (MIXED_X,))["bn"] > 1e-3  # a wrong slice is seen
+
+
+# ------------------------------------------------------------- re-parameterised producers
+
+
+WEIGHT_NORMED = {
+    "parametrizations.weight_norm conv": lambda: torch.nn.utils.parametrizations.weight_norm(
+        nn.Conv2d(3, 4, 3, bias=False)
+    ),
+    "parametrizations.weight_norm linear": lambda: torch.nn.utils.parametrizations.weight_norm(
+        nn.Linear(3, 4)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(WEIGHT_NORMED))
+@pytest.mark.parametrize("walk", ["runtime", "symbolic"])
+def test_a_weight_normed_producer_folds_into_g_and_keeps_its_parametrisation(case, walk):
+    layer = WEIGHT_NORMED[case]()
+    linear = isinstance(layer, nn.Linear)
+    model = prepared(nn.Sequential(layer, nn.BatchNorm1d(4) if linear else nn.BatchNorm2d(4)))
+    model = model.double()
+    x = torch.randn(2, 3, dtype=torch.float64) if linear else MIXED_X[:, :3]
+    folded = bnsurgery.fold(copy.deepcopy(model), x if walk == "runtime" else None)
+    assert_same_function(model, folded, (x,), 1e-12)
+    (edit,) = bnsurgery.last_report(folded).folded
+    assert "into its weight norm's g" in str(edit)
+    assert torch.nn.utils.parametrize.is_parametrized(folded[0], "weight")  # still weight norm
+    v = folded[0].parametrizations.weight.original1
+    assert torch.equal(v, model[0].parametrizations.weight.original1)  # only g changed
+
+
+def test_the_older_weight_norm_hook_folds_into_weight_g():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        layer = torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    model = prepared(nn.Sequential(layer, nn.BatchNorm2d(4))).double()
+    x = MIXED_X[:, :3]
+    reference = output(model, x)
+    bnsurgery.fold(model, x)  # (a module with this hook cannot be deep-copied)
+    assert torch.allclose(output(model, x), reference, rtol=1e-12, atol=1e-12)
+    assert "weight_g" in dict(model[0].named_parameters())
+
+
+@pytest.mark.parametrize(
+    "make, why",
+    [
+        (
+            lambda: torch.nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 3)),
+            "computed at run time (weight standardisation, spectral norm, a parametrisation)",
+        ),
+        (
+            lambda: torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3), dim=1),
+            "is weight-normed (dim 1)",
+        ),
+    ],
+)
+def test_other_parametrisations_are_left_with_the_reason(make, why):
+    model = prepared(nn.Sequential(make(), nn.BatchNorm2d(4))).double()
+    _, report = fold_and_check(model, MIXED_X[:, :3], tol=1e-12)
+    assert not report.folded and why in reasons(report)["1"], reasons(report)
+
+
+def test_a_weight_normed_consumer_is_left():
+    layer = torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 3))
+    model = prepared(nn.Sequential(nn.BatchNorm1d(4), layer)).double()
+    _, report = fold_and_check(model, torch.randn(2, 4, dtype=torch.float64), tol=1e-12)
+    assert "only the layer before a BN" in reasons(report)["0"], reasons(report)
+
+
+# --------------------------------------------------------------------------- functional BN
+
+
+class FunctionalNorm(nn.Module):
+    """A norm written as a call: ``F.batch_norm`` on running statistics the module holds."""
+
+    def __init__(self, c=4, training=False):
+        super().__init__()
+        self.register_buffer("running_mean", torch.randn(c))
+        self.register_buffer("running_var", torch.rand(c) + 0.5)
+        self.weight, self.bias = nn.Parameter(torch.randn(c)), nn.Parameter(torch.randn(c))
+        self.training_flag = training
+
+    def forward(self, x):
+        return torch.nn.functional.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training_flag, 0.1, 1e-3,
+        )  # fmt: skip
+
+
+class ConvFunctionalNorm(nn.Module):
+    def __init__(self, training=False, twice=False, peek=False):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3), FunctionalNorm(training=training)
+        self.twice, self.peek = twice, peek
+
+    def forward(self, x):
+        y = self.norm(self.conv(x)).relu()
+        if self.twice:  # the same layer and norm again: both call sites fold
+            y = y + self.norm(self.conv(x))
+        if self.peek:  # the statistics read outside the call
+            y = y + self.norm.running_mean.sum()
+        return y
+
+
+@pytest.mark.parametrize("walk", ["runtime", "symbolic"])
+@pytest.mark.parametrize("twice", [False, True])
+def test_functional_batch_norm_on_module_tensors_folds(walk, twice):
+    model = ConvFunctionalNorm(twice=twice).double().eval()
+    x = MIXED_X[:, :3]
+    folded = bnsurgery.fold(copy.deepcopy(model), x if walk == "runtime" else None)
+    assert_same_function(model, folded, (x,), 1e-12)
+    report = bnsurgery.last_report(folded)
+    (edit,) = report.folded
+    assert edit.bn == "norm.running_mean" and edit.into == "conv" and edit.sites == 1 + twice
+    assert "F.batch_norm left as an identity" in str(edit)
+    assert torch.equal(folded.norm.weight, torch.ones(4, dtype=torch.float64))
+    # the call is now an exact identity
+    y = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    assert torch.equal(folded.norm(y), y)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_functional_identity_is_exact_in_every_dtype(dtype):
+    from bnsurgery.foldplan import _identity_value
+
+    for eps in (1e-5, 1e-3, 0.1):
+        var = _identity_value(torch.zeros(3, dtype=dtype), None, eps)
+        assert bool(((var + eps).to(dtype) == 1).all()), (dtype, eps)
+
+
+@pytest.mark.parametrize(
+    "kwargs, why",
+    [
+        ({"training": True}, "training=True normalises with batch statistics"),
+        ({"peek": True}, "its tensors are also read by"),
+    ],
+)
+def test_functional_batch_norm_that_cannot_fold_says_why(kwargs, why):
+    model = ConvFunctionalNorm(**kwargs).double().eval()
+    x = MIXED_X[:, :3]
+    folded = bnsurgery.fold(copy.deepcopy(model), x)
+    assert_same_function(model, folded, (x,), 0)
+    report = bnsurgery.last_report(folded)
+    assert not report.folded and report.bn_count == 1
+    assert why in reasons(report)["norm.running_mean"], reasons(report)
