@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from .foldplan import FoldEdit, FoldPlan
+from .foldedit import FoldEdit, FoldPlan
 from .hooks import user_hooks_suspended
 from .targets import remainder_of
 from .tree import eval_mode

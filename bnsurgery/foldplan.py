@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -22,271 +21,20 @@ from torch.nn.modules.conv import _ConvNd
 
 from . import foldmath
 from .errors import UsageError
+from .foldedit import FoldEdit, FoldPart, FoldPlan, Owners, fold_step
 from .graph import CONCATS, PERMUTES, RESHAPES, Graph, Node, Trace, Value, trace
-from .hooks import carry_hooks, user_hooks
-from .norms import BNStats, bn_stats, has_activation, iter_batchnorms, num_features
-from .plan import NOT_SELECTED, Plan, Skip, Transaction, select
-from .regions import COLLAPSED, Collapse, find_collapses
+from .hooks import user_hooks
+from .norms import has_activation, iter_batchnorms, num_features
+from .plan import NOT_SELECTED, Skip, select
+from .regions import find_collapses
 from .select import matches, patterns
-from .targets import remainder_of
-from .tree import on_unwrapped, parents
+from .tree import on_unwrapped
 
 __all__ = ["PLACEMENTS", "FoldEdit", "FoldPart", "FoldPlan", "plan_fold"]
 
 _LINEAR_KINDS = ("conv", "conv_transpose", "linear")
 #: where a BN can go, in the order :func:`plan_fold` tries them
 PLACEMENTS = ("producer", "consumer", "region")
-
-
-@dataclass(frozen=True)
-class FoldPart:
-    """The layer that absorbs channels ``start:stop`` of a BN whose input is a concatenation
-    of several layers' outputs."""
-
-    into: str
-    layer: str  # "conv", "conv_transpose" or "linear"
-    start: int
-    stop: int
-    adds_bias: bool = False
-
-
-@dataclass(frozen=True)
-class FoldEdit:
-    """One BN folded into one layer, or (``parts``) into the layers whose outputs a
-    concatenation joins, each its own slice of the BN's channels."""
-
-    bn: str
-    into: str
-    placement: str  # "producer" (the layer before) or "consumer" (the layer after)
-    layer: str  # "conv", "conv_transpose" or "linear"
-    sites: int = 1
-    adds_bias: bool = False
-    keeps: str = ""  # what is left in the BN's place, e.g. "act=SiLU"
-    notes: tuple[str, ...] = ()
-    #: layout ops between the layer and the BN, in the order they run, as (name, args,
-    #: keyword items), e.g. (("flatten", (0, 1), ()),): they move the channel axis to where
-    #: the BN reads it
-    through: tuple[tuple[str, tuple[Any, ...], tuple[tuple[str, Any], ...]], ...] = ()
-    #: for a BN after a concatenation: the layer each slice of its channels folds into
-    #: (``into`` then names them all)
-    parts: tuple[FoldPart, ...] = ()
-    #: for a BN in a linear region of its block (``placement == "region"``): every region of
-    #: that block, collapsed together (``into`` names the region's new conv)
-    collapse: Collapse | None = None
-    #: ``"weight_norm"``: the layer's weight is weight norm's ``g * v / |v|`` and the fold
-    #: scales ``g`` (the parametrisation stays)
-    scales: str = ""
-    #: for an ``F.batch_norm`` call on tensors a module holds (``bn`` is its running mean's
-    #: path): the paths of its running mean, running variance, weight and bias ("" for none),
-    #: and its eps; the fold makes the call an identity
-    functional: tuple[str, str, str, str] = ()
-    eps: float = 0.0
-
-    def __str__(self) -> str:
-        if self.collapse is not None:
-            region = next(s for s in self.collapse.sums if self.into.endswith("." + s.name))
-            k = "x".join(map(str, region.conv.kernel))
-            merged = ", ".join(f"`{p}`" for p in (*region.layers, *region.bns))
-            return (
-                f"-> collapsed into {self.into} (region: {region.branches} branches, {merged} "
-                f"into one {k} conv, groups {region.conv.groups})"
-            )
-        if self.parts:
-            slices = ", ".join(f"[{p.start}:{p.stop}] {p.into}" for p in self.parts)
-            text = f"-> per slice after cat() into {slices} ({self.placement}, {self.layer}"
-            text += (
-                f", bias added to {sum(p.adds_bias for p in self.parts)}" if self.adds_bias else ""
-            )
-            text += f", kept {self.keeps}" if self.keeps else ""
-            return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
-        text = f"-> into {self.into} ({self.placement}, {self.layer}"
-        text += f", through {', '.join(s[0] + '()' for s in self.through)}" if self.through else ""
-        text += ", into its weight norm's g" if self.scales else ""
-        text += ", F.batch_norm left as an identity" if self.functional else ""
-        text += ", bias added" if self.adds_bias else ""
-        text += f", kept {self.keeps}" if self.keeps else ""
-        text += f", {self.sites} call sites" if self.sites > 1 else ""
-        return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
-
-    def targets(self) -> tuple[FoldPart, ...]:
-        """Every layer this BN folds into, with its slice of the BN's channels."""
-        if self.parts:
-            return self.parts
-        return (FoldPart(self.into, self.layer, 0, -1, self.adds_bias),)
-
-    def holder(self, model: nn.Module) -> Any:
-        """What holds the BN's tensors as ``running_mean``, ``running_var``, ``weight`` and
-        ``bias``: the BN module, or for an ``F.batch_norm`` call a namespace of its tensors."""
-        if not self.functional:
-            return model.get_submodule(self.bn)
-        keys = ("running_mean", "running_var", "weight", "bias")
-        return SimpleNamespace(
-            **{k: _tensor_at(model, p) for k, p in zip(keys, self.functional, strict=True)}
-        )
-
-    def stats(self, model: nn.Module) -> BNStats | None:
-        """The BN's eval-mode function (of an ``F.batch_norm`` call: from its tensors)."""
-        if not self.functional:
-            return bn_stats(model.get_submodule(self.bn))
-        mean, var, weight, bias = (_tensor_at(model, p) for p in self.functional)
-        assert mean is not None and var is not None
-        c = mean.numel()
-
-        def as64(t: torch.Tensor | None, default: float) -> torch.Tensor:
-            if t is None:
-                return torch.full((c,), default, dtype=torch.float64)
-            return t.detach().double().cpu().reshape(-1)
-
-        return BNStats(as64(mean, 0), as64(var, 1), as64(weight, 1), as64(bias, 0), self.eps)
-
-    def weights(
-        self,
-        model: nn.Module,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        part: FoldPart | None = None,
-    ) -> tuple[nn.Parameter, nn.Parameter]:
-        """The layer's ``weight`` and ``bias`` with this BN (its ``part`` slice, for a BN
-        after a concatenation) folded in (float64 maths, cast back to each tensor's dtype and
-        device)."""
-        stats = self.stats(model)
-        if stats is None:  # plans only hold BNs with statistics
-            raise ValueError(f"{self.bn} has no running statistics to fold")
-        scale, shift = stats.scale_shift()
-        part = part or self.targets()[0]
-        if part.stop >= 0:
-            scale, shift = scale[part.start : part.stop], shift[part.start : part.stop]
-        layer = model.get_submodule(part.into)
-        maths = foldmath.fold_producer if self.placement == "producer" else foldmath.fold_consumer
-        new_w, new_b = maths(
-            part.layer,
-            weight.detach().double().cpu(),
-            None if bias is None else bias.detach().double().cpu(),
-            scale,
-            shift,
-            int(getattr(layer, "groups", 1)),
-        )
-        return _param(new_w, weight), _param(new_b, weight if bias is None else bias)
-
-    def _scaled_g(self, model: nn.Module, g: torch.Tensor) -> nn.Parameter:
-        stats = bn_stats(model.get_submodule(self.bn))
-        assert stats is not None
-        scale = stats.scale_shift()[0].view(-1, *[1] * (g.dim() - 1))
-        return _param(g.detach().double().cpu() * scale, g)
-
-    def apply(self, model: nn.Module, txn: Transaction) -> None:
-        """Fold: new weights into every attribute that holds the layer's (tied ones too), a
-        zero bias first where the layer has none, and the BN's remainder in its place. A
-        region's BN: its block rewritten with every region as one conv (once per block)."""
-        if self.collapse is not None:
-            block = model.get_submodule(self.collapse.block)
-            if not getattr(block, COLLAPSED, False):
-                new = carry_hooks(block, self.collapse.rewritten(block))
-                for parent, child, _ in parents(model, block):
-                    txn.set(parent, child, new)
-                txn.add_record(self.collapse.record())
-            return
-        bn = model.get_submodule(self.bn) if not self.functional else None
-        owners = _Owners(model)
-        for part in self.targets():
-            layer = model.get_submodule(part.into)
-            weight: torch.Tensor = layer.weight
-            bias: torch.Tensor | None = layer.bias
-            new_w, new_b = self.weights(model, weight, bias, part)
-            if self.scales == "weight_norm":  # g * s: weight norm then makes W * s
-                weight = _weight_norm_g(layer)
-                new_w = self._scaled_g(model, weight)
-            for module_name, attr in owners.of(weight):
-                txn.set(model.get_submodule(module_name), attr, new_w)
-            if bias is None:
-                txn.set(layer, "bias", new_b)
-                txn.add_record({"add_bias": part.into, "channels": int(new_b.numel())})
-            else:
-                for module_name, attr in owners.of(bias):
-                    txn.set(model.get_submodule(module_name), attr, new_b)
-        if self.functional:  # the call stays, as an identity: mean 0, variance 1 - eps, ...
-            for path, value in zip(self.functional, _IDENTITY, strict=True):
-                tensor = _tensor_at(model, path)
-                if tensor is not None:
-                    txn.copy(tensor, _identity_value(tensor, value, self.eps))
-            return
-        txn.replace(bn, carry_hooks(bn, remainder_of(bn)), {"with": "identity"})
-
-
-@dataclass
-class FoldPlan(Plan):
-    """A :class:`~bnsurgery.plan.Plan` of :class:`FoldEdit` s; ``method`` says how the graph
-    was walked (``"runtime"`` or ``"symbolic"``)."""
-
-    method: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method, **super().to_dict()}
-
-    def without(self, reasons: Mapping[str, str]) -> FoldPlan:
-        """As :meth:`Plan.without`, with the recorded step's counts of folded and left BN; a
-        BN left from a collapsed block leaves every BN of that block's regions."""
-        reasons = dict(reasons)
-        blocks = {e.collapse.block: e.bn for e in self.edits if e.collapse and e.bn in reasons}
-        for e in self.edits:
-            if e.collapse and e.collapse.block in blocks and e.bn not in reasons:
-                reasons[e.bn] = f"its region's block is left with {blocks[e.collapse.block]}"
-        plan = super().without(reasons)
-        return dataclasses.replace(plan, step=_step(plan.edits, plan.skipped))
-
-
-def _step(edits: list[FoldEdit], skipped: list[Skip]) -> dict[str, Any]:
-    return {"op": "fold", "folded": len(edits), "left": len(skipped)}
-
-
-#: the values that make ``F.batch_norm`` an identity: mean, variance (see
-#: :func:`_identity_value`), weight, bias
-_IDENTITY = (0.0, None, 1.0, 0.0)
-
-
-def _identity_value(tensor: torch.Tensor, value: float | None, eps: float) -> torch.Tensor:
-    """``value`` everywhere; for the variance (``None``) the largest ``v <= 1 - eps`` in the
-    tensor's dtype with ``v + eps == 1`` exactly there, so ``1 / sqrt(v + eps)`` is 1."""
-    if value is not None:
-        return torch.full_like(tensor, value)
-    one = torch.ones((), dtype=tensor.dtype)
-    v = (one - eps).to(tensor.dtype)
-    for _ in range(64):
-        if (v + eps).to(tensor.dtype) == one:
-            break
-        v = torch.nextafter(v, one if (v + eps) < one else -one)
-    return torch.full_like(tensor, float(v))
-
-
-def _tensor_at(model: nn.Module, path: str) -> torch.Tensor | None:
-    if not path:
-        return None
-    owner, _, attr = path.rpartition(".")
-    return getattr(model.get_submodule(owner) if owner else model, attr)
-
-
-def _weight_norm_g(layer: nn.Module) -> torch.Tensor:
-    """Weight norm's ``g`` of a layer (either PyTorch API)."""
-    plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
-    return plist.original0 if plist is not None else layer.weight_g
-
-
-def _param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(value.to(dtype=like.dtype, device=like.device), like.requires_grad)
-
-
-class _Owners:
-    """Which module attributes hold each parameter (a tied parameter has several)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.by_id: dict[int, list[tuple[str, str]]] = {}
-        for full, p in model.named_parameters(remove_duplicate=False):
-            module_name, _, attr = full.rpartition(".")
-            self.by_id.setdefault(id(p), []).append((module_name, attr))
-        self.modules = dict(model.named_modules(remove_duplicate=False))
-
-    def of(self, tensor: torch.Tensor | None) -> list[tuple[str, str]]:
-        return self.by_id.get(id(tensor), []) if tensor is not None else []
 
 
 class _Reject(Exception):
@@ -326,7 +74,7 @@ def _weight_norm_of(node: Node) -> tuple[torch.Tensor, int] | None:
     return None
 
 
-def _scaled_tensor(owners: _Owners, node: Node, role: str) -> tuple[torch.Tensor, str]:
+def _scaled_tensor(owners: Owners, node: Node, role: str) -> tuple[torch.Tensor, str]:
     """The parameter a fold scales for ``node``'s weight, and how: ``""`` (the weight
     itself) or ``"weight_norm"`` (its ``g``, per output channel: a producer fold only)."""
     if owners.of(node.weight):
@@ -349,7 +97,7 @@ def _scaled_tensor(owners: _Owners, node: Node, role: str) -> tuple[torch.Tensor
 
 
 def _layer_of(
-    graph: Graph, owners: _Owners, layer_nodes: list[Node], allowed: set[int], role: str
+    graph: Graph, owners: Owners, layer_nodes: list[Node], allowed: set[int], role: str
 ) -> tuple[str, str, bool, str]:
     """Check that every call of the layer is one we fold; return (module, kind, adds_bias,
     how its weight is scaled: see :func:`_scaled_tensor`)."""
@@ -480,7 +228,7 @@ def _check_linear_rank(value: Value, notes: list[str], side: str) -> None:
 
 
 def _absorber(
-    graph: Graph, owners: _Owners, bn: nn.Module, layers: list[Node], role: str
+    graph: Graph, owners: Owners, bn: nn.Module, layers: list[Node], role: str
 ) -> tuple[str, str, bool, str]:
     """The layer every call site folds into, checked (:func:`_layer_of`) and with as many
     channels on the BN's side (its outputs for a producer, inputs for a consumer) as the BN."""
@@ -509,7 +257,7 @@ def _kept(bn: nn.Module) -> str:
 
 
 def _concatenated(
-    graph: Graph, owners: _Owners, bn: nn.Module, site: Node, cat: Node, user: Node
+    graph: Graph, owners: Owners, bn: nn.Module, site: Node, cat: Node, user: Node
 ) -> FoldEdit:
     """A BN after ``cat`` along its channel axis: each slice of its channels folds into the
     conv or linear that alone produces that piece (MixNet's split -> convs -> cat -> BN)."""
@@ -555,7 +303,7 @@ def _concatenated(
     )  # fmt: skip
 
 
-def _producer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
+def _producer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     producers: list[Node] = []
     notes: list[str] = []
     routes: set[tuple[Any, ...]] = set()
@@ -611,7 +359,7 @@ def _through_copy_padding(value: Value) -> tuple[Node, Value]:
     return node, value
 
 
-def _consumer(graph: Graph, owners: _Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
+def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     if has_activation(bn):
         raise _Reject("an activation follows the norm inside the layer, so no layer after it can")
     consumers: list[Node] = []
@@ -714,7 +462,7 @@ def plan_fold(
     if walked is None:
         walked = trace(model, example_inputs)
     graph = walked.graph
-    owners = _Owners(model)
+    owners = Owners(model)
     chosen, skipped = select(model, include, exclude)
     edits: list[FoldEdit] = []
     unplaced: list[str] = []  # BNs no placement took (regions may)
@@ -752,7 +500,7 @@ def plan_fold(
         edits, skipped = _regions(model, graph, chosen, edits, skipped, unplaced)
     order = {name: i for i, (name, _) in enumerate(iter_batchnorms(model))}
     skipped.sort(key=lambda s: order.get(s.bn, -1))
-    return FoldPlan("fold", edits, skipped, _step(edits, skipped), method=graph.method)
+    return FoldPlan("fold", edits, skipped, fold_step(edits, skipped), method=graph.method)
 
 
 #: ops that sum branches, and those that may scale one (names as the walks record them)
@@ -864,7 +612,7 @@ def _same_call(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 def _functional(
     model: nn.Module,
     graph: Graph,
-    owners: _Owners,
+    owners: Owners,
     include: str | Sequence[str] | None,
     exclude: str | Sequence[str] | None,
     placements: Sequence[str],
