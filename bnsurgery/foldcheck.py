@@ -79,6 +79,8 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
                 weight, bias = e.weights(model, weight, bias)
             busy.append(True)  # the recomputation calls the layer: its hooks stand aside
             try:
+                for op, args, kwargs in first.through if first else ():  # BN to the layer
+                    x = getattr(x, op)(*args, **dict(kwargs))
                 got = torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
                 for op, args, kwargs in last.through if last else ():  # layout ops to the BN
                     got = getattr(got, op)(*args, **dict(kwargs))

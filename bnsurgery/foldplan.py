@@ -359,21 +359,70 @@ def _through_copy_padding(value: Value) -> tuple[Node, Value]:
     return node, value
 
 
+def _layout_forward(out: Value) -> tuple[Value, list[Node]]:
+    """Follow the BN's output forward through layout ops that each feed only the next step:
+    the value they end at, and the ops in the order they run."""
+    chain: list[Node] = []
+    value = out
+    while len(value.consumers) == 1 and not value.is_output:
+        op = value.consumers[0]
+        if not (
+            op.kind == "op"
+            and op.name in RESHAPES | PERMUTES
+            and len(op.inputs) == 1
+            and len(op.outputs) == 1
+            and "args" in op.attrs
+            and op.decisions == value.decisions
+        ):
+            break
+        chain.append(op)
+        value = op.outputs[0]
+    return value, chain
+
+
+def _consumer_route(out: Value, fed: Value, cons: Node, chain: list[Node]) -> tuple[Any, ...]:
+    """The BN's channel axis (1) followed through ``chain`` must arrive where ``cons`` reads
+    its input channels (the last axis of a linear's input, axis 1 of a conv's)."""
+    if out.shape is None:
+        raise _Reject(
+            f"its output goes through {chain[0].name}(), and the symbolic walk has no shapes "
+            "to follow the channel axis (pass example inputs)"
+        )
+    axis, shape = 1, out.shape
+    for op in chain:
+        after = op.outputs[0].shape
+        assert after is not None  # the runtime walk records every shape
+        axis = _moved_axis(op, axis, shape, after)
+        shape = after
+    want = len(shape) - 1 if cons.kind == "linear" else 1
+    if axis != want:
+        raise _Reject(
+            f"its channel axis arrives at axis {axis} of {cons.name}()'s input through "
+            f"{', '.join(o.name + '()' for o in chain)}; the layer reads channels on axis {want}"
+        )
+    del fed
+    return tuple((op.name, op.attrs["args"], op.attrs["kwargs"]) for op in chain)
+
+
 def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     if has_activation(bn):
         raise _Reject("an activation follows the norm inside the layer, so no layer after it can")
     consumers: list[Node] = []
     notes: list[str] = []
+    routes: set[tuple[Any, ...]] = set()
     for site in sites:
         if len(site.outputs) != 1:
             raise _Reject("its output is not a single tensor")
         out = site.outputs[0]
         if out.is_output:
             raise _Reject("its output is a model output")
-        if len(out.consumers) != 1:
-            users = ", ".join(_describe(c) for c in out.consumers[:3]) or "nothing"
+        end, chain = _layout_forward(out)
+        if end.is_output:
+            raise _Reject(f"its output is a model output after {chain[-1].name}()")
+        if len(end.consumers) != 1:
+            users = ", ".join(_describe(c) for c in end.consumers[:3]) or "nothing"
             raise _Reject(f"its output goes to {users}, not to one conv or linear")
-        cons, fed = _through_copy_padding(out)
+        cons, fed = _through_copy_padding(end) if not chain else (end.consumers[0], end)
         if cons.kind not in _LINEAR_KINDS or cons.data is not fed:
             raise _Reject(f"its output goes to {_describe(cons)}, not to a conv or linear")
         if cons.decisions > out.decisions:
@@ -382,13 +431,18 @@ def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
             raise _Reject("a transposed conv after it cannot absorb it exactly")
         if cons.kind == "conv" and not _is_zero_padding(cons.attrs):
             raise _Reject(f"the conv after it pads with zeros ({cons.name}, not exact)")
-        if cons.kind == "linear":
+        if chain:
+            routes.add(_consumer_route(out, fed, cons, chain))
+        elif cons.kind == "linear":
             _check_linear_rank(out, notes, "input")
         consumers.append(cons)
+    if len(routes) > 1:
+        raise _Reject("its call sites reach their layer through different layout ops")
     module_name, kind, adds_bias, _ = _absorber(graph, owners, bn, consumers, "consumer")
     return FoldEdit(
-        "", module_name, "consumer", kind, len(sites), adds_bias, "", tuple(dict.fromkeys(notes))
-    )
+        "", module_name, "consumer", kind, len(sites), adds_bias, "",
+        tuple(dict.fromkeys(notes)), next(iter(routes), ()),
+    )  # fmt: skip
 
 
 def _hook_between(model: nn.Module, upstream: str, downstream: str) -> str | None:

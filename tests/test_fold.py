@@ -767,3 +767,40 @@ def test_functional_batch_norm_that_cannot_fold_says_why(kwargs, why):
     report = bnsurgery.last_report(folded)
     assert not report.folded and report.bn_count == 1
     assert why in reasons(report)["norm.running_mean"], reasons(report)
+
+
+class NormThenTokens(nn.Module):
+    """FastViT's attention block: a BatchNorm2d, then the (B, C, H, W) map as (B, HW, C) tokens
+    for a linear layer (``flatten(2).transpose(-2, -1)``)."""
+
+    def __init__(self, tokens=lambda y: y.flatten(2).transpose(-2, -1)):
+        super().__init__()
+        self.bn, self.qkv, self.tokens = nn.BatchNorm2d(6), nn.Linear(6, 9), tokens
+
+    def forward(self, x):
+        return self.qkv(self.tokens(self.bn(x)))
+
+
+@pytest.mark.parametrize(
+    "tokens, folds",
+    [
+        (lambda y: y.flatten(2).transpose(-2, -1), True),
+        (lambda y: y.permute(0, 2, 3, 1), True),
+        (lambda y: y.flatten(2), False),  # channels on axis 1, the linear reads the last
+    ],
+)
+def test_bn_folds_into_the_consumer_through_layout_ops(tokens, folds):
+    from bnsurgery.foldcheck import unit_changes
+
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64)
+    model = prepared(NormThenTokens(tokens).double())
+    if not folds:
+        model.qkv = nn.Linear(9, 9).double()
+    _, report = fold_and_check(model, x, tol=1e-12)
+    if folds:
+        (edit,) = report.folded
+        assert edit.placement == "consumer" and edit.through
+        plan = bnsurgery.plan_fold(model, x)
+        assert unit_changes(model, plan, (x,))["bn"] < 1e-12
+    else:
+        assert "arrives at axis 1" in reasons(report)["bn"], reasons(report)
