@@ -481,6 +481,37 @@ def _why_not(bn: nn.Module, graph: Graph, sites: list[Node]) -> str | None:
     return None
 
 
+def _placed(
+    model: nn.Module,
+    graph: Graph,
+    owners: Owners,
+    bn: Any,
+    sites: list[Node],
+    module: str,
+    placements: Sequence[str],
+) -> tuple[FoldEdit | None, str]:
+    """The first placement that takes the BN called at ``sites`` (``module``: where it sits,
+    for the hook check), or ``None`` and every placement's reason."""
+    reasons: list[str] = []
+    for placement in (p for p in placements if p != "region"):
+        try:
+            find = _producer if placement == "producer" else _consumer
+            edit = find(graph, owners, bn, sites)
+        except _Reject as why:
+            reasons.append(f"{placement}: {why}")
+            continue
+        ends = [
+            (p.into, module) if placement == "producer" else (module, p.into)
+            for p in edit.targets()
+        ]
+        hooked = next(filter(None, (_hook_between(model, *e) for e in ends)), None)
+        if hooked:
+            reasons.append(f"{placement}: {hooked}, which folding would remove")
+            continue
+        return edit, ""
+    return None, "; ".join(reasons)
+
+
 @on_unwrapped
 def plan_fold(
     model: nn.Module,
@@ -526,27 +557,12 @@ def plan_fold(
         if reason:
             skipped.append(Skip(name, reason))
             continue
-        reasons: list[str] = []
-        for placement in (p for p in placements if p != "region"):
-            try:
-                find = _producer if placement == "producer" else _consumer
-                edit = find(graph, owners, bn, sites)
-            except _Reject as why:
-                reasons.append(f"{placement}: {why}")
-                continue
-            ends = [
-                (p.into, name) if placement == "producer" else (name, p.into)
-                for p in edit.targets()
-            ]
-            hooked = next(filter(None, (_hook_between(model, *e) for e in ends)), None)
-            if hooked:
-                reasons.append(f"{placement}: {hooked}, which folding would remove")
-                continue
-            edits.append(dataclasses.replace(edit, bn=name))
-            break
-        else:
-            skipped.append(Skip(name, "; ".join(reasons)))
+        edit, why = _placed(model, graph, owners, bn, sites, name, placements)
+        if edit is None:
+            skipped.append(Skip(name, why))
             unplaced.append(name)
+        else:
+            edits.append(dataclasses.replace(edit, bn=name))
     more, left = _functional(model, graph, owners, include, exclude, placements)
     edits += more
     skipped += left
@@ -707,26 +723,13 @@ def _functional(
                 if stray:
                     raise _Reject(f"its tensors are also read by {_describe(stray[0])}")
             stand_in = SimpleNamespace(num_features=int(tensors[0].numel()))
-            reasons = []
-            for placement in (p for p in placements if p != "region"):
-                try:
-                    find = _producer if placement == "producer" else _consumer
-                    edit = find(graph, owners, stand_in, sites)
-                except _Reject as why:
-                    reasons.append(f"{placement}: {why}")
-                    continue
-                owner = name.rpartition(".")[0]
-                ends = (edit.into, owner) if placement == "producer" else (owner, edit.into)
-                hooked = _hook_between(model, *ends)
-                if hooked:
-                    reasons.append(f"{placement}: {hooked}, which folding would remove")
-                    continue
-                eps = 1e-5 if args.get("eps") is None else float(args["eps"])
-                found = tuple(paths.get(id(t), "") if t is not None else "" for t in tensors)
-                edits.append(dataclasses.replace(edit, bn=name, functional=found, eps=eps))
-                break
-            else:
-                raise _Reject("; ".join(reasons))
+            owner = name.rpartition(".")[0]
+            edit, why = _placed(model, graph, owners, stand_in, sites, owner, placements)
+            if edit is None:
+                raise _Reject(why)
+            eps = 1e-5 if args.get("eps") is None else float(args["eps"])
+            found = tuple(paths.get(id(t), "") if t is not None else "" for t in tensors)
+            edits.append(dataclasses.replace(edit, bn=name, functional=found, eps=eps))
         except _Reject as why:
             skipped.append(Skip(name, f"F.batch_norm: {why}"))
     return edits, skipped
