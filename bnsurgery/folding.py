@@ -170,8 +170,11 @@ def fold(
     Each BN whose input comes only from a conv, transposed conv or linear layer (any groups,
     dilation, stride, padding mode, with or without bias) is folded into that layer; otherwise,
     if its output goes only to a linear layer or to a conv that never sees padded zeros, into
-    that one. Every other BN is left, with a reason in the report. Arithmetic is float64, cast
-    back to each layer's dtype.
+    that one (also through layout ops such as ``flatten``/``transpose`` on either side, and a BN
+    after ``torch.cat`` slice by slice into each piece's layer). Branches of a block that add up
+    to one conv (RepVGG, MobileOne, FastViT) collapse into it, the block rewritten
+    (:mod:`bnsurgery.regions`). Every other BN is left, with a reason in the report. Arithmetic
+    is float64, cast back to each layer's dtype.
 
     Args:
         model: the model, changed in place. Folding uses eval semantics whatever its mode.

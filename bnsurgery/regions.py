@@ -126,6 +126,8 @@ class Collapse:
         for s in self.sums:
             node = _node(gm.graph, s.output)
             affine = _Expressor(gm).express_region(node)
+            if affine.spec(gm) != s.conv:
+                raise BnSurgeryError(f"the block changed since its region {s.output} was planned")
             weight, bias = affine.conv_weights(s.conv, gm)
             conv = s.conv.build(_first_weight(gm, affine))
             with torch.no_grad():
@@ -318,7 +320,7 @@ class _Expressor:
         if isinstance(value, fx.Node):
             const = self.constant(value)
             if const is not None:
-                return _Affine(None, [], const[0], consts=const[1])
+                return _Affine(None, [], const[0], consts=list(const[1]))
             if (
                 value.op in ("call_module", "call_function", "call_method")
                 and len(value.users) == 1
