@@ -14,8 +14,10 @@ import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from .batches import map_tensors
 from .foldedit import FoldEdit, FoldPlan
 from .hooks import user_hooks_suspended
+from .regions import Collapse
 from .targets import remainder_of
 from .tree import eval_mode
 from .verify import max_relative_error
@@ -30,7 +32,8 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
     A unit is one conv or linear layer with the BN folded into it from before (consumer fold)
     and the one folded into it from after (producer fold), either or both: it turns
     ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))``; or the layers whose
-    outputs a concatenation joins before a BN, each with its slice. Recomputing each unit on
+    outputs a concatenation joins before a BN, each with its slice; or a block whose linear
+    regions collapse, rewritten and run on its input. Recomputing each unit on
     its recorded input keeps data-dependent parts elsewhere in the model (proposal selection,
     NMS) and the network's amplification of rounding out of the comparison.
 
@@ -139,6 +142,36 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
         handles.append(model.get_submodule(edit.bn).register_forward_hook(leave))
         results.append(([edit], seen[0] if seen else [], state))
 
+    def watch_block(collapse: Collapse, edits: list[FoldEdit]) -> None:
+        """A block whose linear regions collapse: rewritten on the spot (one block's weights
+        at a time) and run on the very input the block saw, against its output."""
+        block = model.get_submodule(collapse.block)
+        pending: list[tuple[tuple, dict]] = []
+        state = {"worst": 0.0, "calls": 0, "broken": False}
+
+        def enter(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            if not busy:
+                pending.append(map_tensors((args, kwargs), lambda t: t.detach().clone()))
+
+        def leave(module: nn.Module, args: tuple, kwargs: dict, expected: Any) -> None:
+            if busy:
+                return
+            if not pending:
+                state["broken"] = True
+                return
+            saved_args, saved_kwargs = pending.pop(0)
+            busy.append(True)
+            try:
+                got = collapse.rewritten(block)(*saved_args, **saved_kwargs)
+            finally:
+                busy.pop()
+            state["worst"] = max(state["worst"], max_relative_error(expected, got))
+            state["calls"] += 1
+
+        handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(block.register_forward_hook(leave, with_kwargs=True))
+        results.append((edits, pending, state))
+
     with user_hooks_suspended(model):  # first: the hooks watch() registers are ours
         for name, edits in units.items():
             if isinstance(model.get_submodule(name), _ConvNd | nn.Linear):
@@ -150,6 +183,12 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
                 isinstance(m, _ConvNd | nn.Linear) for m in layers
             ):
                 watch_joined(edit)
+        collapsed: dict[str, list[FoldEdit]] = {}
+        for e in plan.edits:
+            if e.collapse is not None:
+                collapsed.setdefault(e.collapse.block, []).append(e)
+        for edits in collapsed.values():
+            watch_block(edits[0].collapse, edits)
         try:
             with eval_mode(model), torch.no_grad():
                 model(*args)

@@ -224,3 +224,28 @@ def test_a_recorded_region_that_does_not_fit_the_block_is_a_source_error():
     edit["collapse"] = "0"
     with pytest.raises(SourceError):
         replay(holder, [edit])
+
+
+def test_the_layer_check_runs_each_collapsed_block_on_its_input(monkeypatch):
+    from bnsurgery import regions
+    from bnsurgery.foldcheck import unit_changes
+
+    model = wrapped(byobnet.RepVggBlock(8, 8))
+    plan = bnsurgery.plan_fold(model, X)
+    changes = unit_changes(model, plan, (X,))
+    assert set(changes) == {"0.identity", "0.conv_kxk.bn", "0.conv_1x1.bn"}
+    assert max(changes.values()) < 1e-12
+
+    real = regions._Affine.conv_weights
+
+    def off(self, spec, gm):  # a wrong collapse: the check must see it
+        weight, bias = real(self, spec, gm)
+        return weight, bias + 1.0
+
+    monkeypatch.setattr(regions._Affine, "conv_weights", off)
+    assert min(unit_changes(model, plan, (X,)).values()) > 1e-3
+    out = bnsurgery.fold(copy.deepcopy(model), X)  # the wrong region is left, with the reason
+    report = bnsurgery.last_report(out)
+    assert not report.folded and batchnorms(out) == 3
+    assert "moved its layer's output" in report.left[0].reason
+    assert_same_function(model, out, (X,), 0)
