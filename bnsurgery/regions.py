@@ -457,11 +457,16 @@ def _attr(root: nn.Module, target: str) -> Any:
 def _graph_module(
     block: nn.Module, graph: fx.Graph, constants: Mapping[str, Any]
 ) -> fx.GraphModule:
+    """The block's graph as a module. The tensors fx made while tracing (``_tensor_constant0``)
+    go onto the new module; the block itself is left as it was."""
     graph._tracer_cls = None  # unpickling re-traces with it, and bnsurgery's needs a model
-    gm = fx.GraphModule(block, graph, class_name=f"Collapsed{type(block).__name__}")
-    for name, value in constants.items():
-        setattr(gm, name, value)
-    return gm
+    for name, value in constants.items():  # GraphModule copies them from the root
+        block.__dict__[name] = value
+    try:
+        return fx.GraphModule(block, graph, class_name=f"Collapsed{type(block).__name__}")
+    finally:
+        for name in constants:
+            block.__dict__.pop(name, None)
 
 
 def _node(graph: fx.Graph, name: str) -> fx.Node:

@@ -249,3 +249,18 @@ def test_the_layer_check_runs_each_collapsed_block_on_its_input(monkeypatch):
     assert not report.folded and batchnorms(out) == 3
     assert "moved its layer's output" in report.left[0].reason
     assert_same_function(model, out, (X,), 0)
+
+
+class WithConstant(Branches):
+    """A block that makes a tensor in its forward (fx keeps it as ``_tensor_constant0``)."""
+
+    def forward(self, x):
+        return (self.conv3(x) + self.conv1(x) + self.bn(x)) * torch.tensor(2.0, dtype=x.dtype)
+
+
+def test_a_block_that_makes_tensors_in_forward_collapses():
+    model = wrapped(WithConstant())
+    before = set(vars(model[0]))
+    out, report = folded(model)
+    assert convs(out) == 1 and not report.left
+    assert set(vars(model[0])) == before  # the original block is left as it was
