@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
 from .batches import map_tensors
-from .foldedit import FoldEdit, FoldPlan
+from .foldedit import FoldEdit, FoldPlan, replay
 from .hooks import user_hooks_suspended
 from .regions import Collapse
 from .targets import remainder_of
@@ -82,11 +82,9 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
                 weight, bias = e.weights(model, weight, bias)
             busy.append(True)  # the recomputation calls the layer: its hooks stand aside
             try:
-                for op, args, kwargs in first.through if first else ():  # BN to the layer
-                    x = getattr(x, op)(*args, **dict(kwargs))
+                x = replay(x, first.through if first else ())  # from the BN to the layer
                 got = torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
-                for op, args, kwargs in last.through if last else ():  # layout ops to the BN
-                    got = getattr(got, op)(*args, **dict(kwargs))
+                got = replay(got, last.through if last else ())  # from the layer to the BN
                 if after is not None:
                     got = after(got)
             finally:

@@ -28,7 +28,16 @@ from .regions import COLLAPSED, Collapse
 from .targets import remainder_of
 from .tree import parents
 
-__all__ = ["FoldEdit", "FoldPart", "FoldPlan", "Owners", "fold_step", "identity_value", "tensor_at"]
+__all__ = [
+    "FoldEdit",
+    "FoldPart",
+    "FoldPlan",
+    "Owners",
+    "fold_step",
+    "identity_value",
+    "replay",
+    "tensor_at",
+]
 
 
 @dataclass(frozen=True)
@@ -256,6 +265,14 @@ def tensor_at(model: nn.Module, path: str) -> torch.Tensor | None:
         return None
     owner, _, attr = path.rpartition(".")
     return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def replay(x: torch.Tensor, through: tuple[tuple[str, tuple, tuple], ...]) -> torch.Tensor:
+    """Run the recorded layout and pooling ops of a :class:`FoldEdit` on ``x``."""
+    for op, args, kwargs in through:
+        fn = getattr(torch.Tensor, op, None) or getattr(torch.nn.functional, op)
+        x = fn(x, *args, **dict(kwargs))
+    return x
 
 
 def _weight_norm_g(layer: nn.Module) -> torch.Tensor:

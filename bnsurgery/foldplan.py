@@ -22,9 +22,9 @@ from torch.nn.modules.conv import _ConvNd
 from . import foldmath
 from .errors import UsageError
 from .foldedit import FoldEdit, FoldPart, FoldPlan, Owners, fold_step
-from .graph import CONCATS, PERMUTES, RESHAPES, Graph, Node, Trace, Value, trace
+from .graph import CONCATS, PERMUTES, POOLS, RESHAPES, Graph, Node, Trace, Value, trace
 from .hooks import user_hooks
-from .norms import has_activation, iter_batchnorms, num_features
+from .norms import bn_stats, has_activation, iter_batchnorms, num_features
 from .plan import NOT_SELECTED, Skip, select
 from .regions import find_collapses
 from .select import matches, patterns
@@ -162,7 +162,8 @@ def _layout_chain(value: Value, site: Node) -> tuple[Value, Node, list[Node]]:
     chain: list[Node] = []
     user = site
     while (op := value.producer) is not None and op.kind == "op":
-        if op.name not in RESHAPES | PERMUTES or len(op.inputs) != 1 or "args" not in op.attrs:
+        passes = RESHAPES | PERMUTES | POOLS
+        if op.name not in passes or len(op.inputs) != 1 or "args" not in op.attrs:
             break
         _only_for(value, user, site, f"the output of {op.name}()")
         chain.insert(0, op)
@@ -195,8 +196,54 @@ def _channel_route(prod: Node, value: Value, chain: list[Node]) -> tuple[Any, ..
     return tuple((op.name, op.attrs["args"], op.attrs["kwargs"]) for op in chain)
 
 
+_POOL_ARGS = {
+    "avg": (
+        "kernel_size",
+        "stride",
+        "padding",
+        "ceil_mode",
+        "count_include_pad",
+        "divisor_override",
+    ),
+    "max": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+}
+
+
+def _pool_problem(op: Node) -> str | None:
+    """Why a BN's affine map does not commute with this pooling call, or ``None``. (A max
+    pool needs a positive scale in every channel: :func:`_producer` checks that.)"""
+    kind = op.name.split("_pool")[0]
+    if kind.startswith("adaptive"):
+        return (
+            None
+            if "max" not in kind
+            or not _bound(op, ("output_size", "return_indices")).get("return_indices")
+            else "it returns indices"
+        )
+    bound = _bound(op, _POOL_ARGS[kind])
+    if kind == "max":
+        return "it returns indices" if bound.get("return_indices") else None
+    padded = bound.get("padding", 0) not in (0, (0,), (0, 0), (0, 0, 0), [0, 0], None)
+    if bound.get("divisor_override") is not None:
+        return "it divides by a fixed divisor_override"
+    if padded and bound.get("count_include_pad", True):
+        return "it averages padded zeros (count_include_pad)"
+    return None
+
+
+def _bound(op: Node, names: tuple[str, ...]) -> dict[str, Any]:
+    bound = dict(zip(names, op.attrs["args"], strict=False))
+    bound.update(dict(op.attrs["kwargs"]))
+    return bound
+
+
 def _moved_axis(op: Node, axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> int:
     """Where axis ``axis`` of ``op``'s input is in its output, or :class:`_Reject`."""
+    if op.name in POOLS:
+        problem = _pool_problem(op)
+        if axis != 1 or problem:
+            raise _Reject(f"{op.name}() is in the way: {problem or 'it pools over channels'}")
+        return axis
     if op.name in PERMUTES:
         given = (*op.attrs["args"], *(v for _, v in op.attrs["kwargs"]))
         dims = [d for d in given if isinstance(d, int)] or [
@@ -320,7 +367,11 @@ def _producer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
                 where = "at several call sites" if chain == [] else "through layout ops"
                 raise _Reject(f"its input comes from cat() {where}; only one direct site folds")
             return _concatenated(graph, owners, bn, site, prod, user)
-        if prod.kind == "op" and prod.name in RESHAPES | PERMUTES and "args" not in prod.attrs:
+        if (
+            prod.kind == "op"
+            and prod.name in RESHAPES | PERMUTES | POOLS
+            and "args" not in prod.attrs
+        ):
             raise _Reject(
                 f"its input comes through {prod.name}(), which the symbolic walk cannot follow "
                 "the channel axis through (pass example inputs)"
@@ -337,6 +388,13 @@ def _producer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
         raise _Reject("its call sites reach it through different layout ops")
     module_name, kind, adds_bias, how = _absorber(graph, owners, bn, producers, "producer")
     through = next(iter(routes), ())
+    maxed = [op for op, _, _ in through if "max_pool" in op]
+    if maxed:  # max(s * x + t) = s * max(x) + t only where s > 0
+        stats = bn_stats(bn) if isinstance(bn, nn.Module) else None
+        if stats is None or not bool((stats.scale_shift()[0] > 0).all()):
+            raise _Reject(
+                f"{maxed[0]}() is in the way and the BN's scale is not positive in every channel"
+            )
     return FoldEdit(
         "", module_name, "producer", kind, len(sites), adds_bias, _kept(bn),
         tuple(dict.fromkeys(notes)), through, scales=how,

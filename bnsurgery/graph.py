@@ -43,6 +43,7 @@ __all__ = [
     "CONCATS",
     "DECISIONS",
     "PERMUTES",
+    "POOLS",
     "RESHAPES",
     "fx_trace",
     "trace",
@@ -251,6 +252,16 @@ RESHAPES = frozenset(
 )
 PERMUTES = frozenset({"transpose", "swapaxes", "swapdims", "permute"})
 _LAYOUT_OPS = RESHAPES | PERMUTES
+#: Ops that average or take the maximum over spatial windows, per channel: a BN's affine map
+#: commutes with an average over real values and, where its scale is positive, with a maximum.
+#: Recorded with their arguments like the layout ops.
+POOLS = frozenset(
+    {
+        f"{kind}_pool{d}d"
+        for kind in ("avg", "max", "adaptive_avg", "adaptive_max")
+        for d in (1, 2, 3)
+    }
+)
 #: Ops that join tensors along an axis, recorded with it (``attrs["dim"]``): a BN after one
 #: folds slice by slice into the layers that produce the pieces.
 CONCATS = frozenset({"cat", "concat", "concatenate"})
@@ -262,13 +273,16 @@ def _concat_dim(args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     return {"dim": dim} if isinstance(dim, int) and not isinstance(dim, bool) else {}
 
 
-def _plain(value: Any) -> bool:
-    """Ints, None and tuples or lists of them, nested: arguments that can be replayed."""
+def _plain(value: Any, flags: bool = False) -> bool:
+    """Ints, None and tuples or lists of them, nested (and bools, with ``flags``): arguments
+    that can be replayed."""
     if isinstance(value, tuple | list):
-        return all(_plain(v) for v in value)
+        return all(_plain(v, flags) for v in value)
     if isinstance(value, dict):
-        return all(_plain(v) for v in value.values())
-    return value is None or (isinstance(value, int) and not isinstance(value, bool))
+        return all(_plain(v, flags) for v in value.values())
+    if isinstance(value, bool):
+        return flags
+    return value is None or isinstance(value, int)
 
 
 def _shape_only(name: str, args: tuple, tensors: list[torch.Tensor]) -> set[int]:
@@ -390,6 +404,8 @@ class _Recorder(TorchFunctionMode):
         elif name == "_weight_norm" and len(args) >= 2:  # torch._weight_norm(v, g, dim)
             dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
             node.attrs = {"v": args[0], "g": args[1], "dim": dim}
+        elif name in POOLS and _plain((args[1:], kwargs), flags=True):
+            node.attrs = {"args": tuple(args[1:]), "kwargs": tuple(kwargs.items())}
         elif name in _LAYOUT_OPS and _plain((args[1:], kwargs)):
             # how to replay it: fold follows the channel axis through it, and its layer check
             # repeats it on the recomputed layer's output

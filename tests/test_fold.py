@@ -804,3 +804,45 @@ def test_bn_folds_into_the_consumer_through_layout_ops(tokens, folds):
         assert unit_changes(model, plan, (x,))["bn"] < 1e-12
     else:
         assert "arrives at axis 1" in reasons(report)["bn"], reasons(report)
+
+
+class ConvPoolNorm(nn.Module):
+    """A BN after pooling a conv's output (BoTNet's, CoAtNet's ``conv -> avg_pool -> BN``)."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.conv, self.bn, self.pool = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), pool
+
+    def forward(self, x):
+        return self.bn(self.pool(self.conv(x)))
+
+
+F_ = torch.nn.functional
+
+
+@pytest.mark.parametrize(
+    "pool, positive, folds",
+    [
+        (lambda y: F_.avg_pool2d(y, 2), False, True),
+        (lambda y: F_.avg_pool2d(y, 3, 2, 1, count_include_pad=False), False, True),
+        (lambda y: F_.adaptive_avg_pool2d(y, 1), False, True),
+        (lambda y: F_.max_pool2d(y, 3, 2, 1), True, True),
+        (lambda y: F_.max_pool2d(y, 2), False, False),  # a negative scale: max does not commute
+        (lambda y: F_.avg_pool2d(y, 3, 2, 1), False, False),  # averages padded zeros
+    ],
+)
+def test_bn_folds_into_the_conv_before_a_pooling_where_exact(pool, positive, folds):
+    from bnsurgery.foldcheck import unit_changes
+
+    model = prepared(ConvPoolNorm(pool).double())
+    with torch.no_grad():
+        model.bn.weight.copy_(torch.tensor([0.5, 2.0, 1.0, 0.7] if positive else [1, -1, 2, 1]))
+    x = torch.randn(2, 3, 9, 9, dtype=torch.float64)
+    folded = bnsurgery.fold(copy.deepcopy(model), x)  # (fold_and_check would redraw the BN)
+    assert_same_function(model, folded, (x,), 1e-12)
+    report = bnsurgery.last_report(folded)
+    assert bool(report.folded) == folds, reasons(report)
+    if folds:
+        assert unit_changes(model, bnsurgery.plan_fold(model, x), (x,))["bn"] < 1e-12
+    else:
+        assert "pool" in reasons(report)["bn"], reasons(report)
