@@ -30,7 +30,7 @@ from torch import nn
 
 from .errors import UnsupportedModelError, VerificationError
 from .foldcheck import unit_changes
-from .foldplan import PLACEMENTS, FoldEdit, FoldPlan, plan_fold
+from .foldplan import PLACEMENTS, FoldEdit, FoldPlan, left_class, plan_fold
 from .graph import trace
 from .hooks import has_hooks, user_hooks_suspended
 from .norms import check_finite, is_batchnorm
@@ -69,7 +69,7 @@ class FoldReport(Report):
             "was_training": self.was_training,
             "notes": list(self.notes),
             "folded": [asdict(e) for e in self.folded],
-            "left": [asdict(s) for s in self.left],
+            "left": [{**s.to_dict(), "class": left_class(s.reason)} for s in self.left],
         }
 
 

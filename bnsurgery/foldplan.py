@@ -30,11 +30,53 @@ from .regions import find_collapses
 from .select import matches, patterns
 from .tree import on_unwrapped
 
-__all__ = ["PLACEMENTS", "FoldEdit", "FoldPart", "FoldPlan", "plan_fold"]
+__all__ = [
+    "LEFT_CLASSES",
+    "PLACEMENTS",
+    "FoldEdit",
+    "FoldPart",
+    "FoldPlan",
+    "left_class",
+    "plan_fold",
+]
 
 _LINEAR_KINDS = ("conv", "conv_transpose", "linear")
 #: where a BN can go, in the order :func:`plan_fold` tries them
 PLACEMENTS = ("producer", "consumer", "region")
+
+
+#: The short list every BN a fold leaves falls in (README, "Never folded"), each with the
+#: wording of the reasons that put a BN there, checked in this order.
+LEFT_CLASSES: dict[str, tuple[str, ...]] = {
+    "not selected": (NOT_SELECTED,),
+    "no statistics": (
+        "running statistics", "track_running_stats", "training=True", "not called in the",
+        "uninitialised",
+    ),
+    "user hook": ("hook",),
+    "precision": ("moved its layer's output", "checked only through the output"),
+    "computed weight": ("computed at run time", "weight-normed", "not floating point"),
+    "walk limit": (
+        "data-dependent", "symbolic walk", "symbolic tracing", "model's own forward",
+        "pass example inputs",
+    ),
+    "shared tensor": (
+        "is also used by", "is also a model output", "is also read by", "are also read by",
+        "differ between calls", "is also `", "different layout ops", "more than once",
+        "more than one piece",
+    ),
+    "not one conv": ("differ in", "do not align", "overlaps another", "changes the channel count"),
+    "no layer beside it": ("comes from", "its input is a", "its output goes to", "a model output"),
+}  # fmt: skip
+
+
+def left_class(reason: str) -> str:
+    """Which of :data:`LEFT_CLASSES` a left BN's reason falls in (``"other"``: none, a
+    wording this list misses)."""
+    for name, words in LEFT_CLASSES.items():
+        if any(w in reason for w in words):
+            return name
+    return "other"
 
 
 class _Reject(Exception):

@@ -857,6 +857,48 @@ def _within_ulp32(r: dict[str, Any]) -> bool:
     return _num(ulp32) and math.isfinite(ulp32) and r["err"] <= max(TOLERANCE, 2 * ulp32)
 
 
+#: the families fold's linear regions, layout ops and concatenations were built for (issue 14)
+FAMILIES = ("repvgg", "mobileone", "repghost", "fastvit", "repvit", "levit", "mixnet", "ghostnetv2")
+
+
+def _coverage(swept: list[dict[str, Any]]) -> list[str]:
+    """BN folded overall, the BN left by class, and the BN left in :data:`FAMILIES`."""
+    from bnsurgery.foldplan import left_class
+
+    def left_by_class(rows: list[dict[str, Any]]) -> Counter[str]:
+        classes: Counter[str] = Counter()
+        for r in rows:
+            for reason, n in (r.get("reasons") or {}).items():
+                classes[left_class(reason)] += int(n)
+        return classes
+
+    total = sum(int(r.get("bn") or 0) for r in swept)
+    folded = sum(int(r.get("folded") or 0) for r in swept)
+    classes = left_by_class(swept)
+    lines = [
+        f"- BN folded: **{folded:,} of {total:,} ({100 * folded / max(total, 1):.1f}%)**; "
+        'BN left by class (README, "Never folded"): '
+        + (", ".join(f"{k} {v:,}" for k, v in classes.most_common()) or "none")
+    ]
+    parts = []
+    for family in FAMILIES:
+        rows = [
+            r for r in swept
+            if re.match(rf"timm:(tf_)?{family}", r["name"]) and r.get("status") != "setup_error"
+        ]  # fmt: skip
+        bn = sum(int(r.get("bn") or 0) for r in rows)
+        left = sum(int(r.get("bn") or 0) - int(r.get("folded") or 0) for r in rows)
+        why = left_by_class(rows)
+        parts.append(
+            f"{family} {left} of {bn:,} in {len(rows)} models"
+            + (f" ({', '.join(f'{k} {v}' for k, v in why.most_common())})" if why else "")
+        )
+    lines.append(
+        "- BN left in the multi-branch, layout and concatenation families: " + "; ".join(parts)
+    )
+    return lines
+
+
 def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     swept = [r for r in records if r.get("status") != "no_bn"]
     skipped = len(records) - len(swept)
@@ -929,6 +971,7 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         + (f"{_fmt_err(worst['err'])}** ({worst['name']})" if worst else "n/a**"),
         f"- models where fx fuse folds more BN than bnsurgery: **{len(fx_more)}**"
         + (f" ({', '.join(r['name'] for r in fx_more)})" if fx_more else ""),
+        *_coverage(swept),
         "",
         "Columns: *err* is max\\|a-b\\|/max\\|a\\| over float outputs measured by the sweep "
         "(for a fold that failed verification, of the fold redone without verification; for "

@@ -846,3 +846,35 @@ def test_bn_folds_into_the_conv_before_a_pooling_where_exact(pool, positive, fol
         assert unit_changes(model, bnsurgery.plan_fold(model, x), (x,))["bn"] < 1e-12
     else:
         assert "pool" in reasons(report)["bn"], reasons(report)
+
+
+def test_every_reason_a_fold_gives_falls_in_a_documented_class():
+    import json
+    from pathlib import Path
+
+    from bnsurgery.foldplan import LEFT_CLASSES, left_class
+
+    sweep = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "zoo_sweep.jsonl"
+    reasons = {
+        reason
+        for line in sweep.read_text().splitlines()
+        for reason in (json.loads(line).get("reasons") or {})
+    }
+    assert len(reasons) > 20
+    assert {r: left_class(r) for r in reasons if left_class(r) == "other"} == {}
+    readme = (sweep.parents[2] / "README.md").read_text()
+    assert all(f"| {name} |" in readme for name in LEFT_CLASSES)
+    for case in REFUSED_CAT.values():  # reasons worded by the newer placements too
+        _, report = fold_and_check(case[0]().double(), MIXED_X, tol=1e-12)
+        assert all(left_class(s.reason) != "other" for s in report.left), report.left
+    report = bnsurgery.last_report(bnsurgery.fold(prepared(Branches_for_class()), X_CLASS))
+    assert [left_class(s.reason) for s in report.left] == ["not one conv"]
+
+
+def Branches_for_class():
+    from .test_regions import Branches
+
+    return nn.Sequential(Branches(groups1=2)).double()
+
+
+X_CLASS = torch.randn(2, 8, 6, 6, dtype=torch.float64)
