@@ -899,6 +899,18 @@ def _coverage(swept: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _carried(swept: list[dict[str, Any]]) -> list[str]:
+    """Rows kept from an earlier run rather than rerun (a record with ``carried_over``)."""
+    kept = [r for r in swept if r.get("carried_over")]
+    if not kept:
+        return []
+    when = ", ".join(sorted({str(r["carried_over"]) for r in kept}))
+    return [
+        f"- carried over from the run of {when}, not rerun (every BN folded then; the slowest "
+        f"models): {len(kept)} ({', '.join(r['name'] for r in kept)})"
+    ]
+
+
 def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     swept = [r for r in records if r.get("status") != "no_bn"]
     skipped = len(records) - len(swept)
@@ -972,6 +984,7 @@ def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"- models where fx fuse folds more BN than bnsurgery: **{len(fx_more)}**"
         + (f" ({', '.join(r['name'] for r in fx_more)})" if fx_more else ""),
         *_coverage(swept),
+        *_carried(swept),
         "",
         "Columns: *err* is max\\|a-b\\|/max\\|a\\| over float outputs measured by the sweep "
         "(for a fold that failed verification, of the fold redone without verification; for "
