@@ -66,6 +66,9 @@ LEFT_CLASSES: dict[str, tuple[str, ...]] = {
         "more than one piece",
     ),
     "not one conv": ("differ in", "do not align", "overlaps another", "changes the channel count"),
+    "channels mixed": (
+        "merges or splits the channel axis", "arrives at axis", "pools over channels",
+    ),
     "no layer beside it": ("comes from", "its input is a", "its output goes to", "a model output"),
 }  # fmt: skip
 
