@@ -22,7 +22,7 @@ from torch import nn
 
 from . import foldmath
 from .hooks import carry_hooks
-from .norms import BNStats, bn_stats
+from .norms import BNStats, bn_stats, stats_of
 from .plan import Plan, Skip, Transaction
 from .regions import COLLAPSED, Collapse
 from .targets import remainder_of
@@ -131,15 +131,8 @@ class FoldEdit:
         if not self.functional:
             return bn_stats(model.get_submodule(self.bn))
         mean, var, weight, bias = (tensor_at(model, p) for p in self.functional)
-        assert mean is not None and var is not None
-        c = mean.numel()
-
-        def as64(t: torch.Tensor | None, default: float) -> torch.Tensor:
-            if t is None:
-                return torch.full((c,), default, dtype=torch.float64)
-            return t.detach().double().cpu().reshape(-1)
-
-        return BNStats(as64(mean, 0), as64(var, 1), as64(weight, 1), as64(bias, 0), self.eps)
+        assert mean is not None and var is not None  # plans hold calls with statistics
+        return stats_of(mean, var, weight, bias, self.eps)
 
     def weights(
         self,

@@ -258,16 +258,12 @@ def _pool_problem(op: Node) -> str | None:
     """Why a BN's affine map does not commute with this pooling call, or ``None``. (A max
     pool needs a positive scale in every channel: :func:`_producer` checks that.)"""
     kind = op.name.split("_pool")[0]
-    if kind.startswith("adaptive"):
-        return (
-            None
-            if "max" not in kind
-            or not _bound(op, ("output_size", "return_indices")).get("return_indices")
-            else "it returns indices"
-        )
-    bound = _bound(op, _POOL_ARGS[kind])
-    if kind == "max":
-        return "it returns indices" if bound.get("return_indices") else None
+    names = ("output_size", "return_indices") if kind.startswith("adaptive") else _POOL_ARGS[kind]
+    bound = _bound(op, names)
+    if bound.get("return_indices"):
+        return "it returns indices"
+    if kind != "avg":  # max pooling (a positive scale is checked later), adaptive pooling
+        return None
     padded = bound.get("padding", 0) not in (0, (0,), (0, 0), (0, 0, 0), [0, 0], None)
     if bound.get("divisor_override") is not None:
         return "it divides by a fixed divisor_override"
@@ -483,7 +479,7 @@ def _layout_forward(out: Value) -> tuple[Value, list[Node]]:
     return value, chain
 
 
-def _consumer_route(out: Value, fed: Value, cons: Node, chain: list[Node]) -> tuple[Any, ...]:
+def _consumer_route(out: Value, cons: Node, chain: list[Node]) -> tuple[Any, ...]:
     """The BN's channel axis (1) followed through ``chain`` must arrive where ``cons`` reads
     its input channels (the last axis of a linear's input, axis 1 of a conv's)."""
     if out.shape is None:
@@ -503,7 +499,6 @@ def _consumer_route(out: Value, fed: Value, cons: Node, chain: list[Node]) -> tu
             f"its channel axis arrives at axis {axis} of {cons.name}()'s input through "
             f"{', '.join(o.name + '()' for o in chain)}; the layer reads channels on axis {want}"
         )
-    del fed
     return tuple((op.name, op.attrs["args"], op.attrs["kwargs"]) for op in chain)
 
 
@@ -535,7 +530,7 @@ def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
         if cons.kind == "conv" and not _is_zero_padding(cons.attrs):
             raise _Reject(f"the conv after it pads with zeros ({cons.name}, not exact)")
         if chain:
-            routes.add(_consumer_route(out, fed, cons, chain))
+            routes.add(_consumer_route(out, cons, chain))
         elif cons.kind == "linear":
             _check_linear_rank(out, notes, "input")
         consumers.append(cons)

@@ -27,6 +27,7 @@ from .frozen import FrozenBatchNorm
 __all__ = [
     "BNStats",
     "bn_stats",
+    "stats_of",
     "eps_of",
     "has_statistics",
     "bad_statistics",
@@ -198,7 +199,24 @@ def bn_stats(module: nn.Module) -> BNStats | None:
     (:func:`has_statistics`)."""
     if not has_statistics(module):
         return None
-    mean, var = module.running_mean, module.running_var
+    return stats_of(
+        module.running_mean,
+        module.running_var,
+        getattr(module, "weight", None),
+        getattr(module, "bias", None),
+        eps_of(module),
+    )
+
+
+def stats_of(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> BNStats:
+    """:class:`BNStats` from a BN's tensors (a BN module's, or an ``F.batch_norm`` call's),
+    float64 on the CPU; no weight or bias counts as 1 and 0."""
     c = mean.numel()
 
     def as64(t: torch.Tensor | None, default: float) -> torch.Tensor:
@@ -206,13 +224,7 @@ def bn_stats(module: nn.Module) -> BNStats | None:
             return torch.full((c,), default, dtype=torch.float64)
         return t.detach().to(device="cpu", dtype=torch.float64).reshape(c).clone()
 
-    return BNStats(
-        mean=as64(mean, 0.0),
-        var=as64(var, 1.0),
-        weight=as64(getattr(module, "weight", None), 1.0),
-        bias=as64(getattr(module, "bias", None), 0.0),
-        eps=eps_of(module),
-    )
+    return BNStats(as64(mean, 0.0), as64(var, 1.0), as64(weight, 1.0), as64(bias, 0.0), eps)
 
 
 def bad_statistics(module: nn.Module) -> str | None:
