@@ -8,14 +8,16 @@ top-k, flipping on it), without keeping more than one activation and one layer.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.overrides import TorchFunctionMode
 
 from .batches import map_tensors
-from .foldedit import FoldEdit, FoldPlan, replay
+from .foldedit import FoldEdit, FoldPart, FoldPlan, replay, weight_norm_g
 from .hooks import user_hooks_suspended
 from .regions import Collapse
 from .targets import remainder_of
@@ -31,7 +33,9 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
 
     A unit is one conv or linear layer with the BN folded into it from before (consumer fold)
     and the one folded into it from after (producer fold), either or both: it turns
-    ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))``; or the layers whose
+    ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))`` (a BN written as an
+    ``F.batch_norm`` call is seen at that call; a weight-normed layer is run with its ``g``
+    scaled, as the fold leaves it); or the layers whose
     outputs a concatenation joins before a BN, each with its slice; or a block whose linear
     regions collapse, rewritten and run on its input. Recomputing each unit on
     its recorded input keeps data-dependent parts elsewhere in the model (proposal selection,
@@ -43,34 +47,40 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
     pass itself, whatever the model's size. The model is not changed.
     """
     changes = {e.bn: math.inf for e in plan.edits}
-    units: dict[str, list[FoldEdit]] = {}
-    joined = [e for e in plan.edits if e.parts]
+    units: dict[str, list[tuple[FoldEdit, FoldPart]]] = {}
+    joined = [e for e in plan.edits if e.parts and e.placement == "producer"]
     for e in plan.edits:  # plan order: the order _apply folds them in, so the same rounding
-        if not (e.parts or e.collapse or e.scales or e.functional):  # others: by the output
-            units.setdefault(e.into, []).append(e)
+        if not (e in joined or e.collapse):
+            for part in e.targets():
+                units.setdefault(part.into, []).append((e, part))
     handles = []
     busy: list[bool] = []  # non-empty while a hook recomputes a layer
     results: list[tuple[list[FoldEdit], list[torch.Tensor], dict[str, Any]]] = []
+    calls: dict[int, list[Callable[[torch.Tensor, torch.Tensor], None]]] = {}  # F.batch_norm
 
-    def watch(name: str, edits: list[FoldEdit]) -> None:
+    def watch(name: str, folds: list[tuple[FoldEdit, FoldPart]]) -> None:
+        """One layer with the BN before it (consumer) and the one after it (producer) folded
+        in, from the input of the first to the output of the last: a BN module's hooks, the
+        layer's, or (for an ``F.batch_norm`` call) the call seen by :class:`_Calls`."""
         layer = model.get_submodule(name)
-        first = next((e for e in edits if e.placement == "consumer"), None)
-        last = next((e for e in edits if e.placement == "producer"), None)
-        entry = model.get_submodule(first.bn) if first else layer
-        exit_ = model.get_submodule(last.bn) if last else layer
-        after = remainder_of(exit_) if last else None  # what the fold leaves of that BN
+        edits = [e for e, _ in folds]
+        first = next((f for f in folds if f[0].placement == "consumer"), None)
+        last = next((f for f in folds if f[0].placement == "producer"), None)
+        after = None  # what the fold leaves of the BN after the layer (F.batch_norm: nothing)
+        if last and not last[0].functional:
+            after = remainder_of(model.get_submodule(last[0].bn))
         pending: list[torch.Tensor] = []
         state = {"worst": 0.0, "calls": 0, "broken": False}
 
-        def enter(module: nn.Module, inputs: tuple) -> None:
+        def enter(x: Any) -> None:
             if busy:
                 return
-            if inputs and isinstance(inputs[0], torch.Tensor):
-                pending.append(inputs[0].detach().clone())
+            if isinstance(x, torch.Tensor):
+                pending.append(x.detach().clone())
             else:
                 state["broken"] = True
 
-        def leave(module: nn.Module, inputs: tuple, expected: Any) -> None:
+        def leave(expected: Any) -> None:
             if busy:
                 return
             if not pending or not isinstance(expected, torch.Tensor):
@@ -78,13 +88,17 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
                 return
             x = pending.pop(0)
             weight, bias = layer.weight, layer.bias
-            for e in edits:
-                weight, bias = e.weights(model, weight, bias)
+            for e, part in folds:
+                weight, bias = e.weights(model, weight, bias, part)
+            params = {"weight": weight, "bias": bias}
+            if last and last[0].scales == "weight_norm":  # as applied: g scaled, norm kept
+                path, g = weight_norm_g(layer)
+                params = {path: last[0].scaled_g(model, g), "bias": bias}
             busy.append(True)  # the recomputation calls the layer: its hooks stand aside
             try:
-                x = replay(x, first.through if first else ())  # from the BN to the layer
-                got = torch.func.functional_call(layer, {"weight": weight, "bias": bias}, (x,))
-                got = replay(got, last.through if last else ())  # from the layer to the BN
+                x = replay(x, first[1].through if first else ())  # from the BN to the layer
+                got = torch.func.functional_call(layer, params, (x,))
+                got = replay(got, last[1].through if last else ())  # from the layer to the BN
                 if after is not None:
                     got = after(got)
             finally:
@@ -92,8 +106,26 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
             state["worst"] = max(state["worst"], max_relative_error(expected, got))
             state["calls"] += 1
 
-        handles.append(entry.register_forward_pre_hook(enter))
-        handles.append(exit_.register_forward_hook(leave))
+        def seen(edit: FoldEdit, use: Callable[[Any], None], side: int) -> None:
+            """``use`` the input (``side`` 0) or output (1) of the edit's BN."""
+            if edit.functional:
+                key = id(edit.holder(model).running_mean)
+                calls.setdefault(key, []).append(lambda i, o: use((i, o)[side]))
+            elif side == 0:
+                module = model.get_submodule(edit.bn)
+                handles.append(module.register_forward_pre_hook(lambda m, a: use(_first(a))))
+            else:
+                module = model.get_submodule(edit.bn)
+                handles.append(module.register_forward_hook(lambda m, a, out: use(out)))
+
+        if first:
+            seen(first[0], enter, 0)
+        else:
+            handles.append(layer.register_forward_pre_hook(lambda m, a: enter(_first(a))))
+        if last:
+            seen(last[0], leave, 1)
+        else:
+            handles.append(layer.register_forward_hook(lambda m, a, out: leave(out)))
         results.append((edits, pending, state))
 
     def watch_joined(edit: FoldEdit) -> None:
@@ -171,9 +203,9 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
         results.append((edits, pending, state))
 
     with user_hooks_suspended(model):  # first: the hooks watch() registers are ours
-        for name, edits in units.items():
+        for name, folds in units.items():
             if isinstance(model.get_submodule(name), _ConvNd | nn.Linear):
-                watch(name, edits)
+                watch(name, folds)
         shared = set(units)
         for edit in joined:
             layers = [model.get_submodule(p.into) for p in edit.parts]
@@ -188,7 +220,7 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
         for edits in collapsed.values():
             watch_block(edits[0].collapse, edits)
         try:
-            with eval_mode(model), torch.no_grad():
+            with eval_mode(model), torch.no_grad(), _Calls(calls, busy):
                 model(*args)
         finally:
             for h in handles:
@@ -198,3 +230,25 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
             for e in edits:
                 changes[e.bn] = state["worst"]
     return changes
+
+
+def _first(inputs: tuple) -> Any:
+    return inputs[0] if inputs else None
+
+
+class _Calls(TorchFunctionMode):
+    """Shows each ``F.batch_norm`` call on watched running statistics (by the running mean's
+    id) to its watchers, as ``(input, output)``, unless a recomputation is under way."""
+
+    def __init__(self, calls: dict[int, list[Callable]], busy: list[bool]) -> None:
+        super().__init__()
+        self.calls, self.busy = calls, busy
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.batch_norm and self.calls and not self.busy:
+            mean = args[1] if len(args) > 1 else kwargs.get("running_mean")
+            for watcher in self.calls.get(id(mean), ()):
+                watcher(args[0] if args else kwargs.get("input"), out)
+        return out

@@ -37,19 +37,23 @@ __all__ = [
     "identity_value",
     "replay",
     "tensor_at",
+    "weight_norm_g",
 ]
 
 
 @dataclass(frozen=True)
 class FoldPart:
-    """The layer that absorbs channels ``start:stop`` of a BN whose input is a concatenation
-    of several layers' outputs."""
+    """One of several layers a BN folds into: the layer that absorbs channels ``start:stop``
+    of a BN whose input is a concatenation of several layers' outputs (producer), or one of
+    the layers that read a BN's output (consumer: every channel), each through its own
+    layout ops (``through``, as :attr:`FoldEdit.through`)."""
 
     into: str
     layer: str  # "conv", "conv_transpose" or "linear"
     start: int
     stop: int
     adds_bias: bool = False
+    through: tuple[tuple[str, tuple[Any, ...], tuple[tuple[str, Any], ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,8 @@ class FoldEdit:
     #: keyword items), e.g. (("flatten", (0, 1), ()),): they move the channel axis to where
     #: the BN reads it
     through: tuple[tuple[str, tuple[Any, ...], tuple[tuple[str, Any], ...]], ...] = ()
-    #: for a BN after a concatenation: the layer each slice of its channels folds into
-    #: (``into`` then names them all)
+    #: for a BN after a concatenation: the layer each slice of its channels folds into; for
+    #: a BN whose output several layers read: each of them (``into`` then names them all)
     parts: tuple[FoldPart, ...] = ()
     #: for a BN in a linear region of its block (``placement == "region"``): every region of
     #: that block, collapsed together (``into`` names the region's new conv)
@@ -93,6 +97,18 @@ class FoldEdit:
                 f"-> collapsed into {self.into} (region: {region.branches} branches, {merged} "
                 f"into one {k} conv, groups {region.conv.groups})"
             )
+        if self.parts and self.placement == "consumer":
+            each = ", ".join(
+                p.into
+                + (f" through {', '.join(s[0] + '()' for s in p.through)}" if p.through else "")
+                for p in self.parts
+            )
+            text = f"-> into each of {each} (consumer, {self.layer}"
+            text += (
+                f", bias added to {sum(p.adds_bias for p in self.parts)}" if self.adds_bias else ""
+            )
+            text += f", {self.sites} call sites" if self.sites > 1 else ""
+            return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
         if self.parts:
             slices = ", ".join(f"[{p.start}:{p.stop}] {p.into}" for p in self.parts)
             text = f"-> per slice after cat() into {slices} ({self.placement}, {self.layer}"
@@ -114,7 +130,7 @@ class FoldEdit:
         """Every layer this BN folds into, with its slice of the BN's channels."""
         if self.parts:
             return self.parts
-        return (FoldPart(self.into, self.layer, 0, -1, self.adds_bias),)
+        return (FoldPart(self.into, self.layer, 0, -1, self.adds_bias, self.through),)
 
     def holder(self, model: nn.Module) -> Any:
         """What holds the BN's tensors as ``running_mean``, ``running_var``, ``weight`` and
@@ -163,7 +179,8 @@ class FoldEdit:
         )
         return _param(new_w, weight), _param(new_b, weight if bias is None else bias)
 
-    def _scaled_g(self, model: nn.Module, g: torch.Tensor) -> nn.Parameter:
+    def scaled_g(self, model: nn.Module, g: torch.Tensor) -> nn.Parameter:
+        """Weight norm's ``g`` with the BN's scale folded in (``scales == "weight_norm"``)."""
         stats = bn_stats(model.get_submodule(self.bn))
         assert stats is not None
         scale = stats.scale_shift()[0].view(-1, *[1] * (g.dim() - 1))
@@ -189,8 +206,8 @@ class FoldEdit:
             bias: torch.Tensor | None = layer.bias
             new_w, new_b = self.weights(model, weight, bias, part)
             if self.scales == "weight_norm":  # g * s: weight norm then makes W * s
-                weight = _weight_norm_g(layer)
-                new_w = self._scaled_g(model, weight)
+                weight = weight_norm_g(layer)[1]
+                new_w = self.scaled_g(model, weight)
             for module_name, attr in owners.of(weight):
                 txn.set(model.get_submodule(module_name), attr, new_w)
             if bias is None:
@@ -268,10 +285,12 @@ def replay(x: torch.Tensor, through: tuple[tuple[str, tuple, tuple], ...]) -> to
     return x
 
 
-def _weight_norm_g(layer: nn.Module) -> torch.Tensor:
-    """Weight norm's ``g`` of a layer (either PyTorch API)."""
+def weight_norm_g(layer: nn.Module) -> tuple[str, torch.Tensor]:
+    """Weight norm's ``g`` of a layer (either PyTorch API) and its path in the layer."""
     plist = getattr(getattr(layer, "parametrizations", None), "weight", None)
-    return plist.original0 if plist is not None else layer.weight_g
+    if plist is not None:
+        return "parametrizations.weight.original0", plist.original0
+    return "weight_g", layer.weight_g
 
 
 def _param(value: torch.Tensor, like: torch.Tensor) -> nn.Parameter:

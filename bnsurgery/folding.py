@@ -131,9 +131,9 @@ def _verified(
                     f"{tol:.3g}): its statistics round badly into the folded weights at this "
                     "precision"
                     if math.isfinite(moved)
-                    else "the model's output moved, and this fold (a functional layer, a "
-                    "collapsed region, a weight-normed layer or an F.batch_norm call) is checked "
-                    "only through the output"
+                    else "the model's output moved, and this fold (into a layer written as a "
+                    "functional call, or one its unit check did not see run) is checked only "
+                    "through the output"
                 )
                 for bn, moved in failing.items()
             },

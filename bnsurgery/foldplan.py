@@ -46,7 +46,8 @@ PLACEMENTS = ("producer", "consumer", "region")
 
 
 #: The short list every BN a fold leaves falls in (README, "Never folded"), each with the
-#: wording of the reasons that put a BN there, checked in this order.
+#: wording of the reasons that put a BN there, checked in this order (a layer that mixes
+#: channels outranks a region search the symbolic walk could not trace).
 LEFT_CLASSES: dict[str, tuple[str, ...]] = {
     "not selected": (NOT_SELECTED,),
     "no statistics": (
@@ -56,6 +57,10 @@ LEFT_CLASSES: dict[str, tuple[str, ...]] = {
     "user hook": ("hook",),
     "precision": ("moved its layer's output", "checked only through the output"),
     "computed weight": ("computed at run time", "weight-normed", "not floating point"),
+    "channels mixed": (
+        "merges or splits the channel axis", "arrives at axis", "pools over channels",
+        "averages over the channel axis",
+    ),
     "walk limit": (
         "data-dependent", "symbolic walk", "symbolic tracing", "model's own forward",
         "pass example inputs",
@@ -66,9 +71,6 @@ LEFT_CLASSES: dict[str, tuple[str, ...]] = {
         "more than one piece",
     ),
     "not one conv": ("differ in", "do not align", "overlaps another", "changes the channel count"),
-    "channels mixed": (
-        "merges or splits the channel axis", "arrives at axis", "pools over channels",
-    ),
     "no layer beside it": ("comes from", "its input is a", "its output goes to", "a model output"),
 }  # fmt: skip
 
@@ -280,6 +282,14 @@ def _bound(op: Node, names: tuple[str, ...]) -> dict[str, Any]:
 
 def _moved_axis(op: Node, axis: int, before: tuple[int, ...], after: tuple[int, ...]) -> int:
     """Where axis ``axis`` of ``op``'s input is in its output, or :class:`_Reject`."""
+    if op.name == "mean":  # over axes that are not the channel's, keeping them or not
+        bound = _bound(op, ("dim", "keepdim"))
+        dims = bound.get("dim")
+        dims = [dims] if isinstance(dims, int) else list(dims or ())
+        dims = [d % len(before) for d in dims]
+        if not dims or axis in dims:
+            raise _Reject(f"{op.name}() is in the way: it averages over the channel axis")
+        return axis if bound.get("keepdim") else axis - sum(d < axis for d in dims)
     if op.name in POOLS:
         problem = _pool_problem(op)
         if axis != 1 or problem:
@@ -429,24 +439,17 @@ def _producer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
         raise _Reject("its call sites reach it through different layout ops")
     module_name, kind, adds_bias, how = _absorber(graph, owners, bn, producers, "producer")
     through = next(iter(routes), ())
-    maxed = [op for op, _, _ in through if "max_pool" in op]
-    if maxed:  # max(s * x + t) = s * max(x) + t only where s > 0
-        stats = bn_stats(bn) if isinstance(bn, nn.Module) else None
-        if stats is None or not bool((stats.scale_shift()[0] > 0).all()):
-            raise _Reject(
-                f"{maxed[0]}() is in the way and the BN's scale is not positive in every channel"
-            )
+    _positive_through_max(bn, through)
     return FoldEdit(
         "", module_name, "producer", kind, len(sites), adds_bias, _kept(bn),
         tuple(dict.fromkeys(notes)), through, scales=how,
     )  # fmt: skip
 
 
-def _through_copy_padding(value: Value) -> tuple[Node, Value]:
-    """The single consumer of ``value`` and the value it reads, looking through an ``F.pad``
+def _through_copy_padding(node: Node, value: Value) -> tuple[Node, Value]:
+    """``node`` (a consumer of ``value``) and the value it reads, looking through an ``F.pad``
     that copies real values (reflect, replicate, circular): a per-channel affine map commutes
     with such padding, so a conv after it (padding nothing itself) can still absorb the BN."""
-    node = value.consumers[0]
     if node.kind != "op" or node.name != "pad" or node.attrs.get("mode") == "constant":
         return node, value
     padded = node.outputs[0] if len(node.outputs) == 1 else None
@@ -458,25 +461,43 @@ def _through_copy_padding(value: Value) -> tuple[Node, Value]:
     return node, value
 
 
-def _layout_forward(out: Value) -> tuple[Value, list[Node]]:
-    """Follow the BN's output forward through layout ops that each feed only the next step:
-    the value they end at, and the ops in the order they run."""
-    chain: list[Node] = []
-    value = out
-    while len(value.consumers) == 1 and not value.is_output:
-        op = value.consumers[0]
-        if not (
-            op.kind == "op"
-            and op.name in RESHAPES | PERMUTES
-            and len(op.inputs) == 1
-            and len(op.outputs) == 1
-            and "args" in op.attrs
-            and op.decisions == value.decisions
-        ):
-            break
-        chain.append(op)
-        value = op.outputs[0]
-    return value, chain
+def _passes(op: Node, value: Value) -> bool:
+    """``op`` moves or averages ``value``'s channels without mixing them, replayably, on the
+    same side of every data-dependent branch: a consumer fold looks through it."""
+    return (
+        op.kind == "op"
+        and op.name in RESHAPES | PERMUTES | POOLS
+        and len(op.inputs) == 1
+        and len(op.outputs) == 1
+        and "args" in op.attrs
+        and op.decisions == value.decisions
+    )
+
+
+def _consumer_leaves(out: Value) -> list[tuple[list[Node], Node]]:
+    """Every conv or linear the BN's output reaches, through layout and pooling ops that lead
+    only to such layers (``(ops on the way, the layer)``, in the order the walk recorded the
+    calls). A value on the way that anything else reads, or that the model returns, rejects."""
+    leaves: list[tuple[list[Node], Node]] = []
+    todo: list[tuple[Value, list[Node]]] = [(out, [])]
+    while todo:
+        value, chain = todo.pop(0)
+        after = f" after {chain[-1].name}()" if chain else ""
+        if value.is_output:
+            raise _Reject(f"its output is a model output{after}")
+        if not value.consumers:
+            raise _Reject(f"its output goes to nothing{after}")
+        for node in value.consumers:
+            if _passes(node, value):
+                todo.append((node.outputs[0], [*chain, node]))
+                continue
+            cons, fed = (node, value) if chain else _through_copy_padding(node, value)
+            if cons.kind not in _LINEAR_KINDS or cons.data is not fed:
+                users = ", ".join(_describe(c) for c in value.consumers[:3])
+                one = "a conv or linear" if len(value.consumers) == 1 else "convs or linears"
+                raise _Reject(f"its output goes to {users}{after}, not to {one}")
+            leaves.append((chain, cons))
+    return leaves
 
 
 def _consumer_route(out: Value, cons: Node, chain: list[Node]) -> tuple[Any, ...]:
@@ -502,44 +523,66 @@ def _consumer_route(out: Value, cons: Node, chain: list[Node]) -> tuple[Any, ...
     return tuple((op.name, op.attrs["args"], op.attrs["kwargs"]) for op in chain)
 
 
+def _positive_through_max(bn: Any, route: tuple[Any, ...]) -> None:
+    """max(s * x + t) = s * max(x) + t only where s > 0: a max pool between a BN and its
+    layer needs a positive scale in every channel."""
+    maxed = [op for op, _, _ in route if "max_pool" in op]
+    if maxed:
+        stats = bn_stats(bn) if isinstance(bn, nn.Module) else None
+        if stats is None or not bool((stats.scale_shift()[0] > 0).all()):
+            raise _Reject(
+                f"{maxed[0]}() is in the way and the BN's scale is not positive in every channel"
+            )
+
+
 def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
+    """The layers after the BN: one conv or linear, or several that alone read its output
+    (NextViT's BN before its attention's key and value, a BN before a pooled head and its
+    distillation head), each through its own layout and pooling ops, each absorbing it all."""
     if has_activation(bn):
         raise _Reject("an activation follows the norm inside the layer, so no layer after it can")
-    consumers: list[Node] = []
     notes: list[str] = []
-    routes: set[tuple[Any, ...]] = set()
-    for site in sites:
+    reached: dict[int, tuple[tuple[Any, ...], list[Node]]] = {}  # by weight: route, calls
+    for i, site in enumerate(sites):
         if len(site.outputs) != 1:
             raise _Reject("its output is not a single tensor")
         out = site.outputs[0]
-        if out.is_output:
-            raise _Reject("its output is a model output")
-        end, chain = _layout_forward(out)
-        if end.is_output:
-            raise _Reject(f"its output is a model output after {chain[-1].name}()")
-        if len(end.consumers) != 1:
-            users = ", ".join(_describe(c) for c in end.consumers[:3]) or "nothing"
-            raise _Reject(f"its output goes to {users}, not to one conv or linear")
-        cons, fed = _through_copy_padding(end) if not chain else (end.consumers[0], end)
-        if cons.kind not in _LINEAR_KINDS or cons.data is not fed:
-            raise _Reject(f"its output goes to {_describe(cons)}, not to a conv or linear")
-        if cons.decisions > out.decisions:
-            raise _Reject(f"its output crosses {_BRANCH} before {cons.name}()")
-        if cons.kind == "conv_transpose":
-            raise _Reject("a transposed conv after it cannot absorb it exactly")
-        if cons.kind == "conv" and not _is_zero_padding(cons.attrs):
-            raise _Reject(f"the conv after it pads with zeros ({cons.name}, not exact)")
-        if chain:
-            routes.add(_consumer_route(out, cons, chain))
-        elif cons.kind == "linear":
-            _check_linear_rank(out, notes, "input")
-        consumers.append(cons)
-    if len(routes) > 1:
-        raise _Reject("its call sites reach their layer through different layout ops")
-    module_name, kind, adds_bias, _ = _absorber(graph, owners, bn, consumers, "consumer")
+        here: dict[int, tuple[tuple[Any, ...], list[Node]]] = {}
+        for chain, cons in _consumer_leaves(out):
+            if cons.decisions > out.decisions:
+                raise _Reject(f"its output crosses {_BRANCH} before {cons.name}()")
+            if cons.kind == "conv_transpose":
+                raise _Reject("a transposed conv after it cannot absorb it exactly")
+            if cons.kind == "conv" and not _is_zero_padding(cons.attrs):
+                raise _Reject(f"the conv after it pads with zeros ({cons.name}, not exact)")
+            route: tuple[Any, ...] = ()
+            if chain:
+                route = _consumer_route(out, cons, chain)
+            elif cons.kind == "linear":
+                _check_linear_rank(out, notes, "input")
+            seen = here.setdefault(id(cons.weight), (route, []))
+            if seen[0] != route:
+                raise _Reject(f"it reaches {cons.name}() through different layout ops")
+            seen[1].append(cons)
+        if i and {k: r for k, (r, _) in here.items()} != {k: r for k, (r, _) in reached.items()}:
+            raise _Reject("its call sites reach their layers through different layout ops")
+        for key, (route, calls) in here.items():
+            reached.setdefault(key, (route, []))[1].extend(calls)
+    parts: list[FoldPart] = []
+    for route, calls in reached.values():
+        _positive_through_max(bn, route)
+        module_name, kind, adds_bias, _ = _absorber(graph, owners, bn, calls, "consumer")
+        parts.append(FoldPart(module_name, kind, 0, num_features(bn), adds_bias, route))
+    notes_ = tuple(dict.fromkeys(notes))
+    if len(parts) == 1:
+        one = parts[0]
+        return FoldEdit(
+            "", one.into, "consumer", one.layer, len(sites), one.adds_bias, "", notes_,
+            one.through,
+        )  # fmt: skip
     return FoldEdit(
-        "", module_name, "consumer", kind, len(sites), adds_bias, "",
-        tuple(dict.fromkeys(notes)), next(iter(routes), ()),
+        "", " + ".join(p.into for p in parts), "consumer", parts[0].layer, len(sites),
+        any(p.adds_bias for p in parts), "", notes_, (), tuple(parts),
     )  # fmt: skip
 
 
@@ -751,7 +794,7 @@ def _regions(
     for c in collapses:
         layers = {f"{c.block}.{p}" for s in c.sums for p in s.layers}
         bns = {f"{c.block}.{b}" for s in c.sums for b in s.bns}
-        if any(e.into in layers for e in edits if e.bn not in bns):
+        if any(p.into in layers for e in edits if e.bn not in bns for p in e.targets()):
             for s in c.sums:
                 for bn in s.bns:
                     why[f"{c.block}.{bn}"] = "a BN outside its region folds into its conv"

@@ -252,15 +252,16 @@ RESHAPES = frozenset(
 )
 PERMUTES = frozenset({"transpose", "swapaxes", "swapdims", "permute"})
 _LAYOUT_OPS = RESHAPES | PERMUTES
-#: Ops that average or take the maximum over spatial windows, per channel: a BN's affine map
-#: commutes with an average over real values and, where its scale is positive, with a maximum.
-#: Recorded with their arguments like the layout ops.
+#: Ops that average or take the maximum over spatial windows, per channel, and ``mean`` over
+#: axes: a BN's affine map commutes with an average over real values and, where its scale is
+#: positive, with a maximum. Recorded with their arguments like the layout ops.
 POOLS = frozenset(
     {
         f"{kind}_pool{d}d"
         for kind in ("avg", "max", "adaptive_avg", "adaptive_max")
         for d in (1, 2, 3)
     }
+    | {"mean"}
 )
 #: Ops that join tensors along an axis, recorded with it (``attrs["dim"]``): a BN after one
 #: folds slice by slice into the layers that produce the pieces.

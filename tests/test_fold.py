@@ -878,3 +878,139 @@ def Branches_for_class():
 
 
 X_CLASS = torch.randn(2, 8, 6, 6, dtype=torch.float64)
+
+
+class NormToLayers(nn.Module):
+    """A BN whose output several layers read, each through its own pooling or layout ops:
+    EfficientFormerV2's ``norm -> mean((2, 3)) -> head, head_dist``, NextViT's key and value
+    after one BatchNorm1d on tokens, a conv beside a pooled head."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style, self.bn = style, nn.BatchNorm2d(6)
+        self.a, self.b = nn.Linear(6, 5), nn.Linear(6, 4, bias=False)
+        self.conv = nn.Conv2d(6, 3, 1, padding=1 if style == "padded" else 0)
+        self.pixels = nn.Linear(16, 6)  # reads a 4x4 map's pixels
+
+    def forward(self, x):
+        y = self.bn(x)
+        if self.style == "heads":
+            pooled = y.mean((2, 3))
+            return self.a(pooled), self.b(pooled)
+        if self.style == "tokens":  # (B, C, H, W) -> (B, HW, C) for both, as NextViT
+            tokens = y.flatten(2).transpose(1, 2)
+            return self.a(tokens) + self.b(F_.adaptive_avg_pool2d(y, 1).flatten(1)).sum()
+        if self.style in ("conv", "padded"):
+            return self.conv(y).sum((2, 3)) + self.a(F_.avg_pool2d(y, 2).mean((2, 3)))[:, :3]
+        if self.style == "also_summed":  # something that is no layer reads it too
+            return self.a(y.mean((2, 3))) + y.sum()
+        if self.style == "two_routes":  # one layer, reached two ways
+            return self.a(y.mean((2, 3))) + self.a(y.amax((2, 3)))
+        if self.style == "channel_mean":
+            return self.pixels(y.mean(1).flatten(1))
+        raise AssertionError(self.style)
+
+
+@pytest.mark.parametrize("style", ["heads", "tokens", "conv"])
+def test_bn_folds_into_every_layer_that_reads_it(style):
+    from bnsurgery.foldcheck import unit_changes
+
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    model = prepared(NormToLayers(style).double())
+    folded, report = fold_and_check(model, x, tol=1e-12)
+    (edit,) = report.folded
+    assert edit.placement == "consumer" and len(edit.parts) == 2, edit
+    assert {p.into for p in edit.parts} == ({"a", "b"} if style != "conv" else {"a", "conv"})
+    assert all(p.through for p in edit.parts if p.into == "a"), edit.parts
+    assert "into each of" in str(edit)
+    assert any(p.adds_bias for p in edit.parts) == (style != "conv")
+    changes = unit_changes(model, bnsurgery.plan_fold(model, x), (x,))
+    assert changes["bn"] < 1e-12
+    folded.train()
+    folded(x)  # still runs in train mode (nothing left to update)
+
+
+@pytest.mark.parametrize(
+    "style, why",
+    [
+        ("padded", "pads with zeros"),
+        ("also_summed", "not to convs or linears"),
+        ("two_routes", "amax"),  # amax is no pooling a fold looks through
+        ("channel_mean", "averages over the channel axis"),
+    ],
+)
+def test_bn_read_by_several_layers_is_refused_where_not_exact(style, why):
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    _, report = fold_and_check(NormToLayers(style).double(), x, tol=1e-12)
+    assert not report.folded
+    assert why in reasons(report)["bn"], reasons(report)
+
+
+def test_one_layer_reached_two_ways_from_a_bn_is_refused():
+    class TwoWays(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn, self.a = nn.BatchNorm2d(6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            y = self.bn(x)
+            return self.a(y.mean((2, 3))) + self.a(y.flatten(2).transpose(1, 2)).sum(1)
+
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    _, report = fold_and_check(TwoWays().double(), x, tol=1e-12)
+    assert "through different layout ops" in reasons(report)["bn"], reasons(report)
+
+
+# ------------------------------------------------- the per-unit check of the newer placements
+
+
+@pytest.mark.parametrize("case", [*WEIGHT_NORMED, "weight_norm hook"])
+def test_the_unit_check_runs_a_weight_normed_layer_with_its_g_scaled(case):
+    import warnings
+
+    from bnsurgery.foldcheck import unit_changes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        layer = (
+            WEIGHT_NORMED[case]()
+            if case in WEIGHT_NORMED
+            else torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+        )
+    linear = isinstance(layer, nn.Linear)
+    norm = nn.BatchNorm1d if linear else nn.BatchNorm2d
+    model = prepared(nn.Sequential(layer, norm(4), norm(4))).double()  # the second stays
+    x = torch.randn(2, 3, dtype=torch.float64) if linear else MIXED_X[:, :3]
+    plan = bnsurgery.plan_fold(model, x, include="1")
+    (edit,) = plan.edits
+    assert edit.scales == "weight_norm"
+    assert unit_changes(model, plan, (x,))["1"] < 1e-12
+    wrong = dataclasses.replace(plan, edits=[dataclasses.replace(edit, bn="2")])
+    assert unit_changes(model, wrong, (x,))["2"] > 1e-3  # the other BN's statistics: seen
+
+
+class FunctionalNormThenLinear(nn.Module):
+    """``F.batch_norm`` on a module's tensors, then the linear layer that absorbs it."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = FunctionalNorm(), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(self.norm(x))
+
+
+@pytest.mark.parametrize("side", ["producer", "consumer"])
+def test_the_unit_check_sees_a_functional_batch_norm_at_its_call(side):
+    from bnsurgery.foldcheck import unit_changes
+
+    if side == "producer":
+        model, x = ConvFunctionalNorm().double().eval(), MIXED_X[:, :3]
+    else:
+        model, x = FunctionalNormThenLinear().double().eval(), torch.randn(5, 4).double()
+    plan = bnsurgery.plan_fold(model, x)
+    (edit,) = plan.edits
+    assert edit.functional and edit.placement == side
+    assert unit_changes(model, plan, (x,))["norm.running_mean"] < 1e-12
+    wrong = dataclasses.replace(plan, edits=[dataclasses.replace(edit, eps=0.5)])
+    assert unit_changes(model, wrong, (x,))["norm.running_mean"] > 1e-3  # a wrong fold shows
