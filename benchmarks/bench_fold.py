@@ -305,7 +305,12 @@ def _paired(times: dict[str, list[float]], other: str) -> list[float]:
 
 
 def time_in_blocks(
-    variants: dict[str, nn.Module], x: torch.Tensor, warmup: int, repeats: int, blocks: int
+    variants: dict[str, nn.Module],
+    x: torch.Tensor,
+    warmup: int,
+    repeats: int,
+    blocks: int,
+    compared: tuple[str, ...] = COMPARED,
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Split the rounds into blocks, each on fresh deepcopies of every variant.
 
@@ -314,7 +319,7 @@ def time_in_blocks(
     copies per block do. Returns all samples and, per ratio, the median of each block.
     """
     times: dict[str, list[float]] = {name: [] for name in variants}
-    per_block: dict[str, list[float]] = {f"folded/{o}": [] for o in COMPARED}
+    per_block: dict[str, list[float]] = {f"folded/{o}": [] for o in compared}
     sizes = [repeats // blocks + (1 if i < repeats % blocks else 0) for i in range(blocks)]
     for size in sizes:
         if size == 0:
@@ -324,7 +329,7 @@ def time_in_blocks(
         del copies
         for name, values in block.items():
             times[name] += values
-        for other in COMPARED:
+        for other in compared:
             per_block[f"folded/{other}"].append(statistics.median(_paired(block, other)))
     return times, per_block
 

@@ -3,7 +3,9 @@
 
 On multi-branch models (RepVGG, MobileOne, FastViT) and LeViT (layout ops, no
 re-parameterisation of its own), four variants of one random-init model with random BN
-statistics, timed side by side in balanced interleaved orders (``bench_fold``'s method):
+statistics, timed side by side in balanced interleaved orders, in blocks each on fresh
+deepcopies of every variant (``bench_fold``'s method: a copy can run a percent or two faster
+or slower than another copy of the same model, wherever its tensors landed):
 
 * ``original``: as built;
 * ``folded``: ``bnsurgery.fold(model, x)`` (linear regions collapsed, BN folded);
@@ -13,8 +15,8 @@ statistics, timed side by side in balanced interleaved orders (``bench_fold``'s 
   leaves (not the same function).
 
 Reported per model: the ratios folded/timm (target <= 1.01) and folded/identity, medians with
-their interquartile range, and for each variant its conv and BN count and its output's
-relative error against the original.
+their interquartile range and the range of the blocks' medians, and for each variant its conv
+and BN count and its output's relative error against the original.
 
     python benchmarks/bench_reparam.py                  # writes results/reparam.{md,json}
 """
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import torch
 from _common import machine
-from bench_fold import _summary, build, identity_bound, time_round_robin
+from bench_fold import _summary, build, identity_bound, time_in_blocks
 from timm.utils import reparameterize_model
 from torch import nn
 
@@ -50,7 +52,7 @@ def counts(model: nn.Module) -> dict[str, int]:
 
 
 @torch.no_grad()
-def bench(name: str, batch: int, warmup: int, repeats: int, seed: int) -> dict:
+def bench(name: str, batch: int, warmup: int, repeats: int, blocks: int, seed: int) -> dict:
     model = build(name, seed)
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(seed))
     reference = model(x)
@@ -59,7 +61,8 @@ def bench(name: str, batch: int, warmup: int, repeats: int, seed: int) -> dict:
         variants["timm"] = reparameterize_model(copy.deepcopy(model))
     variants["identity"] = identity_bound(model)
     report = bnsurgery.last_report(variants["folded"])
-    times = time_round_robin(variants, x, warmup, repeats)
+    compared = tuple(o for o in ("timm", "identity", "original") if o in variants)
+    times, per_block = time_in_blocks(variants, x, warmup, repeats, blocks, compared)
     row = {
         "model": name,
         "batch": batch,
@@ -75,9 +78,9 @@ def bench(name: str, batch: int, warmup: int, repeats: int, seed: int) -> dict:
         },
         "ratios": {
             f"folded/{o}": _summary([f / t for f, t in zip(times["folded"], times[o], strict=True)])
-            for o in ("timm", "identity", "original")
-            if o in variants
+            for o in compared
         },
+        "ratios_per_block": per_block,
     }
     text = "  ".join(f"/{o} {r['median']:.3f}" for o, r in row["ratios"].items())
     print(f"  {name:<14} b{batch}  folded{text}", flush=True)
@@ -91,8 +94,9 @@ def markdown(rows: list[dict], header: str) -> str:
         header,
         "",
         "| model | batch | BN folded | convs: folded / timm / original | BN left: timm | "
-        "folded/timm (IQR) | folded/identity (IQR) | folded/original | err folded | err timm |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "folded/timm (IQR) | folded/timm, blocks | folded/identity (IQR) | folded/original | "
+        "err folded | err timm |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         v = r["variants"]
@@ -107,16 +111,21 @@ def markdown(rows: list[dict], header: str) -> str:
         if "folded/timm" in ratio:
             met = " met" if ratio["folded/timm"]["median"] <= TARGET else " MISSED"
         convs = f"{v['folded']['conv']} / {t['conv'] if t else '-'} / {v['original']['conv']}"
+        spread = r["ratios_per_block"].get("folded/timm")
+        spread_cell = f"{min(spread):.3f} to {max(spread):.3f}" if spread else "-"
         cells = [
             r["model"], str(r["batch"]), f"{r['bn_folded']} of {r['bn_count']}", convs,
-            str(t["bn"]) if t else "-", cell("folded/timm") + met, cell("folded/identity"),
+            str(t["bn"]) if t else "-", cell("folded/timm") + met, spread_cell,
+            cell("folded/identity"),
             f"{ratio['folded/original']['median']:.3f}", f"{v['folded']['error']:.1e}",
             f"{t['error']:.1e}" if t else "-",
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Ratios are medians over interleaved rounds (balanced orders); IQR in brackets. *timm*: "
+        "Ratios are medians over interleaved rounds (balanced orders), in blocks each on fresh "
+        "deepcopies of every variant; IQR in brackets; *blocks*: the range of the blocks' "
+        "medians. *timm*: "
         "`timm.utils.reparameterize_model` (LeViT has none). *identity*: every BN replaced by "
         "what a fold leaves, the structure kept (a lower bound of the unchanged structure, not "
         "the same function; the collapsed models beat it). *err*: max relative error of the "
@@ -131,19 +140,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--blocks", type=int, default=4, help="fresh deepcopies per block")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = [
-        bench(name, int(b), args.warmup, args.repeats, args.seed)
+        bench(name, int(b), args.warmup, args.repeats, args.blocks, args.seed)
         for name in args.models.split(",")
         for b in args.batches.split(",")
     ]
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     header = (
         f"Generated {when} on {machine(args.threads)}; random init, random BN statistics, "
-        f"224x224, {args.repeats} interleaved rounds per variant."
+        f"224x224, {args.repeats} interleaved rounds per variant in {args.blocks} blocks."
     )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "reparam.json").write_text(json.dumps(rows, indent=1) + "\n")

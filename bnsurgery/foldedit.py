@@ -93,6 +93,8 @@ class FoldEdit:
             region = next(s for s in self.collapse.sums if self.into.endswith("." + s.name))
             k = "x".join(map(str, region.conv.kernel))
             merged = ", ".join(f"`{p}`" for p in (*region.layers, *region.bns))
+            if region.pools:
+                merged += f", {region.pools} average pooling{'s' if region.pools > 1 else ''}"
             return (
                 f"-> collapsed into {self.into} (region: {region.branches} branches, {merged} "
                 f"into one {k} conv, groups {region.conv.groups})"

@@ -743,8 +743,12 @@ def _region_seeds(graph: Graph, model: nn.Module, edits: list[FoldEdit], unplace
         return graph.bn_sites(model.get_submodule(bn))
 
     def linear_neighbour(site: Node) -> bool:
+        """A sum or scale next to the BN, or beyond a pooling next to it."""
         after = [c for out in site.outputs for c in out.consumers]
+        after += [c for n in after if n.name in POOLS for out in n.outputs for c in out.consumers]
         before = site.data.producer if site.data is not None else None
+        if before is not None and before.name in POOLS and before.inputs:
+            before = before.inputs[0].producer
         return any(
             n is not None and n.kind == "op" and n.name.strip("_") in _LINEAR_OPS
             for n in (*after, before)

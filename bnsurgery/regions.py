@@ -97,6 +97,7 @@ class Sum:
     bns: tuple[str, ...]
     layers: tuple[str, ...]
     branches: int
+    pools: int = 0  # average poolings of the input among the branches
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -143,10 +144,21 @@ class Collapse:
 # ------------------------------------------------------------------------- the linear maps
 
 
+@dataclass(frozen=True)
+class _Pool:
+    """An average pooling on the region's input that is a depthwise conv: every window's
+    values over one divisor, padded zeros counted (or no padding)."""
+
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+
+
 @dataclass
 class _Term:
-    conv: str | None  # a conv module's path in the block; None: the identity
+    conv: str | None  # a conv module's path in the block; None: the identity (or ``pool``)
     scale: torch.Tensor | float = 1.0  # per output channel (float64), or a number
+    pool: _Pool | None = None  # an average pooling of the input, as a depthwise conv
 
 
 @dataclass
@@ -172,7 +184,7 @@ class _Affine:
         if other.source is not None and self.source is not None and other.source is not self.source:
             raise _NotLinear("its branches start from different tensors")
         self.source = self.source if self.source is not None else other.source
-        self.terms += [_Term(t.conv, t.scale * sign) for t in other.terms]
+        self.terms += [_Term(t.conv, t.scale * sign, t.pool) for t in other.terms]
         self.bias = self.bias + other.bias * sign
         for key in ("nodes", "consts", "bns"):
             getattr(self, key).extend(getattr(other, key))
@@ -186,25 +198,38 @@ class _Affine:
     def convs(self) -> list[str]:
         return list(dict.fromkeys(t.conv for t in self.terms if t.conv is not None))
 
+    def pools(self) -> list[_Pool]:
+        return list(dict.fromkeys(t.pool for t in self.terms if t.pool is not None))
+
     def spec(self, gm: nn.Module) -> ConvSpec:
         """The one conv this map is, or :class:`_NotLinear` when none is exact."""
         convs = [gm.get_submodule(c) for c in self.convs()]
-        if not convs:
+        pools = self.pools()
+        if not convs and not pools:
             raise _NotLinear("no conv in the region")
-        dims = convs[0].weight.dim() - 2
-        if any(c.weight.dim() - 2 != dims for c in convs):
+        dims = convs[0].weight.dim() - 2 if convs else len(pools[0].kernel)
+        if any(c.weight.dim() - 2 != dims for c in convs) or any(
+            len(p.kernel) != dims for p in pools
+        ):
             raise _NotLinear("its convs differ in spatial rank")
         c_in = {int(c.in_channels) for c in convs}
         c_out = {int(c.out_channels) for c in convs}
+        if not convs:  # pooled and identity branches only: a depthwise conv
+            if self.channels is None:
+                raise _NotLinear("its channel count is unknown")
+            c_in = c_out = {self.channels}
         if len(c_in) != 1 or len(c_out) != 1:
             raise _NotLinear("its convs differ in channels")
         (c_in_n,), (c_out_n,) = c_in, c_out
-        identity = any(t.conv is None for t in self.terms)
+        identity = any(t.conv is None and t.pool is None for t in self.terms)
         strides = {tuple(c.stride) for c in convs} | ({(1,) * dims} if identity else set())
+        strides |= {p.stride for p in pools}
         if len(strides) != 1:
             raise _NotLinear("its branches differ in stride")
-        if identity and c_in_n != c_out_n:
-            raise _NotLinear("an identity branch beside a conv that changes the channel count")
+        if (identity or pools) and c_in_n != c_out_n:
+            raise _NotLinear(
+                "an identity or pooled branch beside a conv that changes the channel count"
+            )
         paddings = [_padding(c) for c in convs]
         if any(p is None for p in paddings):
             raise _NotLinear("a conv pads with other than zeros, or asymmetrically")
@@ -212,11 +237,13 @@ class _Affine:
         dilation = []
         for axis in range(dims):
             wide = {c.dilation[axis] for c, k in zip(convs, kernels, strict=True) if k[axis] > 1}
+            wide |= {1 for p in pools if p.kernel[axis] > 1}
             if len(wide) > 1:
                 raise _NotLinear("its convs differ in dilation")
             dilation.append(next(iter(wide), 1))
         # (kernel, padding) of every branch, the identity as a 1-wide kernel without padding
         shapes = [(k, p) for k, p in zip(kernels, paddings, strict=True)]
+        shapes += [(p.kernel, p.padding) for p in pools]
         if identity:
             shapes.append(((1,) * dims, (0,) * dims))
         kernel, padding = [], []
@@ -230,7 +257,7 @@ class _Affine:
                 raise _NotLinear("its branches' kernels do not align under the dilation")
             kernel.append(max((pad - p[axis]) // d + k[axis] for k, p in shapes))
             padding.append(pad)
-        groups = {int(c.groups) for c in convs}
+        groups = {int(c.groups) for c in convs} or {c_out_n}
         if len(groups) != 1:  # a dense conv from a depthwise one would be exact, and slow
             raise _NotLinear("its convs differ in groups")
         return ConvSpec(
@@ -248,6 +275,19 @@ class _Affine:
         group_of = torch.arange(c_out) // per_out
         for term in self.terms:
             scale = _vector(term.scale, c_out)
+            if term.pool is not None:  # each channel's own input, 1 / window over its window
+                window = tuple(
+                    slice((p0 - p) // d, (p0 - p) // d + k)
+                    for p0, p, d, k in zip(
+                        spec.padding, term.pool.padding, spec.dilation, term.pool.kernel,
+                        strict=True,
+                    )
+                )  # fmt: skip
+                rows = torch.arange(c_out)
+                size = float(torch.tensor(term.pool.kernel).prod())
+                values = (scale / size).view(-1, *[1] * spec.dims)
+                weight[(rows, rows - group_of * per_in, *window)] += values
+                continue
             if term.conv is None:  # a centred identity kernel, on each channel's own input
                 at = tuple(p // d for p, d in zip(spec.padding, spec.dilation, strict=True))
                 rows = torch.arange(c_out)
@@ -275,6 +315,21 @@ class _Affine:
                     -1, *[1] * (w.dim() - 1)
                 )
         return weight, bias
+
+
+#: the options of average pooling, in ``F.avg_pool2d``'s order after the input
+_POOL_OPTIONS = (
+    "kernel_size",
+    "stride",
+    "padding",
+    "ceil_mode",
+    "count_include_pad",
+    "divisor_override",
+)
+
+
+def _is_zero(value: torch.Tensor | float) -> bool:
+    return bool((torch.as_tensor(value) == 0).all())
 
 
 def _vector(value: torch.Tensor | float, n: int) -> torch.Tensor:
@@ -307,6 +362,7 @@ class _Expressor:
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.constants: dict[fx.Node, tuple[torch.Tensor, list[fx.Node]] | None] = {}
+        self.refused: list[str] = []  # why values were taken as inputs rather than worked out
 
     def express_region(self, node: fx.Node) -> _Affine:
         affine = self.express(node)
@@ -327,8 +383,8 @@ class _Expressor:
             ):
                 try:
                     return self.express(value)
-                except _NotLinear:
-                    pass
+                except _NotLinear as why:
+                    self.refused.append(f"{value.name}: {why}")
             return _Affine(value, [_Term(None)])
         if isinstance(value, int | float) and not isinstance(value, bool):
             return _Affine(None, [], float(value))
@@ -343,6 +399,10 @@ class _Expressor:
                 module, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
             ):
                 return self._conv(node, module)
+            if isinstance(module, nn.AvgPool1d | nn.AvgPool2d | nn.AvgPool3d):
+                dims = int(type(module).__name__[-2])
+                options = {k: getattr(module, k, None) for k in _POOL_OPTIONS}
+                return self._pooled(node, node.args[0], dims, options)
             inner = self.operand(node.args[0])
             if isinstance(module, (*_IDENTITIES, FoldedBatchNorm)):
                 inner.nodes.append(node)
@@ -360,6 +420,13 @@ class _Expressor:
         if node.op not in ("call_function", "call_method"):
             raise _NotLinear(f"{node.op} {node.name}")
         fn = node.target
+        pool = re.fullmatch(r"avg_pool([123])d", getattr(fn, "__name__", ""))
+        if pool and node.op == "call_function" and node.args:
+            options = dict(zip(_POOL_OPTIONS, node.args[1:], strict=False))
+            options.update({k: v for k, v in node.kwargs.items() if k in _POOL_OPTIONS})
+            if set(node.kwargs) - set(_POOL_OPTIONS):
+                raise _NotLinear(f"{node.name}: unknown pooling arguments")
+            return self._pooled(node, node.args[0], int(pool[1]), options)
         first_arg = node.args[0] if node.args else None
         if fn in _IN_PLACE and (not isinstance(first_arg, fx.Node) or len(first_arg.users) != 1):
             raise _NotLinear(f"{node.name} writes in place into a tensor used elsewhere")
@@ -374,7 +441,11 @@ class _Expressor:
                     sign = 1.0
             else:
                 sign = 1.0 if fn in _ADDS else -1.0
-            result = first.plus(second, sign)
+            try:
+                result = first.plus(second, sign)
+            except _NotLinear as why:  # say what stopped a branch short of the common input
+                hint = f" ({self.refused[-1]})" if self.refused else ""
+                raise _NotLinear(f"{why}{hint}") from None
         elif fn in _MULS:
             if len(node.args) != 2 or node.kwargs:
                 raise _NotLinear(f"{node.name} has more than two operands")
@@ -389,6 +460,35 @@ class _Expressor:
             raise _NotLinear(f"{getattr(fn, '__name__', fn)}() is not linear")
         result.nodes.append(node)
         return result
+
+    def _pooled(self, node: fx.Node, arg: Any, dims: int, options: dict[str, Any]) -> _Affine:
+        """An average pooling that is a depthwise conv (no ceil mode, no divisor override,
+        padded zeros counted in the average or no padding), of the region's input itself or
+        of a per-channel scaling of it (a BN: only unpadded, as its shift is not zero on the
+        padding)."""
+
+        def per_axis(value: Any) -> tuple[int, ...]:
+            value = tuple(value) if isinstance(value, tuple | list) else (value,) * dims
+            if len(value) != dims or not all(isinstance(v, int) for v in value):
+                raise _NotLinear(f"{node.name}: pooling sizes that are not ints")
+            return tuple(int(v) for v in value)
+
+        kernel = per_axis(options.get("kernel_size"))
+        stride = per_axis(options.get("stride") or kernel)
+        padding = per_axis(options.get("padding", 0))
+        if options.get("ceil_mode") or options.get("divisor_override") is not None:
+            raise _NotLinear(f"{node.name}: ceil mode or a divisor override")
+        if any(padding) and not options.get("count_include_pad", True):
+            raise _NotLinear(f"{node.name} averages real values only at the border")
+        inner = self.operand(arg)
+        if inner.source is None or any(t.conv is not None or t.pool for t in inner.terms):
+            raise _NotLinear(f"{node.name} pools what a conv made (pooling only the input)")
+        if any(padding) and not _is_zero(inner.bias):
+            raise _NotLinear(f"{node.name} pads what a BN shifted")
+        inner.terms = [_Term(None, t.scale, _Pool(kernel, stride, padding)) for t in inner.terms]
+        inner.rank = inner.rank or dims + 2
+        inner.nodes.append(node)
+        return inner
 
     def _conv(self, node: fx.Node, conv: _ConvNd) -> _Affine:
         if parametrize.is_parametrized(conv) or not isinstance(conv.weight, nn.Parameter):
@@ -477,7 +577,14 @@ def _node(graph: fx.Graph, name: str) -> fx.Node:
 
 
 def _first_weight(gm: nn.Module, affine: _Affine) -> torch.Tensor:
-    return gm.get_submodule(affine.convs()[0]).weight
+    """A tensor of the region whose dtype, device and ``requires_grad`` the new conv takes:
+    its first conv's weight, or (pooled branches only) its first BN's weight or statistics."""
+    if affine.convs():
+        return gm.get_submodule(affine.convs()[0]).weight
+    bn = gm.get_submodule(affine.bns[0]) if affine.bns else None
+    if bn is None:
+        raise BnSurgeryError("a region without a conv or a BN")
+    return bn.weight if bn.weight is not None else bn.running_mean
 
 
 def _rewire(gm: fx.GraphModule, affine: _Affine, name: str, conv: nn.Module) -> None:
@@ -524,7 +631,7 @@ def _region_of(ex: _Expressor, bn_node: fx.Node) -> _Affine:
         if len(users) != 1 or users[0].op == "output":
             break
         node = users[0]
-    if best is None or (not best.convs() and stopped):
+    if best is None or (not best.convs() and not best.pools() and stopped):
         raise _NotLinear(stopped or "no linear region around it")
     return best
 
@@ -610,6 +717,7 @@ def find_collapses(
                         tuple(affine.bns),
                         tuple(affine.convs()),
                         total,
+                        len(affine.pools()),
                     ),
                     absorbed,
                 )

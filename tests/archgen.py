@@ -17,9 +17,10 @@ Node kinds: ``conv`` (Conv1d/2d/3d, or ``F.conv*`` on a parameter when ``functio
 (``inplace`` ones modify their input, which no later node then reads), ``add``, ``cat``,
 ``reshape`` (a round trip through another shape, or a channel shuffle), ``flatten`` (to
 features, by pooling or flattening), ``pool``, ``scale`` and ``rep`` (a block summing a kxk
-and a 1x1 conv with their BNs, an identity BN, a layer scale: RepVGG, MobileOne); a ``mixed``
-draw adds MixNet's block from the other kinds (a 1x1 and a 3x3 conv of one input, their
-``cat`` and a BN).
+and a 1x1 conv with their BNs, an identity BN, a BN after average pooling, a layer scale:
+RepVGG, MobileOne); a ``mixed`` draw adds MixNet's block from the other kinds (a 1x1 and a
+3x3 conv of one input, their ``cat`` and a BN), a ``heads`` draw EfficientFormerV2's (a BN,
+a global mean, two linear heads of it, their ``cat``).
 
 :func:`architectures` is the hypothesis strategy; :func:`build` the model factory;
 :func:`inputs` the example batch.
@@ -139,7 +140,7 @@ def architectures(
         kinds = ["conv" if dims else "linear", "bn", "conv", "bn", "act", "add", "cat", "call"]
         kinds += ["scale", "bn", "linear"] + (["flatten"] if dims else ["linear"])
         if dims:
-            kinds += ["convT", "reshape", "pool", "mixed", "rep"]
+            kinds += ["convT", "reshape", "pool", "mixed", "rep", "heads"]
         if layer_bn_pairs:
             kinds = [k for k in kinds if k not in ("bn", "call")]
         kind = draw(st.sampled_from(kinds))
@@ -267,11 +268,32 @@ def architectures(
             groups = draw(st.sampled_from([g for g in (1, 2, 3) if c_in % g == 0]))
             out = groups * draw(st.integers(1, max(1, 6 // groups)))
             stride, k = draw(st.integers(1, 2)), draw(st.sampled_from((1, 3)))
+            # a kxk average of the input (PyTorch's CPU avg_pool3d has no half precision)
+            pooled = k > 1 and dims < 3 and draw(st.booleans())
+            out = c_in if pooled else out
             identity = stride == 1 and out == c_in and draw(st.booleans())
             node = {"op": "rep", "src": src, "in": c_in, "out": out, "k": k, "stride": stride}
             node.update(groups=groups, identity=identity, scale=draw(st.booleans()))
-            node["bias"] = draw(st.booleans())
+            node.update(bias=draw(st.booleans()), pooled=pooled)
             new_shape = (out, conv_out(s, k, stride, k // 2, 1))
+        elif kind == "heads":  # EfficientFormerV2: BN, global mean, a head and a second head
+            src = pick(spatial)
+            if src is None:
+                continue
+            c = shapes[src][0]  # (values are numbered from the input, 0: nodes from 1)
+            add(bn_node(src), shapes[src])
+            readable[len(nodes)] = False  # read by the pooling only
+            add({"op": "flatten", "src": len(nodes), "how": "pool"}, (c, None))
+            readable[len(nodes)] = False  # read by the two heads only
+            pooled, outs = len(nodes), []
+            for _ in range(2):
+                head = {"op": "linear", "src": pooled, "out": draw(st.integers(1, 4)), "in": c}
+                head.update(bias=draw(st.booleans()), gain=draw(st.integers(-3, 1)))
+                add(head, (head["out"], None))
+                readable[len(nodes)] = False  # read by the cat only
+                outs.append(head["out"])
+            node = {"op": "cat", "a": len(nodes) - 1, "b": len(nodes)}
+            new_shape = (sum(outs), None)
         elif kind == "mixed":  # MixNet: convs of different kernels on one input, cat, one BN
             src = pick(spatial)
             if src is None:
@@ -372,7 +394,8 @@ class FunctionalConv(nn.Module):
 
 class RepBranches(nn.Module):
     """RepVGG's and MobileOne's block: a kxk and a 1x1 conv of one input, each with its BN, an
-    identity BN where the shapes allow, summed; times a per-channel scale when ``scale``."""
+    identity BN where the shapes allow, a BN after a kxk average pooling (``pooled``: padded
+    zeros counted, as a depthwise conv), summed; times a per-channel scale when ``scale``."""
 
     def __init__(self, node: dict[str, Any], dims: int) -> None:
         super().__init__()
@@ -385,12 +408,18 @@ class RepBranches(nn.Module):
             conv(c, out, 1, stride, groups=g, bias=node["bias"]), BN[dims](out)
         )
         self.identity = BN[dims](c) if node["identity"] else None
+        self.pooled = None
+        if node.get("pooled"):
+            pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](k, stride, k // 2)
+            self.pooled = nn.Sequential(pool, BN[dims](c))
         self.gamma = nn.Parameter(torch.rand(out) + 0.5) if node["scale"] else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.kxk(x) + self.one(x)
         if self.identity is not None:
             y = y + self.identity(x)
+        if self.pooled is not None:
+            y = y + self.pooled(x)
         if self.gamma is not None:
             y = y * self.gamma.view(1, -1, *[1] * (x.dim() - 2))
         return y

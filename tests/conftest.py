@@ -66,6 +66,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     collapsed = counts.get("generated: fold (a block's branches collapsed)")
     if collapsed is not None:
         write(f"  graphs where a block's branches collapsed into one conv: {collapsed}")
+        pooled = counts.get("generated: fold (a block's pooled branch collapsed)", 0)
+        write(f"    of which with an average-pooled branch: {pooled}")
+    several = counts.get("generated: fold (a BN folded into several layers after it)")
+    if several is not None:
+        write(f"  graphs where a BN folded into several layers after it: {several}")
     meaningless = counts.get("generated: fold (dtype cannot represent the model)")
     if meaningless:
         write(f"  of which checked in float64 only (own dtype noise >= 0.5): {meaningless}")

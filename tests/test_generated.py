@@ -92,8 +92,12 @@ def check_fold(arch: dict[str, Any]) -> dict[str, bool]:
     return {
         "folded": bool(done),
         "float64 only": noise >= 0.5,
-        "cat": any(e.parts for e in report.folded),
+        "cat": any(e.parts and e.placement == "producer" for e in report.folded),
+        "several layers": any(e.parts and e.placement == "consumer" for e in report.folded),
         "region": any(e.placement == "region" for e in report.folded),
+        "pooled region": any(
+            e.collapse and any(s.pools for s in e.collapse.sums) for e in report.folded
+        ),
     }
 
 
@@ -122,6 +126,10 @@ def test_fold_keeps_the_function_or_says_why(arch):
         tally.add_unique("generated: fold (a BN folded per slice after cat)", arch)
     if outcome["region"]:
         tally.add_unique("generated: fold (a block's branches collapsed)", arch)
+    if outcome["pooled region"]:
+        tally.add_unique("generated: fold (a block's pooled branch collapsed)", arch)
+    if outcome["several layers"]:
+        tally.add_unique("generated: fold (a BN folded into several layers after it)", arch)
     if outcome["float64 only"]:
         tally.add_unique("generated: fold (dtype cannot represent the model)", arch)
 

@@ -264,3 +264,63 @@ def test_a_block_that_makes_tensors_in_forward_collapses():
     out, report = folded(model)
     assert convs(out) == 1 and not report.left
     assert set(vars(model[0])) == before  # the original block is left as it was
+
+
+class Pooled(nn.Module):
+    """A branch that averages the block's input (``x + bn(avg_pool(x))``, Inception's pooled
+    branch beside a conv), as a depthwise conv: variants by the pooling's options."""
+
+    def __init__(self, conv=True, identity=True, functional=False, bn_first=False, **pool):
+        super().__init__()
+        self.pool = {"kernel_size": 3, "stride": 1, "padding": 1, **pool}
+        stride, padding = self.pool["stride"], self.pool["padding"]
+        self.conv = (
+            nn.Sequential(nn.Conv2d(8, 8, 3, stride, padding, groups=8), nn.BatchNorm2d(8))
+            if conv
+            else None
+        )
+        self.bn, self.avg = nn.BatchNorm2d(8), nn.AvgPool2d(**self.pool)
+        self.functional, self.bn_first, self.identity = functional, bn_first, identity
+
+    def forward(self, x):
+        if self.bn_first:  # the pooling averages a BN's output
+            pooled = self.avg(self.bn(x))
+        else:
+            y = torch.nn.functional.avg_pool2d(x, **self.pool) if self.functional else self.avg(x)
+            pooled = self.bn(y)
+        out = pooled + self.conv(x) if self.conv else pooled
+        return (out + x if self.identity else out).relu()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"functional": True},
+        {"conv": False},  # the pooled and identity branches alone: one depthwise conv
+        {"padding": 0, "bn_first": True, "identity": False},  # unpadded: a BN may go first
+        {"stride": 2, "identity": False},  # strided like the conv beside it
+    ],
+)
+def test_an_average_pooling_of_the_input_collapses_as_a_depthwise_conv(kwargs):
+    model = wrapped(Pooled(**kwargs))
+    out, report = folded(model)
+    assert not report.left and batchnorms(out) == 0, report.left
+    (conv,) = [m for m in out.modules() if isinstance(m, nn.Conv2d)]
+    assert conv.groups == 8 and conv.kernel_size == (3, 3)
+    assert conv.stride == (kwargs.get("stride", 1),) * 2
+    assert all("1 average pooling into" in str(e) for e in report.folded), report.folded
+
+
+@pytest.mark.parametrize(
+    "kwargs, why",
+    [
+        ({"count_include_pad": False}, "averages real values only at the border"),
+        ({"ceil_mode": True}, "ceil mode"),
+        ({"bn_first": True}, "pads what a BN shifted"),
+    ],
+)
+def test_pooled_branches_that_are_not_one_conv_are_refused(kwargs, why):
+    _, report = folded(wrapped(Pooled(**kwargs)))
+    left = {s.bn: s.reason for s in report.left}
+    assert "0.bn" in left and why in left["0.bn"], left
