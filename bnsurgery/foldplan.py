@@ -3,9 +3,10 @@
 :func:`plan_fold` walks the graph (:mod:`bnsurgery.graph`) and returns a :class:`FoldPlan`: for
 every BN one :class:`FoldEdit` (which layer absorbs it, before or after it) or one skip with the
 reason. The rules are about the graph only: the BN's input comes from one conv or linear used
-nowhere else (producer), or its output goes to one conv or linear that never sees padded zeros
-(consumer); no user hook, data-dependent branch or model output in between. Nothing changes
-the model; :meth:`FoldEdit.apply` does, inside a :class:`~bnsurgery.plan.Transaction`.
+nowhere else (producer), or its output goes only to convs or linears that never see padded
+zeros (consumer: each absorbs it); no user hook, data-dependent branch or model output in
+between. Nothing changes the model; :meth:`FoldEdit.apply` does, inside a
+:class:`~bnsurgery.plan.Transaction`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,18 @@ from torch.nn.modules.conv import _ConvNd
 from . import foldmath
 from .errors import UsageError
 from .foldedit import FoldEdit, FoldPart, FoldPlan, Owners, fold_step
-from .graph import CONCATS, PERMUTES, POOLS, RESHAPES, Graph, Node, Trace, Value, trace
+from .graph import (
+    AVG_POOL_ARGS,
+    CONCATS,
+    PERMUTES,
+    POOLS,
+    RESHAPES,
+    Graph,
+    Node,
+    Trace,
+    Value,
+    trace,
+)
 from .hooks import user_hooks
 from .norms import bn_stats, has_activation, iter_batchnorms, num_features
 from .plan import NOT_SELECTED, Skip, select
@@ -244,14 +256,7 @@ def _channel_route(prod: Node, value: Value, chain: list[Node]) -> tuple[Any, ..
 
 
 _POOL_ARGS = {
-    "avg": (
-        "kernel_size",
-        "stride",
-        "padding",
-        "ceil_mode",
-        "count_include_pad",
-        "divisor_override",
-    ),
+    "avg": AVG_POOL_ARGS,
     "max": ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
 }
 
@@ -736,8 +741,9 @@ def _roots(value: Value | None, depth: int = 8) -> set[int]:
 
 def _region_seeds(graph: Graph, model: nn.Module, edits: list[FoldEdit], unplaced: list[str]):
     """The BNs worth looking for a region around (tracing blocks costs): those no placement
-    took whose input or output is a sum or a scale, and those folded into a layer whose sum
-    with another branch starts from the layer's own input (RepVGG's conv branches)."""
+    took, without an activation of their own, whose input or output is a sum or a scale (or
+    one beyond a pooling), and those folded into a layer whose sum with another branch
+    starts from the layer's own input (RepVGG's conv branches)."""
 
     def sites(bn: str) -> list[Node]:
         return graph.bn_sites(model.get_submodule(bn))
@@ -764,7 +770,12 @@ def _region_seeds(graph: Graph, model: nn.Module, edits: list[FoldEdit], unplace
                         return True
         return False
 
-    left = [bn for bn in unplaced if any(linear_neighbour(s) for s in sites(bn))]
+    left = [  # (a norm-act layer's activation keeps it out of every region)
+        bn
+        for bn in unplaced
+        if not has_activation(model.get_submodule(bn))
+        and any(linear_neighbour(s) for s in sites(bn))
+    ]
     summed = [
         e.bn
         for e in edits

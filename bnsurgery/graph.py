@@ -43,6 +43,7 @@ __all__ = [
     "CONCATS",
     "DECISIONS",
     "PERMUTES",
+    "AVG_POOL_ARGS",
     "POOLS",
     "RESHAPES",
     "fx_trace",
@@ -263,6 +264,10 @@ POOLS = frozenset(
     }
     | {"mean"}
 )
+#: The arguments of average pooling after its input, in ``F.avg_pool2d``'s order.
+AVG_POOL_ARGS = (
+    "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override",
+)  # fmt: skip
 #: Ops that join tensors along an axis, recorded with it (``attrs["dim"]``): a BN after one
 #: folds slice by slice into the layers that produce the pieces.
 CONCATS = frozenset({"cat", "concat", "concatenate"})

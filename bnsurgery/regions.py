@@ -31,7 +31,7 @@ from torch.nn.modules.conv import _ConvNd
 from torch.nn.utils import parametrize
 
 from .errors import BnSurgeryError
-from .graph import fx_trace
+from .graph import AVG_POOL_ARGS, fx_trace
 from .hooks import user_hooks
 from .layers import FoldedBatchNorm
 from .norms import bn_stats, has_activation, is_batchnorm
@@ -317,17 +317,6 @@ class _Affine:
         return weight, bias
 
 
-#: the options of average pooling, in ``F.avg_pool2d``'s order after the input
-_POOL_OPTIONS = (
-    "kernel_size",
-    "stride",
-    "padding",
-    "ceil_mode",
-    "count_include_pad",
-    "divisor_override",
-)
-
-
 def _is_zero(value: torch.Tensor | float) -> bool:
     return bool((torch.as_tensor(value) == 0).all())
 
@@ -401,7 +390,7 @@ class _Expressor:
                 return self._conv(node, module)
             if isinstance(module, nn.AvgPool1d | nn.AvgPool2d | nn.AvgPool3d):
                 dims = int(type(module).__name__[-2])
-                options = {k: getattr(module, k, None) for k in _POOL_OPTIONS}
+                options = {k: getattr(module, k, None) for k in AVG_POOL_ARGS}
                 return self._pooled(node, node.args[0], dims, options)
             inner = self.operand(node.args[0])
             if isinstance(module, (*_IDENTITIES, FoldedBatchNorm)):
@@ -422,9 +411,9 @@ class _Expressor:
         fn = node.target
         pool = re.fullmatch(r"avg_pool([123])d", getattr(fn, "__name__", ""))
         if pool and node.op == "call_function" and node.args:
-            options = dict(zip(_POOL_OPTIONS, node.args[1:], strict=False))
-            options.update({k: v for k, v in node.kwargs.items() if k in _POOL_OPTIONS})
-            if set(node.kwargs) - set(_POOL_OPTIONS):
+            options = dict(zip(AVG_POOL_ARGS, node.args[1:], strict=False))
+            options.update({k: v for k, v in node.kwargs.items() if k in AVG_POOL_ARGS})
+            if set(node.kwargs) - set(AVG_POOL_ARGS):
                 raise _NotLinear(f"{node.name}: unknown pooling arguments")
             return self._pooled(node, node.args[0], int(pool[1]), options)
         first_arg = node.args[0] if node.args else None

@@ -904,11 +904,16 @@ def _carried(swept: list[dict[str, Any]]) -> list[str]:
     kept = [r for r in swept if r.get("carried_over")]
     if not kept:
         return []
-    when = ", ".join(sorted({str(r["carried_over"]) for r in kept}))
-    return [
-        f"- carried over from the run of {when}, not rerun (every BN folded then; the slowest "
-        f"models): {len(kept)} ({', '.join(r['name'] for r in kept)})"
-    ]
+    lines = []
+    for when in sorted({str(r["carried_over"]) for r in kept}):
+        names = [r["name"] for r in kept if str(r["carried_over"]) == when]
+        listed = f" ({', '.join(names)})" if len(names) <= 20 else ""
+        lines.append(
+            f"- carried over from the run of {when}, not rerun (every BN folded then, which the "
+            f"later changes to fold, widening where a BN may go, cannot move): {len(names)}"
+            f"{listed}"
+        )
+    return lines
 
 
 def render(records: list[dict[str, Any]], meta: dict[str, Any]) -> str:
