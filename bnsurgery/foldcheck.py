@@ -225,10 +225,12 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
         finally:
             for h in handles:
                 h.remove()
+    measured: dict[str, float] = {}  # a BN folded into several layers: the worst of them
     for edits, pending, state in results:
-        if state["calls"] and not pending and not state["broken"]:
-            for e in edits:
-                changes[e.bn] = state["worst"]
+        seen = bool(state["calls"]) and not pending and not state["broken"]
+        for e in edits:
+            measured[e.bn] = max(measured.get(e.bn, 0.0), state["worst"] if seen else math.inf)
+    changes.update(measured)
     return changes
 
 
