@@ -35,11 +35,12 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
     and the one folded into it from after (producer fold), either or both: it turns
     ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))`` (a BN written as an
     ``F.batch_norm`` call is seen at that call; a weight-normed layer is run with its ``g``
-    scaled, as the fold leaves it); or the layers whose
-    outputs a concatenation joins before a BN, each with its slice; or a block whose linear
-    regions collapse, rewritten and run on its input. Recomputing each unit on
-    its recorded input keeps data-dependent parts elsewhere in the model (proposal selection,
-    NMS) and the network's amplification of rounding out of the comparison.
+    scaled, as the fold leaves it; a BN folded into several layers after it counts the worst
+    of them); or the layers whose outputs a concatenation joins before a BN, each with its
+    slice; or a block whose linear regions collapse, rewritten and run on its input.
+    Recomputing each unit on its recorded input keeps data-dependent parts elsewhere in the
+    model (proposal selection, NMS) and the network's amplification of rounding out of the
+    comparison.
 
     One eval forward pass of the unfolded model, streamed: a hook keeps a unit's input only
     until the unit's output appears, and the folded weights of one layer exist only while
