@@ -183,8 +183,8 @@ class FoldEdit:
 
     def scaled_g(self, model: nn.Module, g: torch.Tensor) -> nn.Parameter:
         """Weight norm's ``g`` with the BN's scale folded in (``scales == "weight_norm"``)."""
-        stats = bn_stats(model.get_submodule(self.bn))
-        assert stats is not None
+        stats = self.stats(model)  # a BN module's, or an F.batch_norm call's
+        assert stats is not None  # plans only hold BNs with statistics
         scale = stats.scale_shift()[0].view(-1, *[1] * (g.dim() - 1))
         return _param(g.detach().double().cpu() * scale, g)
 

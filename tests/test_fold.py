@@ -743,6 +743,28 @@ def test_functional_batch_norm_on_module_tensors_folds(walk, twice):
     assert torch.equal(folded.norm(y), y)
 
 
+class WeightNormedFunctionalNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+        self.norm = FunctionalNorm()
+
+    def forward(self, x):
+        return self.norm(self.conv(x))
+
+
+def test_functional_batch_norm_folds_into_a_weight_normed_conv():
+    from bnsurgery.foldcheck import unit_changes
+
+    model, x = WeightNormedFunctionalNorm().double().eval(), MIXED_X[:, :3]
+    folded = bnsurgery.fold(copy.deepcopy(model), x)  # raised AttributeError on the stats
+    assert_same_function(model, folded, (x,), 1e-12)
+    (edit,) = bnsurgery.last_report(folded).folded
+    assert edit.functional and edit.scales == "weight_norm"
+    assert torch.nn.utils.parametrize.is_parametrized(folded.conv, "weight")
+    assert unit_changes(model, bnsurgery.plan_fold(model, x), (x,))[edit.bn] < 1e-12
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_the_functional_identity_is_exact_in_every_dtype(dtype):
     from bnsurgery.foldedit import identity_value
