@@ -7,6 +7,7 @@ top-k, flipping on it), without keeping more than one activation and one layer.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -221,7 +222,8 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
         for edits in collapsed.values():
             watch_block(edits[0].collapse, edits)
         try:
-            with eval_mode(model), torch.no_grad(), _Calls(calls, busy):
+            watching = _Calls(calls, busy) if calls else contextlib.nullcontext()
+            with eval_mode(model), torch.no_grad(), watching:  # the mode costs every op
                 model(*args)
         finally:
             for h in handles:
