@@ -19,6 +19,7 @@ what is linear. The rewritten block runs the code fx traced in eval mode, in tra
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Iterable, Mapping
@@ -48,6 +49,7 @@ _MULS = {operator.mul, operator.imul, torch.mul, "mul", "mul_"}
 _IN_PLACE = {operator.iadd, operator.isub, operator.imul, "add_", "sub_", "mul_"}
 _IDENTITIES = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_AVG_POOLS = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
 #: how far up from a BN to look for the block that sums its branches
 _LEVELS = 3
@@ -276,16 +278,9 @@ class _Affine:
         for term in self.terms:
             scale = _vector(term.scale, c_out)
             if term.pool is not None:  # each channel's own input, 1 / window over its window
-                window = tuple(
-                    slice((p0 - p) // d, (p0 - p) // d + k)
-                    for p0, p, d, k in zip(
-                        spec.padding, term.pool.padding, spec.dilation, term.pool.kernel,
-                        strict=True,
-                    )
-                )  # fmt: skip
+                window = _window(spec, term.pool.padding, term.pool.kernel)
                 rows = torch.arange(c_out)
-                size = float(torch.tensor(term.pool.kernel).prod())
-                values = (scale / size).view(-1, *[1] * spec.dims)
+                values = (scale / math.prod(term.pool.kernel)).view(-1, *[1] * spec.dims)
                 weight[(rows, rows - group_of * per_in, *window)] += values
                 continue
             if term.conv is None:  # a centred identity kernel, on each channel's own input
@@ -301,12 +296,7 @@ class _Affine:
             out_c, in_c = c_out // gc, c_in // gc
             pad = _padding(conv)
             assert pad is not None
-            window = tuple(
-                slice((p0 - p) // d, (p0 - p) // d + k)
-                for p0, p, d, k in zip(
-                    spec.padding, pad, spec.dilation, conv.kernel_size, strict=True
-                )
-            )
+            window = _window(spec, pad, conv.kernel_size)
             for j in range(gc):  # conv group j inside target group j * g // gc
                 rows = slice(j * out_c, (j + 1) * out_c)
                 start = j * in_c - (j * out_c // per_out) * per_in
@@ -315,6 +305,14 @@ class _Affine:
                     -1, *[1] * (w.dim() - 1)
                 )
         return weight, bias
+
+
+def _window(spec: ConvSpec, padding: tuple[int, ...], kernel: tuple[int, ...]) -> tuple:
+    """Where a branch's kernel (with its own ``padding``) sits in the region's conv kernel."""
+    return tuple(
+        slice((p0 - p) // d, (p0 - p) // d + k)
+        for p0, p, d, k in zip(spec.padding, padding, spec.dilation, kernel, strict=True)
+    )
 
 
 def _is_zero(value: torch.Tensor | float) -> bool:
@@ -388,8 +386,8 @@ class _Expressor:
                 module, nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d
             ):
                 return self._conv(node, module)
-            if isinstance(module, nn.AvgPool1d | nn.AvgPool2d | nn.AvgPool3d):
-                dims = int(type(module).__name__[-2])
+            dims = next((d for d, t in _AVG_POOLS.items() if isinstance(module, t)), 0)
+            if dims:
                 options = {k: getattr(module, k, None) for k in AVG_POOL_ARGS}
                 return self._pooled(node, node.args[0], dims, options)
             inner = self.operand(node.args[0])
