@@ -99,34 +99,28 @@ class FoldEdit:
                 f"-> collapsed into {self.into} (region: {region.branches} branches, {merged} "
                 f"into one {k} conv, groups {region.conv.groups})"
             )
+        details = [self.placement, self.layer]
         if self.parts and self.placement == "consumer":
-            each = ", ".join(
-                p.into
-                + (f" through {', '.join(s[0] + '()' for s in p.through)}" if p.through else "")
-                for p in self.parts
+            each = (
+                p.into + (f" through {_ops(p.through)}" if p.through else "") for p in self.parts
             )
-            text = f"-> into each of {each} (consumer, {self.layer}"
-            text += (
-                f", bias added to {sum(p.adds_bias for p in self.parts)}" if self.adds_bias else ""
-            )
-            text += f", {self.sites} call sites" if self.sites > 1 else ""
-            return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
-        if self.parts:
+            head = f"-> into each of {', '.join(each)}"
+        elif self.parts:
             slices = ", ".join(f"[{p.start}:{p.stop}] {p.into}" for p in self.parts)
-            text = f"-> per slice after cat() into {slices} ({self.placement}, {self.layer}"
-            text += (
-                f", bias added to {sum(p.adds_bias for p in self.parts)}" if self.adds_bias else ""
-            )
-            text += f", kept {self.keeps}" if self.keeps else ""
-            return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
-        text = f"-> into {self.into} ({self.placement}, {self.layer}"
-        text += f", through {', '.join(s[0] + '()' for s in self.through)}" if self.through else ""
-        text += ", into its weight norm's g" if self.scales else ""
-        text += ", F.batch_norm left as an identity" if self.functional else ""
-        text += ", bias added" if self.adds_bias else ""
-        text += f", kept {self.keeps}" if self.keeps else ""
-        text += f", {self.sites} call sites" if self.sites > 1 else ""
-        return text + ")" + ("; " + "; ".join(self.notes) if self.notes else "")
+            head = f"-> per slice after cat() into {slices}"
+        else:
+            head = f"-> into {self.into}"
+            details += [f"through {_ops(self.through)}"] if self.through else []
+            details += ["into its weight norm's g"] if self.scales else []
+            details += ["F.batch_norm left as an identity"] if self.functional else []
+        if self.adds_bias:
+            added = sum(p.adds_bias for p in self.parts)
+            details.append(f"bias added to {added}" if self.parts else "bias added")
+        details += [f"kept {self.keeps}"] if self.keeps else []
+        details += [f"{self.sites} call sites"] if self.sites > 1 else []
+        return f"{head} ({', '.join(details)})" + (
+            "; " + "; ".join(self.notes) if self.notes else ""
+        )
 
     def targets(self) -> tuple[FoldPart, ...]:
         """Every layer this BN folds into, with its slice of the BN's channels."""
@@ -277,6 +271,10 @@ def tensor_at(model: nn.Module, path: str) -> torch.Tensor | None:
         return None
     owner, _, attr = path.rpartition(".")
     return getattr(model.get_submodule(owner) if owner else model, attr)
+
+
+def _ops(through: tuple[tuple[str, tuple, tuple], ...]) -> str:
+    return ", ".join(op + "()" for op, _, _ in through)
 
 
 def replay(x: torch.Tensor, through: tuple[tuple[str, tuple, tuple], ...]) -> torch.Tensor:
