@@ -574,8 +574,9 @@ def _first_weight(gm: nn.Module, affine: _Affine) -> torch.Tensor:
     return bn.weight if bn.weight is not None else bn.running_mean
 
 
-def _rewire(gm: fx.GraphModule, affine: _Affine, name: str, conv: nn.Module) -> None:
-    """Call ``conv`` on the region's input where the region's output was; drop the region."""
+def _rewire(gm: fx.GraphModule, affine: _Affine, name: str, conv: nn.Module) -> fx.Node:
+    """Call ``conv`` on the region's input where the region's output was; drop the region.
+    Returns the node that calls ``conv``."""
     gm.add_submodule(name, conv)
     output = affine.nodes[-1]
     with gm.graph.inserting_before(output):
@@ -584,6 +585,7 @@ def _rewire(gm: fx.GraphModule, affine: _Affine, name: str, conv: nn.Module) -> 
     for node in sorted(set(affine.nodes) | set(affine.consts), key=_position, reverse=True):
         if not node.users:
             gm.graph.erase_node(node)
+    return new
 
 
 def _position(node: fx.Node) -> int:
@@ -640,89 +642,106 @@ def find_collapses(
     model: nn.Module, bns: Iterable[str], allowed: set[str], placed: set[str] = frozenset()
 ) -> tuple[list[Collapse], dict[str, str]]:
     """Regions holding the BNs ``bns`` (paths), each in the nearest enclosing block (up to
-    three levels up, never the model itself) whose fx graph sums its branches.
+    three levels up, never the model itself) whose fx graph sums its branches; a region whose
+    block sits inside another collapsed block is looked for again in the outer one (which is
+    rewritten whole), so nested blocks keep theirs.
 
     ``allowed``: the BNs a region may absorb (those the user selected); ``placed``: BNs that
     fold without a region, whose region must then merge at least two branches to be worth
     it. Returns the collapses (one per block) and, for each BN in ``bns`` none holds, why.
     """
     traced: dict[str, tuple[fx.GraphModule, _Expressor] | str] = {}
-    found: dict[str, list[tuple[Sum, set[str]]]] = {}
+    found: dict[str, list[tuple[Sum, set[str], str]]] = {}  # block: (sum, its BNs, seed)
     claimed: set[str] = set()
     why: dict[str, str] = {}
-    for bn in bns:
-        if bn in claimed:
-            continue
+
+    def search(bn: str, outside: str | None = None) -> None:
+        """Find ``bn``'s region in the nearest block around it, up to three levels up
+        (``outside``: in that block or one around it, however far) and record it, or why
+        there is none."""
         parts = bn.split(".")
         reasons: list[str] = []
-        for level in range(1, min(_LEVELS, len(parts) - 1) + 1):
+        top = len(parts) - 1 if outside is not None else min(_LEVELS, len(parts) - 1)
+        for level in range(1, top + 1):
             block = ".".join(parts[:-level])
-            local = ".".join(parts[-level:])
-            if block not in traced:
-                traced[block] = _trace(model.get_submodule(block))
-            entry = traced[block]
-            if isinstance(entry, str):
-                reasons.append(f"`{block}`: {entry}")
+            if outside is not None and not (outside + ".").startswith(block + "."):
                 continue
-            gm, ex = entry
-            bn_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == local]
-            if len(bn_nodes) != 1:
-                continue
-            try:
-                affine = _region_of(ex, bn_nodes[0])
-                spec = affine.spec(gm)
-            except _NotLinear as no:
-                reasons.append(f"`{block}`: {no}")
-                continue
-            total = sum(1 for t in affine.terms if t.conv is None) + len(affine.convs())
-            if bn in placed and total < 2:
-                continue  # one branch: its own fold does as well; a block further up may sum it
-            absorbed = {f"{block}.{b}" for b in affine.bns}
-            taken = absorbed & claimed
-            outside = absorbed - allowed
-            problem = (
-                f"its region also holds {sorted(outside)[0]}, which is not selected"
-                if outside
-                else f"its region overlaps another at {sorted(taken)[0]}"
-                if taken
-                else _owned_inside(model, block, [*affine.bns, *affine.convs()])
+            reason = in_block(bn, block, ".".join(parts[-level:]))
+            if reason is None:
+                return
+            reasons.append(reason)
+        if bn not in placed:
+            why[bn] = "; ".join(r for r in reasons if r) or (
+                "no block around it sums branches (the model's own forward is not "
+                "rewritten: sums there stay)"
             )
-            if problem:
-                reasons.append(f"`{block}`: {problem}")
-                continue
-            index = len(found.get(block, []))
-            name = f"collapsed{index}" if index else "collapsed"
-            while hasattr(gm, name):
-                name += "_"
-            found.setdefault(block, []).append(
-                (
-                    Sum(
-                        affine.source.name,
-                        affine.nodes[-1].name,
-                        name,
-                        spec,
-                        tuple(affine.bns),
-                        tuple(affine.convs()),
-                        total,
-                        len(affine.pools()),
-                    ),
-                    absorbed,
-                )
-            )
-            claimed |= absorbed
-            break
-        else:
-            if bn not in placed:
-                why[bn] = "; ".join(reasons) or (
-                    "no block around it sums branches (the model's own forward is not "
-                    "rewritten: sums there stay)"
-                )
-    nested = [b for b in found if any(o != b and b.startswith(o + ".") for o in found)]
-    for block in nested:  # a region inside another collapsed block: the outer one wins
-        for _, absorbed in found.pop(block):
-            for bn in absorbed:
-                why.setdefault(bn, f"its block `{block}` sits inside another collapsed block")
-    collapses = [Collapse(b, tuple(s for s, _ in sums)) for b, sums in found.items()]
+
+    def in_block(bn: str, block: str, local: str) -> str | None:
+        """None when ``block`` holds ``bn``'s region (recorded); otherwise why not ("" when
+        the block does not call it once, or its region is not worth it)."""
+        if block not in traced:
+            traced[block] = _trace(model.get_submodule(block))
+        entry = traced[block]
+        if isinstance(entry, str):
+            return f"`{block}`: {entry}"
+        gm, ex = entry
+        bn_nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == local]
+        if len(bn_nodes) != 1:
+            return ""
+        try:
+            affine = _region_of(ex, bn_nodes[0])
+            spec = affine.spec(gm)
+        except _NotLinear as no:
+            return f"`{block}`: {no}"
+        total = sum(1 for t in affine.terms if t.conv is None) + len(affine.convs())
+        if bn in placed and total < 2:
+            return ""  # one branch: its own fold does as well; a block further up may sum it
+        absorbed = {f"{block}.{b}" for b in affine.bns}
+        taken = absorbed & claimed
+        outside = absorbed - allowed
+        problem = (
+            f"its region also holds {sorted(outside)[0]}, which is not selected"
+            if outside
+            else f"its region overlaps another at {sorted(taken)[0]}"
+            if taken
+            else _owned_inside(model, block, [*affine.bns, *affine.convs()])
+        )
+        if problem:
+            return f"`{block}`: {problem}"
+        sums = found.setdefault(block, [])
+        name = f"collapsed{len(sums)}" if sums else "collapsed"
+        while hasattr(gm, name) or any(s.name == name for s, _, _ in sums):
+            name += "_"
+        summed = Sum(
+            affine.source.name,
+            affine.nodes[-1].name,
+            name,
+            spec,
+            tuple(affine.bns),
+            tuple(affine.convs()),
+            total,
+            len(affine.pools()),
+        )
+        sums.append((summed, absorbed, bn))
+        claimed.update(absorbed)
+        return None
+
+    for bn in bns:
+        if bn not in claimed:
+            search(bn)
+    while nested := [b for b in found if any(b.startswith(o + ".") for o in found)]:
+        # a region inside another collapsed block: look for it again in the outer block
+        block = nested[0]
+        outer = min((o for o in found if block.startswith(o + ".")), key=len)
+        entries = found.pop(block)
+        for _, absorbed, _ in entries:
+            claimed.difference_update(absorbed)
+        for _, absorbed, seed in entries:
+            if seed not in claimed:
+                search(seed, outer)
+            for bn in absorbed - claimed:
+                why.setdefault(bn, f"its block `{block}` sits inside collapsed `{outer}`")
+    collapses = [Collapse(b, tuple(s for s, _, _ in sums)) for b, sums in found.items()]
     return collapses, {bn: w for bn, w in why.items() if bn not in claimed}
 
 
@@ -744,6 +763,7 @@ def rebuild(block: nn.Module, regions: list[Mapping[str, Any]]) -> nn.Module:
     graph, constants = fx_trace(block)
     gm = _graph_module(block, graph, constants)
     ex = _Expressor(gm)
+    renamed: dict[str, str] = {}  # an earlier region's output: the node calling its conv
     for entry in regions:
         spec = ConvSpec.from_dict(entry["conv"])
         name = str(entry["name"])
@@ -751,13 +771,15 @@ def rebuild(block: nn.Module, regions: list[Mapping[str, Any]]) -> nn.Module:
             raise BnSurgeryError(f"bad collapsed conv name {name!r:.40}")
         try:
             affine = ex.express_region(_node(gm.graph, str(entry["output"])))
-            if affine.source is None or affine.source.name != entry["source"]:
+            source = renamed.get(str(entry["source"]), entry["source"])
+            if affine.source is None or affine.source.name != source:
                 raise _NotLinear("its region starts elsewhere")
             if affine.spec(gm) != spec:
                 raise _NotLinear("its region makes another conv")
         except _NotLinear as no:
             raise BnSurgeryError(f"the recorded region {entry['output']!r:.40}: {no}") from None
-        _rewire(gm, affine, name, spec.build(_first_weight(gm, affine)))
+        new = _rewire(gm, affine, name, spec.build(_first_weight(gm, affine)))
+        renamed[str(entry["output"])] = new.name
         ex = _Expressor(gm)
     _finish(gm)
     setattr(gm, COLLAPSED, True)

@@ -18,9 +18,10 @@ Node kinds: ``conv`` (Conv1d/2d/3d, or ``F.conv*`` on a parameter when ``functio
 ``reshape`` (a round trip through another shape, or a channel shuffle), ``flatten`` (to
 features, by pooling or flattening), ``pool``, ``scale`` and ``rep`` (a block summing a kxk
 and a 1x1 conv with their BNs, an identity BN, a BN after average pooling, a layer scale:
-RepVGG, MobileOne); a ``mixed`` draw adds MixNet's block from the other kinds (a 1x1 and a
-3x3 conv of one input, their ``cat`` and a BN), a ``heads`` draw EfficientFormerV2's (a BN,
-a global mean, two linear heads of it, their ``cat``).
+RepVGG, MobileOne; at times after a block of its own and a ReLU, GhostNetV3); a ``mixed``
+draw adds MixNet's block from the other kinds (a 1x1 and a 3x3 conv of one input, their
+``cat`` and a BN), a ``heads`` draw EfficientFormerV2's (a BN, a global mean, two linear
+heads of it, their ``cat``).
 
 :func:`architectures` is the hypothesis strategy; :func:`build` the model factory;
 :func:`inputs` the example batch.
@@ -275,6 +276,10 @@ def architectures(
             node = {"op": "rep", "src": src, "in": c_in, "out": out, "k": k, "stride": stride}
             node.update(groups=groups, identity=identity, scale=draw(st.booleans()))
             node.update(bias=draw(st.booleans()), pooled=pooled)
+            if draw(st.booleans()):  # GhostNetV3: a block of its own first (then a ReLU)
+                inner = {"op": "rep", "in": c_in, "out": c_in, "k": k, "stride": 1}
+                inner.update(groups=groups, identity=draw(st.booleans()), scale=False)
+                node["inner"] = dict(inner, bias=draw(st.booleans()), pooled=False)
             new_shape = (out, conv_out(s, k, stride, k // 2, 1))
         elif kind == "heads":  # EfficientFormerV2: BN, global mean, a head and a second head
             src = pick(spatial)
@@ -395,7 +400,8 @@ class FunctionalConv(nn.Module):
 class RepBranches(nn.Module):
     """RepVGG's and MobileOne's block: a kxk and a 1x1 conv of one input, each with its BN, an
     identity BN where the shapes allow, a BN after a kxk average pooling (``pooled``: padded
-    zeros counted, as a depthwise conv), summed; times a per-channel scale when ``scale``."""
+    zeros counted, as a depthwise conv), summed; times a per-channel scale when ``scale``.
+    With ``inner``, such a block of its own runs first, then a ReLU (GhostNetV3's nesting)."""
 
     def __init__(self, node: dict[str, Any], dims: int) -> None:
         super().__init__()
@@ -413,8 +419,11 @@ class RepBranches(nn.Module):
             pool = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[dims - 1](k, stride, k // 2)
             self.pooled = nn.Sequential(pool, BN[dims](c))
         self.gamma = nn.Parameter(torch.rand(out) + 0.5) if node["scale"] else None
+        self.inner = RepBranches(node["inner"], dims) if node.get("inner") else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.inner is not None:
+            x = self.inner(x).relu()
         y = self.kxk(x) + self.one(x)
         if self.identity is not None:
             y = y + self.identity(x)

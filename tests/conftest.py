@@ -68,6 +68,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         write(f"  graphs where a block's branches collapsed into one conv: {collapsed}")
         pooled = counts.get("generated: fold (a block's pooled branch collapsed)", 0)
         write(f"    of which with an average-pooled branch: {pooled}")
+        nested = counts.get("generated: fold (a nested block's branches collapsed)", 0)
+        write(f"    of which a nested block's, collapsed in the block around it: {nested}")
     several = counts.get("generated: fold (a BN folded into several layers after it)")
     if several is not None:
         write(f"  graphs where a BN folded into several layers after it: {several}")
