@@ -20,6 +20,7 @@ from torch.overrides import TorchFunctionMode
 from .batches import map_tensors
 from .foldedit import FoldEdit, FoldPart, FoldPlan, replay, weight_norm_g
 from .hooks import user_hooks_suspended
+from .norms import is_batchnorm
 from .regions import Collapse
 from .targets import remainder_of
 from .tree import eval_mode
@@ -34,7 +35,8 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
 
     A unit is one conv or linear layer with the BN folded into it from before (consumer fold)
     and the one folded into it from after (producer fold), either or both: it turns
-    ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))`` (a BN written as an
+    ``bn_after(layer(bn_before(x)))`` into ``remainder(layer'(x))`` (the layer may be a BN
+    that absorbs the one before it in its weight and bias; a BN written as an
     ``F.batch_norm`` call is seen at that call; a weight-normed layer is run with its ``g``
     scaled, as the fold leaves it; a BN folded into several layers after it counts the worst
     of them); or the layers whose outputs a concatenation joins before a BN, each with its
@@ -206,7 +208,8 @@ def unit_changes(model: nn.Module, plan: FoldPlan, args: tuple[Any, ...]) -> dic
 
     with user_hooks_suspended(model):  # first: the hooks watch() registers are ours
         for name, folds in units.items():
-            if isinstance(model.get_submodule(name), _ConvNd | nn.Linear):
+            layer = model.get_submodule(name)
+            if isinstance(layer, _ConvNd | nn.Linear) or is_batchnorm(layer):  # a BN after a BN
                 watch(name, folds)
         shared = set(units)
         for edit in joined:

@@ -49,7 +49,7 @@ class FoldPart:
     layout ops (``through``, as :attr:`FoldEdit.through`)."""
 
     into: str
-    layer: str  # "conv", "conv_transpose" or "linear"
+    layer: str  # "conv", "conv_transpose", "linear", or "batchnorm" (a consumer's BN)
     start: int
     stop: int
     adds_bias: bool = False
@@ -102,7 +102,10 @@ class FoldEdit:
         details = [self.placement, self.layer]
         if self.parts and self.placement == "consumer":
             each = (
-                p.into + (f" through {_ops(p.through)}" if p.through else "") for p in self.parts
+                p.into
+                + (" (a BN, in its weight and bias)" if p.layer == "batchnorm" else "")
+                + (f" through {_ops(p.through)}" if p.through else "")
+                for p in self.parts
             )
             head = f"-> into each of {', '.join(each)}"
         elif self.parts:
@@ -164,6 +167,19 @@ class FoldEdit:
         if part.stop >= 0:
             scale, shift = scale[part.start : part.stop], shift[part.start : part.stop]
         layer = model.get_submodule(part.into)
+        if part.layer == "batchnorm":  # a BN after this one absorbs it in its affine map
+            after = bn_stats(layer)
+            assert after is not None and bias is not None  # plans hold affine BNs with stats
+            new_w, new_b = foldmath.fold_into_norm(
+                weight.detach().double().cpu(),
+                bias.detach().double().cpu(),
+                after.mean,
+                after.var,
+                after.eps,
+                scale,
+                shift,
+            )
+            return _param(new_w, weight), _param(new_b, bias)
         maths = foldmath.fold_producer if self.placement == "producer" else foldmath.fold_consumer
         new_w, new_b = maths(
             part.layer,

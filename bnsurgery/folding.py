@@ -170,8 +170,9 @@ def fold(
     Each BN whose input comes only from a conv, transposed conv or linear layer (any groups,
     dilation, stride, padding mode, with or without bias) is folded into that layer; otherwise,
     if its output goes only to linear layers or convs that never see padded zeros, into each of
-    them (also through layout ops such as ``flatten``/``transpose`` and pooling on either side,
-    and a BN after ``torch.cat`` slice by slice into each piece's layer). Branches of a block
+    them, or into a BN module among them that then folds on (also through layout ops such as
+    ``flatten``/``transpose`` and pooling on either side, and a BN after ``torch.cat`` slice
+    by slice into each piece's layer). Branches of a block
     that add up to one conv (RepVGG, MobileOne, FastViT) collapse into it, the block rewritten
     (:mod:`bnsurgery.regions`). Every other BN is left, with a reason in the report. Arithmetic
     is float64, cast back to each layer's dtype.

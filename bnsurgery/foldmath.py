@@ -80,6 +80,33 @@ def fold_producer(
     return new_weight, base * scale + shift
 
 
+def fold_into_norm(
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Affine parameters of ``norm(x * s + t)`` as one eval-mode BN with the same statistics.
+
+    ``w (s x + t - m) / r + b = (w s) (x - m) / r + b + w (t + (s - 1) m) / r`` with
+    ``r = sqrt(var + eps)``: a BN absorbs a per-channel affine map in front of it exactly
+    (NextViT's BN before a pooling and the attention's own BN).
+
+    Returns:
+        ``(weight, bias)`` in float64.
+
+    >>> one = torch.ones(1, dtype=torch.float64)
+    >>> w, b = fold_into_norm(one, 0 * one, one, 3 * one, 1.0, 2 * one, one)
+    >>> w.tolist(), b.tolist()  # (2x + 1 - 1) / 2 = x = (2 (x - 1)) / 2 + 1
+    ([2.0], [1.0])
+    """
+    ratio = weight / torch.sqrt(var + eps)
+    return weight * scale, bias + ratio * (shift + (scale - 1) * mean)
+
+
 def fold_consumer(
     kind: str,
     weight: torch.Tensor,

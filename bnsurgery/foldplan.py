@@ -80,7 +80,7 @@ LEFT_CLASSES: dict[str, tuple[str, ...]] = {
     "shared tensor": (
         "is also used by", "is also a model output", "is also read by", "are also read by",
         "differ between calls", "is also `", "different layout ops", "more than once",
-        "more than one piece",
+        "more than one piece", "also called on other tensors", "under several names",
     ),
     "not one conv": ("differ in", "do not align", "overlaps another", "changes the channel count"),
     "no layer beside it": ("comes from", "its input is a", "its output goes to", "a model output"),
@@ -480,9 +480,10 @@ def _passes(op: Node, value: Value) -> bool:
 
 
 def _consumer_leaves(out: Value) -> list[tuple[list[Node], Node]]:
-    """Every conv or linear the BN's output reaches, through layout and pooling ops that lead
-    only to such layers (``(ops on the way, the layer)``, in the order the walk recorded the
-    calls). A value on the way that anything else reads, or that the model returns, rejects."""
+    """Every conv or linear (or BN module) the BN's output reaches, through layout and pooling
+    ops that lead only to such layers (``(ops on the way, the layer)``, in the order the walk
+    recorded the calls). A value on the way that anything else reads, or that the model
+    returns, rejects."""
     leaves: list[tuple[list[Node], Node]] = []
     todo: list[tuple[Value, list[Node]]] = [(out, [])]
     while todo:
@@ -497,7 +498,7 @@ def _consumer_leaves(out: Value) -> list[tuple[list[Node], Node]]:
                 todo.append((node.outputs[0], [*chain, node]))
                 continue
             cons, fed = (node, value) if chain else _through_copy_padding(node, value)
-            if cons.kind not in _LINEAR_KINDS or cons.data is not fed:
+            if cons.kind not in (*_LINEAR_KINDS, "batchnorm") or cons.data is not fed:
                 users = ", ".join(_describe(c) for c in value.consumers[:3])
                 one = "a conv or linear" if len(value.consumers) == 1 else "convs or linears"
                 raise _Reject(f"its output goes to {users}{after}, not to {one}")
@@ -543,7 +544,9 @@ def _positive_through_max(bn: Any, route: tuple[Any, ...]) -> None:
 def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) -> FoldEdit:
     """The layers after the BN: one conv or linear, or several that alone read its output
     (NextViT's BN before its attention's key and value, a BN before a pooled head and its
-    distillation head), each through its own layout and pooling ops, each absorbing it all."""
+    distillation head), each through its own layout and pooling ops, each absorbing it all;
+    a BN module among them absorbs it in its weight and bias (NextViT's block norm before the
+    attention's own BatchNorm1d), planned before that BN's own fold (:func:`_into_norms`)."""
     if has_activation(bn):
         raise _Reject("an activation follows the norm inside the layer, so no layer after it can")
     notes: list[str] = []
@@ -556,6 +559,13 @@ def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
         for chain, cons in _consumer_leaves(out):
             if cons.decisions > out.decisions:
                 raise _Reject(f"its output crosses {_BRANCH} before {cons.name}()")
+            if cons.kind == "batchnorm":
+                route = _consumer_route(out, cons, chain) if chain else ()
+                seen = here.setdefault(id(cons.module), (route, []))
+                if seen[0] != route:
+                    raise _Reject(f"it reaches {_describe(cons)} through different layout ops")
+                seen[1].append(cons)
+                continue
             if cons.kind == "conv_transpose":
                 raise _Reject("a transposed conv after it cannot absorb it exactly")
             if cons.kind == "conv" and not _is_zero_padding(cons.attrs):
@@ -576,6 +586,10 @@ def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
     parts: list[FoldPart] = []
     for route, calls in reached.values():
         _positive_through_max(bn, route)
+        if calls[0].kind == "batchnorm":
+            module_name = _absorbing_norm(graph, owners, bn, calls)
+            parts.append(FoldPart(module_name, "batchnorm", 0, num_features(bn), False, route))
+            continue
         module_name, kind, adds_bias, _ = _absorber(graph, owners, bn, calls, "consumer")
         parts.append(FoldPart(module_name, kind, 0, num_features(bn), adds_bias, route))
     notes_ = tuple(dict.fromkeys(notes))
@@ -589,6 +603,26 @@ def _consumer(graph: Graph, owners: Owners, bn: nn.Module, sites: list[Node]) ->
         "", " + ".join(p.into for p in parts), "consumer", parts[0].layer, len(sites),
         any(p.adds_bias for p in parts), "", notes_, (), tuple(parts),
     )  # fmt: skip
+
+
+def _absorbing_norm(graph: Graph, owners: Owners, bn: nn.Module, calls: list[Node]) -> str:
+    """The path of the BN module that ``bn``'s output reaches (``calls``), checked: it can
+    absorb ``bn`` in its weight and bias (affine, with running statistics, as many channels)
+    and this is its only call, so nothing else sees the changed affine map."""
+    after = calls[0].module
+    names = [n for n, m in owners.modules.items() if m is after]
+    what = f"`{names[0]}`" if names else "a BN"
+    if len(graph.bn_sites(after)) != len(calls):
+        raise _Reject(f"its output goes to {what}, which is also called on other tensors")
+    if len(names) != 1:
+        raise _Reject(f"its output goes to {what}, which is registered under several names")
+    if bn_stats(after) is None:
+        raise _Reject(f"its output goes to {what}, which has no running statistics")
+    if not all(isinstance(getattr(after, k, None), nn.Parameter) for k in ("weight", "bias")):
+        raise _Reject(f"its output goes to {what}, which has no affine map to absorb it")
+    if num_features(after) != num_features(bn):
+        raise _Reject(f"{what} has {num_features(after)} channels, the BN {num_features(bn)}")
+    return names[0]
 
 
 def _hook_between(model: nn.Module, upstream: str, downstream: str) -> str | None:
@@ -712,11 +746,39 @@ def plan_fold(
     more, left = _functional(model, graph, owners, include, exclude, placements)
     edits += more
     skipped += left
+    edits, skipped = _into_norms(edits, skipped, {name for name, _ in chosen})
     if "region" in placements:
         edits, skipped = _regions(model, graph, chosen, edits, skipped, unplaced)
     order = {name: i for i, (name, _) in enumerate(iter_batchnorms(model))}
     skipped.sort(key=lambda s: order.get(s.bn, -1))
     return FoldPlan("fold", edits, skipped, fold_step(edits, skipped), method=graph.method)
+
+
+def _into_norms(
+    edits: list[FoldEdit], skipped: list[Skip], selected: set[str]
+) -> tuple[list[FoldEdit], list[Skip]]:
+    """Edits that fold a BN into the BN after it (its weight and bias) go before that BN's
+    own edit, which folds the changed map on; a BN the user did not select is not changed."""
+    kept: list[FoldEdit] = []
+    for e in edits:
+        norms = [p.into for p in e.targets() if p.layer == "batchnorm"]
+        outside = [n for n in norms if n not in selected]
+        if outside:
+            why = f"consumer: `{outside[0]}` would absorb it and is not selected"
+            skipped.append(Skip(e.bn, why))
+        else:
+            kept.append(e)
+    before = {  # the edits that must come before each BN's own edit
+        e.bn: {x.bn for x in kept for p in x.targets() if (p.layer, p.into) == ("batchnorm", e.bn)}
+        for e in kept
+    }
+    ordered: list[FoldEdit] = []
+    done: set[str] = set()
+    while len(ordered) < len(kept):  # the plan's order where nothing waits (calls run in
+        e = next(e for e in kept if e.bn not in done and before[e.bn] <= done)  # an order:
+        ordered.append(e)  # a BN's output never reaches a BN called before it, no cycle)
+        done.add(e.bn)
+    return ordered, skipped
 
 
 #: ops that sum branches, and those that may scale one (names as the walks record them)
@@ -809,7 +871,7 @@ def _regions(
     for c in collapses:
         layers = {f"{c.block}.{p}" for s in c.sums for p in s.layers}
         bns = {f"{c.block}.{b}" for s in c.sums for b in s.bns}
-        if any(p.into in layers for e in edits if e.bn not in bns for p in e.targets()):
+        if any(p.into in layers | bns for e in edits if e.bn not in bns for p in e.targets()):
             for s in c.sums:
                 for bn in s.bns:
                     why[f"{c.block}.{bn}"] = "a BN outside its region folds into its conv"

@@ -20,8 +20,8 @@ features, by pooling or flattening), ``pool``, ``scale`` and ``rep`` (a block su
 and a 1x1 conv with their BNs, an identity BN, a BN after average pooling, a layer scale:
 RepVGG, MobileOne; at times after a block of its own and a ReLU, GhostNetV3); a ``mixed``
 draw adds MixNet's block from the other kinds (a 1x1 and a 3x3 conv of one input, their
-``cat`` and a BN), a ``heads`` draw EfficientFormerV2's (a BN, a global mean, two linear
-heads of it, their ``cat``).
+``cat`` and a BN), a ``heads`` draw EfficientFormerV2's (a BN, a global mean, at times a second
+BN, two linear heads of it, their ``cat``).
 
 :func:`architectures` is the hypothesis strategy; :func:`build` the model factory;
 :func:`inputs` the example batch.
@@ -289,6 +289,9 @@ def architectures(
             add(bn_node(src), shapes[src])
             readable[len(nodes)] = False  # read by the pooling only
             add({"op": "flatten", "src": len(nodes), "how": "pool"}, (c, None))
+            if draw(st.booleans()):  # a BN of the pooled features too: the first folds into it
+                readable[len(nodes)] = False  # read by that BN only
+                add(bn_node(len(nodes)), (c, None))
             readable[len(nodes)] = False  # read by the two heads only
             pooled, outs = len(nodes), []
             for _ in range(2):

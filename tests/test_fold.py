@@ -1036,3 +1036,91 @@ def test_the_unit_check_sees_a_functional_batch_norm_at_its_call(side):
     assert unit_changes(model, plan, (x,))["norm.running_mean"] < 1e-12
     wrong = dataclasses.replace(plan, edits=[dataclasses.replace(edit, eps=0.5)])
     assert unit_changes(model, wrong, (x,))["norm.running_mean"] > 1e-3  # a wrong fold shows
+
+
+# ------------------------------------------------- a BN folded into the BN after it as well
+
+
+class NormBeforeAttention(nn.Module):
+    """NextViT's ``E_MHSA`` after its block's BN: the query reads the BN's tokens; the key and
+    value read them after a pooling and a BatchNorm1d of the attention's own."""
+
+    def __init__(self, style="nextvit"):
+        super().__init__()
+        self.style = style
+        self.norm1 = nn.BatchNorm2d(6)
+        self.q, self.k, self.v = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 4, bias=False)
+        self.norm = nn.BatchNorm1d(6, affine=style != "no_affine")
+        self.pool = nn.AvgPool1d(2, 2)
+
+    def forward(self, x):
+        tokens = self.norm1(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        kv = self.norm(self.pool(tokens.transpose(1, 2))).transpose(1, 2)
+        if self.style == "shared":
+            kv = kv + self.norm(x.flatten(2)[..., :8]).transpose(1, 2)  # another tensor
+        return self.q(tokens)[:, :8] @ self.k(kv).transpose(1, 2) @ self.v(kv)
+
+
+def test_bn_folds_through_the_bn_after_it_into_the_layers_after_that(monkeypatch):
+    from bnsurgery import foldmath
+    from bnsurgery.foldcheck import unit_changes
+    from bnsurgery.plan import begin
+
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    model = prepared(NormBeforeAttention().double())
+    folded, report = fold_and_check(model, x, tol=1e-12)
+    assert not report.left and len(report.folded) == 2
+    first, second = report.folded  # the outer BN's edit first: the inner one folds its new map
+    assert first.bn == "norm1"
+    assert {p.into: p.layer for p in first.parts} == {"q": "linear", "norm": "batchnorm"}
+    assert second.bn == "norm" and {p.into for p in second.parts} == {"k", "v"}
+    assert "norm (a BN, in its weight and bias) through" in str(first)
+    folded.train()
+    folded(x)
+
+    plan = bnsurgery.plan_fold(model, x)
+    assert [e.bn for e in plan.edits] == ["norm1", "norm"]
+    assert max(unit_changes(model, plan, (x,)).values()) < 1e-12
+    for left in ("norm", "norm1"):  # either fold stands alone (the check may leave either)
+        alone = copy.deepcopy(model)
+        begin(alone, plan.without({left: "left by the check"})).commit({})
+        assert_same_function(model, alone, (x,), 1e-12)
+    real = foldmath.fold_into_norm  # a wrong map into the BN after it: the unit check sees it
+    monkeypatch.setattr(foldmath, "fold_into_norm", lambda *a: (real(*a)[0], a[1]))
+    assert unit_changes(model, plan, (x,))["norm1"] > 1e-3
+
+
+@pytest.mark.parametrize(
+    "style, why",
+    [("no_affine", "no affine map to absorb it"), ("shared", "also called on other")],
+)
+def test_a_bn_after_a_bn_absorbs_it_only_when_it_can(style, why):
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    _, report = fold_and_check(NormBeforeAttention(style).double(), x, tol=1e-12)
+    assert why in reasons(report)["norm1"], reasons(report)
+    assert report.to_dict()["left"][0]["class"] == (
+        "shared tensor" if style == "shared" else "no layer beside it"
+    )
+
+
+def test_a_bn_after_a_bn_that_is_not_selected_is_not_changed():
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    model = NormBeforeAttention().double()
+    _, report = fold_and_check(model, x, tol=1e-12)
+    folded = bnsurgery.fold(prepared(copy.deepcopy(model)), x, exclude="norm")
+    report = bnsurgery.last_report(folded)
+    assert not report.folded
+    assert "`norm` would absorb it and is not selected" in reasons(report)["norm1"]
+
+
+@pytest.mark.parametrize("after", ["bn", "norm_act"])
+def test_a_bn_folds_into_a_lone_bn_after_it(after):
+    second = (
+        nn.BatchNorm2d(6) if after == "bn" else timm.layers.BatchNormAct2d(6, act_layer=nn.SiLU)
+    )
+    model = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(6), second).double()
+    x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
+    _, report = fold_and_check(model, x, tol=1e-12)
+    (edit,) = report.folded  # the second is the model's output: it stays, changed
+    assert (edit.bn, edit.into, edit.layer) == ("1", "2", "batchnorm"), edit
+    assert set(reasons(report)) == {"2"}  # its output is the model's, or its activation's

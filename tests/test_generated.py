@@ -98,6 +98,7 @@ def check_fold(arch: dict[str, Any]) -> dict[str, bool]:
         "pooled region": any(
             e.collapse and any(s.pools for s in e.collapse.sums) for e in report.folded
         ),
+        "into a BN": any(p.layer == "batchnorm" for e in report.folded for p in e.targets()),
         "nested region": any(  # a nested block's region, collapsed in the block around it
             e.collapse and any(p.startswith("inner.") for s in e.collapse.sums for p in s.layers)
             for e in report.folded
@@ -132,6 +133,8 @@ def test_fold_keeps_the_function_or_says_why(arch):
         tally.add_unique("generated: fold (a block's branches collapsed)", arch)
     if outcome["pooled region"]:
         tally.add_unique("generated: fold (a block's pooled branch collapsed)", arch)
+    if outcome["into a BN"]:
+        tally.add_unique("generated: fold (a BN folded into the BN after it)", arch)
     if outcome["nested region"]:
         tally.add_unique("generated: fold (a nested block's branches collapsed)", arch)
     if outcome["several layers"]:
