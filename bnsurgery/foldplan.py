@@ -874,7 +874,7 @@ def _regions(
         if any(p.into in layers | bns for e in edits if e.bn not in bns for p in e.targets()):
             for s in c.sums:
                 for bn in s.bns:
-                    why[f"{c.block}.{bn}"] = "a BN outside its region folds into its conv"
+                    why[f"{c.block}.{bn}"] = "a BN outside its region folds into it"
             continue
         for s in c.sums:
             regional += [

@@ -655,16 +655,16 @@ def find_collapses(
     claimed: set[str] = set()
     why: dict[str, str] = {}
 
-    def search(bn: str, outside: str | None = None) -> None:
+    def search(bn: str, within: str | None = None) -> None:
         """Find ``bn``'s region in the nearest block around it, up to three levels up
-        (``outside``: in that block or one around it, however far) and record it, or why
+        (``within``: in that block or one around it, however far) and record it, or why
         there is none."""
         parts = bn.split(".")
         reasons: list[str] = []
-        top = len(parts) - 1 if outside is not None else min(_LEVELS, len(parts) - 1)
+        top = len(parts) - 1 if within is not None else min(_LEVELS, len(parts) - 1)
         for level in range(1, top + 1):
             block = ".".join(parts[:-level])
-            if outside is not None and not (outside + ".").startswith(block + "."):
+            if within is not None and not (within + ".").startswith(block + "."):
                 continue
             reason = in_block(bn, block, ".".join(parts[-level:]))
             if reason is None:
