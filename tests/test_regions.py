@@ -328,3 +328,29 @@ def test_pooled_branches_that_are_not_one_conv_are_refused(kwargs, why):
     _, report = folded(wrapped(Pooled(**kwargs)))
     left = {s.bn: s.reason for s in report.left}
     assert "0.bn" in left and why in left["0.bn"], left
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", ["repvgg_a0", "mobileone_s0", "fastvit_t8", "ghostnetv3_050"])
+def test_a_folded_zoo_model_runs_the_convs_of_timms_own_reparameterize(name):
+    """The latency target (folded no slower than ``reparameterize_model``) by structure: the
+    same convs (shape, stride, padding, dilation, groups; a block rewritten registers its
+    convs in its own order), weights contiguous, and no BN where timm keeps some (FastViT's,
+    GhostNetV3's), so no more work."""
+    model = prepared(bnsurgery.load(f"timm:{name}(num_classes=5)"))
+    x = torch.randn(2, 3, 64, 64)
+    ours = bnsurgery.fold(copy.deepcopy(model), x)
+    theirs = reparameterize_model(model)
+
+    def specs(m):
+        return sorted(
+            str((tuple(c.weight.shape), c.stride, c.padding, c.dilation, c.groups))
+            for c in m.modules()
+            if isinstance(c, nn.Conv2d)
+        )
+
+    assert specs(ours) == specs(theirs)
+    assert all(p.is_contiguous() for p in ours.parameters())
+    assert batchnorms(ours) == 0 and sum(1 for _ in ours.modules()) <= sum(
+        1 for _ in theirs.modules()
+    )
