@@ -74,7 +74,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if several is not None:
         write(f"  graphs where a BN folded into several layers after it: {several}")
         into_bn = counts.get("generated: fold (a BN folded into the BN after it)", 0)
-        write(f"  graphs where a BN folded into the BN after it, which folded on: {into_bn}")
+        write(f"  graphs where a BN folded into the BN after it: {into_bn}")
     meaningless = counts.get("generated: fold (dtype cannot represent the model)")
     if meaningless:
         write(f"  of which checked in float64 only (own dtype noise >= 0.5): {meaningless}")
