@@ -21,6 +21,7 @@ __all__ = [
     "Skip",
     "Survey",
     "apply",
+    "export",
     "fold",
     "freeze",
     "last_report",
@@ -42,6 +43,7 @@ _LAZY = {
     "BnSurgeryError": "bnsurgery.errors",
     "FoldPlan": "bnsurgery.foldplan",
     "FoldReport": "bnsurgery.folding",
+    "export": "bnsurgery.exporting",
     "fold": "bnsurgery.folding",
     "Plan": "bnsurgery.plan",
     "Report": "bnsurgery.plan",
@@ -68,6 +70,7 @@ _LAZY = {
 if TYPE_CHECKING:
     from .checkpoint import load, save
     from .errors import BnSurgeryError
+    from .exporting import export
     from .folding import FoldReport, fold
     from .foldplan import FoldPlan, plan_fold
     from .freezing import freeze, plan_freeze, plan_unfreeze, trainable_parameters, unfreeze

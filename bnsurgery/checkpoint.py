@@ -57,8 +57,10 @@ __all__ = [
     "is_dir",
 ]
 
-FORMATS = ("safetensors", "pickle", "torchscript")
+FORMATS = ("safetensors", "pickle", "torchscript", "pt2", "onnx")
 _SUFFIX_FORMAT = {
+    ".pt2": "pt2",
+    ".onnx": "onnx",
     ".safetensors": "safetensors",
     ".pt": "pickle",
     ".pth": "pickle",
@@ -177,8 +179,8 @@ def output_format(path: str | os.PathLike[str], fmt: str | None = None) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in _SUFFIX_FORMAT:
         raise UsageError(
-            f"cannot tell the format from {Path(path).name!r}; use a .safetensors, .pt or .ts "
-            "suffix or pass --format"
+            f"cannot tell the format from {Path(path).name!r}; use a .safetensors, .pt, .ts, "
+            ".pt2 or .onnx suffix or pass --format"
         )
     return _SUFFIX_FORMAT[suffix]
 
@@ -202,22 +204,31 @@ def save(
     force: bool = False,
     arch: str | None = None,
     example_inputs: Any = None,
+    expected: list[Any] | None = None,
 ) -> Path:
     """Write a model atomically.
 
     A TorchScript file holds ``torch.jit.script(model)`` where that works, else the model
     traced on ``example_inputs``, returning its output made plain (dicts, tuples, lists);
     with ``example_inputs`` the program is verified before anything is written (see
-    :mod:`bnsurgery.torchscript`).
+    :mod:`bnsurgery.torchscript`). A ``.pt2`` (``torch.export``) or ``.onnx`` file holds the
+    model with every BN lowered to its inference-only map, checked once written, loaded back,
+    against the model on ``example_inputs`` (needed) before it is published
+    (:func:`bnsurgery.exporting.write_artifact`; to fold first, :func:`bnsurgery.export`).
 
     Args:
         model: the model to save.
         path: the output file.
-        format: ``safetensors``, ``pickle`` or ``torchscript``; default from the suffix.
+        format: ``safetensors``, ``pickle``, ``torchscript``, ``pt2`` or ``onnx``; default
+            from the suffix.
         force: replace an existing file.
         arch: architecture spec, for models not loaded through bnsurgery (safe format).
         example_inputs: a tensor or a tuple of positional inputs (TorchScript): to trace
-            models that ``torch.jit.script`` rejects, and to verify the program.
+            models that ``torch.jit.script`` rejects, and to verify the program; pt2 and
+            ONNX: to export and check the artifact on (needed).
+        expected: pt2 and ONNX: the outputs the artifact must reproduce
+            (:func:`bnsurgery.exporting.expected_outputs` of the model before a surgery);
+            default: the model's own.
 
     Returns:
         The path written.
@@ -227,8 +238,10 @@ def save(
             TorchScript of a model that cannot be scripted, without example inputs.
         TraceError: the model cannot be traced, or the program cannot run on the inputs.
         VerificationError: the TorchScript program's output differs from the model's on the
-            example inputs (tracing fixes one path through data-dependent control flow);
-            nothing was written.
+            example inputs (tracing fixes one path through data-dependent control flow), or
+            the pt2/ONNX artifact's does, or it holds a batch norm; nothing was written.
+        UnsupportedModelError: pt2/ONNX: the model cannot be exported, or holds a BN
+            without running statistics; nothing was written.
         OutputError: the file exists (or appears while writing), is not a regular file, its
             folder is missing or read-only, or the write failed.
 
@@ -245,6 +258,11 @@ def save(
     model = unwrapped(model)  # torch.compile, DataParallel: the keys load() builds
     out = Path(path)
     fmt = output_format(out, format)
+    if fmt in ("pt2", "onnx"):
+        from .exporting import write_artifact
+
+        write_artifact(model, example_inputs, out, fmt, expected=expected, force=force)
+        return out
     if fmt == "safetensors":
         metadata = safe_metadata(model, arch)
 

@@ -64,14 +64,34 @@ def inspect_command(**options: Any) -> None:
     callback=not_nan,
     help="Max relative output error (default by dtype).",
 )
-def fold_command(tolerance: float | None, **options: Any) -> None:
+@click.option(
+    "--lower-to",
+    type=click.Choice(["affine", "conv"]),
+    default="affine",
+    show_default=True,
+    help="pt2/ONNX output: what a BN left becomes (multiply-add, or 1x1 depthwise conv).",
+)
+@click.option("--opset", type=click.IntRange(7, None), help="ONNX output: the opset.")
+@click.option(
+    "--fixed-batch", is_flag=True, help="pt2/ONNX output: the batch dimension not dynamic."
+)
+def fold_command(
+    tolerance: float | None, lower_to: str, opset: int | None, fixed_batch: bool, **options: Any
+) -> None:
     """Fold BN layers of SOURCE into neighbouring conv/linear layers, verified on example
-    inputs, and write the folded model."""
+    inputs, and write the folded model. A .pt2 (torch.export) or .onnx output also lowers
+    every BN left to its per-channel map, and is loaded back and checked against SOURCE's
+    model before it is written."""
+    from ..exporting import expected_outputs
     from ..folding import fold
     from ..plan import last_report
 
     job = open_job(options, "fold", "folded")
     inputs = job.example_inputs(required=True)
+    if job.exports and job.writer and not job.dry_run:
+        job.expected = expected_outputs(job.model, inputs, not fixed_batch)
+        job.export_options = {"lower_to": lower_to, "dynamic_batch": not fixed_batch}
+        job.export_options.update(opset=opset, tolerance=tolerance)
     fold(job.model, inputs, include=job.include, exclude=job.exclude, tolerance=tolerance)
     nothing = "no BN layer can be folded (reasons above); nothing written"
     job.finish(last_report(job.model), nothing=nothing, inputs=inputs)

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,10 @@ class Job:
         writer: false on the ranks of a distributed run other than 0: they print and write
             nothing.
         dry_run: ``--dry-run``: everything but the writing.
+        expected: for a pt2 or ONNX output, what the artifact must reproduce
+            (``bnsurgery.exporting.expected_outputs`` of the model before the surgery); None:
+            the model's own after it.
+        export_options: for a pt2 or ONNX output, ``lower_to``, ``dynamic_batch``, ``opset``.
     """
 
     source: str
@@ -93,6 +97,13 @@ class Job:
     plot: str | None = None
     writer: bool = True
     dry_run: bool = False
+    expected: Any = None
+    export_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exports(self) -> bool:
+        """Whether the output is a deployment artifact (pt2, ONNX): every BN lowered in it."""
+        return self.output_format in ("pt2", "onnx")
 
     @property
     def scripted(self) -> bool:
@@ -236,7 +247,7 @@ class Job:
         if not self.writer:
             return
         self.render(report)
-        if not report.changed:
+        if not report.changed and not self.exports:  # an artifact lowers what is left
             raise NothingToDoError(nothing)
         plot = None if draw is None else lambda path: draw(report, path, force=self.force)
         self.save(inputs, plot=plot)
@@ -253,6 +264,7 @@ class Job:
             plot: writes the plot to the path it is given; needed when the job has a plot.
         """
         from ..checkpoint import save
+        from ..exporting import write_artifact
         from ..outputs import identity
 
         if self.dry_run:
@@ -266,21 +278,30 @@ class Job:
             new = not os.path.lexists(self.plot)
             plot(self.plot)
             created = identity(self.plot) if new else None
+        checked = ""
         try:
-            if inputs is None and self.output_format == "torchscript":
-                inputs = self.example_inputs(required=False)
-            save(
-                self.model,
-                self.output,
-                format=self.output_format,
-                force=self.force,
-                arch=arch_to_record(self.model, self.arch),
-                example_inputs=inputs,
-            )
+            if inputs is None and self.output_format in ("torchscript", "pt2", "onnx"):
+                inputs = self.example_inputs(required=self.exports)
+            if self.exports:
+                assert self.output is not None and self.output_format is not None
+                artifact = write_artifact(
+                    self.model, inputs, self.output, self.output_format,
+                    expected=self.expected, force=self.force, **self.export_options,
+                )  # fmt: skip
+                checked = f" ({artifact})"
+            else:
+                save(
+                    self.model,
+                    self.output,
+                    format=self.output_format,
+                    force=self.force,
+                    arch=arch_to_record(self.model, self.arch),
+                    example_inputs=inputs,
+                )
         except BaseException:
             _discard(self.plot, created)
             raise
-        click.echo(f"wrote {self.output}", err=True)
+        click.echo(f"wrote {self.output}{checked}", err=True)
         if self.plot:
             click.echo(f"wrote {self.plot}", err=True)
 

@@ -225,7 +225,7 @@ def output_options(func: F) -> F:
             click.option(
                 "--format",
                 "fmt",
-                type=click.Choice(["safetensors", "pickle", "torchscript"]),
+                type=click.Choice(["safetensors", "pickle", "torchscript", "pt2", "onnx"]),
                 help="Output format (default: from the output's suffix).",
             ),
             click.option("--force", is_flag=True, help="Replace an existing output file."),

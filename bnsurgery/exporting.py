@@ -1,0 +1,535 @@
+"""Deploying in one verified step: fold, lower every BN left, export, check the artifact.
+
+:func:`export` writes a ``torch.export`` program (``.pt2``, saved with ``torch.export.save``)
+or an ONNX model (``.onnx``, PyTorch's dynamo exporter) with no batch norm in it at all:
+
+1. what folds is folded (:func:`bnsurgery.fold`, verified as always), on a copy: the model
+   given is not changed;
+2. every BN left is **lowered** to its inference-only per-channel map, ``x * scale + shift``
+   (a multiply-add, or with ``lower_to="conv"`` a 1x1 depthwise conv, for backends that want
+   convs), a norm-act layer's activation kept after it; every module in eval mode;
+3. the copy is exported, the batch dimension dynamic by default;
+4. **the artifact itself is checked**, not the module it came from: the written file is loaded
+   back (``torch.export.load``; an ONNX Runtime session) and run on the example inputs, and on
+   them with one more sample (a dynamic batch dimension), against the original eager model
+   within the output dtype's tolerance; its graph must hold no ``batch_norm`` /
+   ``BatchNormalization`` node. Only then is the file published (atomically, never over an
+   existing file without ``force``); on any failure nothing is written.
+
+ONNX needs the ``export`` extra (``onnx``, ``onnxscript``, ``onnxruntime``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy as _copy
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_map
+
+from .errors import BnSurgeryError, UnsupportedModelError, UsageError, VerificationError, brief
+from .foldplan import FoldEdit
+from .layers import NormActRemainder
+from .norms import bn_stats, has_activation, iter_batchnorms, num_features
+from .outputs import atomic_write
+from .plan import Report, set_report
+from .tree import as_args, eval_mode, parents, unwrapped
+from .verify import default_tolerance, max_relative_error, tensors_in
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "Artifact",
+    "ExportReport",
+    "LoweredBatchNorm",
+    "export",
+    "expected_outputs",
+    "export_format",
+    "lower_batchnorms",
+    "write_artifact",
+]
+
+#: what :func:`export` writes, by suffix
+EXPORT_FORMATS = {".pt2": "pt2", ".onnx": "onnx"}
+LOWER_TO = ("affine", "conv")
+
+
+class LoweredBatchNorm(nn.Module):
+    """A BN's eval-mode function and nothing else: ``act(drop(x * scale + shift))`` on the
+    channel axis (1), ``scale`` and ``shift`` buffers (float64 maths, in the BN's dtype); the
+    ``drop`` and ``act`` of a timm norm-act layer are kept under their names.
+
+    >>> bn = nn.BatchNorm2d(3).eval()
+    >>> x = torch.randn(2, 3, 4, 4)
+    >>> torch.allclose(LoweredBatchNorm(bn)(x), bn(x))
+    True
+    """
+
+    def __init__(self, bn: nn.Module) -> None:
+        super().__init__()
+        stats = bn_stats(bn)
+        if stats is None:
+            raise UnsupportedModelError("a BN without running statistics cannot be lowered")
+        scale, shift = stats.scale_shift()
+        like = bn.running_mean
+        self.register_buffer("scale", scale.to(like.dtype, copy=True).to(like.device))
+        self.register_buffer("shift", shift.to(like.dtype, copy=True).to(like.device))
+        self.drop = getattr(bn, "drop", None) if has_activation(bn) else None
+        self.act = getattr(bn, "act", None) if has_activation(bn) else None
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # the name BN's forward has
+        shape = (1, -1, *[1] * (input.dim() - 2))
+        out = input * self.scale.view(shape) + self.shift.view(shape)
+        if self.drop is not None:
+            out = self.drop(out)
+        return out if self.act is None else self.act(out)
+
+
+def _as_conv(bn: nn.Module) -> nn.Module | None:
+    """The BN's map as a 1x1 depthwise conv (its activation after it), or None where the
+    module does not say how many spatial dimensions it normalises (BatchNorm1d: ``(N, C)`` or
+    ``(N, C, L)``; SyncBatchNorm)."""
+    dims = next((d for d, t in ((2, nn.BatchNorm2d), (3, nn.BatchNorm3d)) if isinstance(bn, t)), 0)
+    if not dims:
+        return None
+    lowered = LoweredBatchNorm(bn)
+    c = num_features(bn)
+    like = bn.running_mean
+    conv = (nn.Conv2d, nn.Conv3d)[dims - 2](c, c, 1, groups=c, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(lowered.scale.view(c, 1, *[1] * dims))
+        conv.bias.copy_(lowered.shift)
+    conv.requires_grad_(False)
+    if lowered.act is None:
+        return conv
+    return nn.Sequential(conv, NormActRemainder(lowered.drop, lowered.act))
+
+
+def lower_batchnorms(model: nn.Module, to: str = "affine") -> list[tuple[str, str]]:
+    """Replace every BN module of ``model`` (in place) by its eval-mode function:
+    :class:`LoweredBatchNorm`, or with ``to="conv"`` a 1x1 depthwise conv where the BN says
+    its rank (BatchNorm2d/3d; the others become the multiply-add). Returns (name, what it
+    became) for each.
+
+    Raises:
+        UsageError: ``to`` is neither ``"affine"`` nor ``"conv"``.
+        UnsupportedModelError: a BN has no running statistics (it normalises each batch by
+            its own: no fixed map to lower to); nothing was changed.
+    """
+    if to not in LOWER_TO:
+        raise UsageError(f"unknown lowering {to!r}; valid: {', '.join(LOWER_TO)}")
+    found = list(iter_batchnorms(model))
+    for name, bn in found:
+        if bn_stats(bn) is None:
+            raise UnsupportedModelError(
+                f"`{name or type(bn).__name__}` has no running statistics: it normalises each "
+                "batch by its own, which no fixed map exports"
+            )
+        if not name:
+            raise UnsupportedModelError("the model itself is a BN: no module holds it to lower")
+    done: list[tuple[str, str]] = []
+    for name, bn in found:
+        new = _as_conv(bn) if to == "conv" else None
+        what = "1x1 depthwise conv" if new is not None else "multiply-add"
+        new = new if new is not None else LoweredBatchNorm(bn)
+        for parent, child, _ in parents(model, bn):
+            setattr(parent, child, new)
+        done.append(
+            (name, what + (f", kept act={type(bn.act).__name__}" if has_activation(bn) else ""))
+        )
+    return done
+
+
+@dataclass
+class ExportReport(Report):
+    """The outcome of :func:`export`: ``folded`` edits, ``lowered`` (BN, what it became), the
+    artifact's checks (``max_rel_error`` per output, over the example inputs and the batch one
+    larger), ``nodes`` in its graph and its ``size`` in bytes."""
+
+    format: str = ""
+    path: str = ""
+    folded: list[FoldEdit] = field(default_factory=list)
+    lowered: list[tuple[str, str]] = field(default_factory=list)
+    bn_count: int = 0
+    max_rel_error: list[float] = field(default_factory=list)
+    tolerance: float | None = None
+    dynamic_batch: bool = False
+    nodes: int = 0
+    size: int = 0
+
+    def __str__(self) -> str:
+        rows = [f"{e.bn}  {e}" for e in self.folded] + [
+            f"{b}  -> lowered ({w})" for b, w in self.lowered
+        ]
+        errors = ", ".join(f"{e:.2e}" for e in self.max_rel_error)
+        tail = [
+            f"{self.bn_count} BN layers: {len(self.folded)} folded, {len(self.lowered)} lowered",
+            f"wrote {self.format} {self.path} ({self.size:,} bytes, {self.nodes} graph nodes, "
+            f"no batch norm); loaded back and checked against the eager model: max relative "
+            f"error {errors} (tolerance {self.tolerance:g}), "
+            + (
+                "batch dimension dynamic (checked one larger)"
+                if self.dynamic_batch
+                else "batch fixed"
+            ),
+        ]
+        return "\n".join([*rows, *self.notes, *tail])
+
+
+def export(
+    model: nn.Module,
+    example_inputs: Any,
+    path: str | Path,
+    *,
+    format: str | None = None,
+    include: str | tuple[str, ...] | None = None,
+    exclude: str | tuple[str, ...] | None = None,
+    lower_to: str = "affine",
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    tolerance: float | None = None,
+    force: bool = False,
+) -> ExportReport:
+    """Fold, lower every BN left, export to ``path`` and check the written artifact against
+    ``model`` (see the module's text). ``model`` is not changed.
+
+    Args:
+        model: the eager model.
+        example_inputs: a tensor or a tuple of positional inputs (dicts allowed inside).
+        path: the file to write: ``.pt2`` (``torch.export``) or ``.onnx``.
+        format: ``"pt2"`` or ``"onnx"``; default from the suffix.
+        include, exclude: glob patterns on BN names to fold (the others are lowered).
+        lower_to: ``"affine"`` (multiply-add) or ``"conv"`` (1x1 depthwise conv).
+        dynamic_batch: export dimension 0 of the inputs that share the first input's batch
+            size as dynamic (if the model fixes it, the export is retried fixed, with a note).
+        opset: ONNX opset (default: the exporter's).
+        tolerance: max relative error allowed; default by the output's dtype.
+        force: replace an existing file.
+
+    Returns:
+        The :class:`ExportReport` (also :func:`bnsurgery.last_report` of ``model``).
+
+    Raises:
+        VerificationError: the folded model, or the artifact loaded back, moved beyond
+            ``tolerance``, or a batch norm is left in its graph; nothing written (exit 7).
+        UnsupportedModelError: the model cannot be exported (the exporter's reason), or a BN
+            cannot be lowered; nothing written (exit 8).
+        UsageError: an unknown format or lowering, or ONNX without its packages.
+        OutputError: ``path`` exists (without ``force``) or cannot be written.
+
+    >>> import tempfile
+    >>> m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    >>> out = Path(tempfile.mkdtemp()) / "m.pt2"
+    >>> report = export(m, torch.randn(2, 3, 8, 8), out)
+    >>> len(report.folded), report.lowered
+    (1, [('3', 'multiply-add')])
+    """
+    from .folding import fold
+    from .plan import last_report
+
+    out = Path(path)
+    fmt = export_format(out, format)
+    _check_options(fmt, lower_to)
+    original = unwrapped(model)
+    expected = expected_outputs(original, example_inputs, dynamic_batch)
+    work = _copy.deepcopy(original)
+    bn_count = len(list(iter_batchnorms(work)))
+    fold(work, example_inputs, include=include, exclude=exclude, tolerance=tolerance)
+    folded = last_report(work)
+    artifact = write_artifact(
+        work, example_inputs, out, fmt, expected=expected, lower_to=lower_to,
+        dynamic_batch=dynamic_batch, opset=opset, tolerance=tolerance, force=force, copy=False,
+    )  # fmt: skip
+    report = ExportReport(
+        "export",
+        [e.bn for e in folded.folded] + [b for b, _ in artifact.lowered],
+        [],
+        artifact.notes,
+        format=fmt,
+        path=str(out),
+        folded=list(folded.folded),
+        lowered=artifact.lowered,
+        bn_count=bn_count,
+        max_rel_error=artifact.errors,
+        tolerance=artifact.tolerance,
+        dynamic_batch=artifact.dynamic_batch,
+        nodes=artifact.nodes,
+        size=out.stat().st_size,
+    )
+    set_report(model, report)
+    return report
+
+
+def expected_outputs(model: nn.Module, example_inputs: Any, dynamic_batch: bool = True) -> list:
+    """What an artifact of ``model`` must return (eval mode): on the example inputs, and with
+    ``dynamic_batch`` on them with one more sample. Taken before a surgery, it holds the
+    artifact to the model as it was."""
+    args = as_args(example_inputs)
+    runs = [args] + ([_one_more(args)] if dynamic_batch and _batch_spec(args) is not None else [])
+    model = unwrapped(model)
+    with eval_mode(model), torch.no_grad():
+        return [model(*a) for a in runs]
+
+
+@dataclass
+class Artifact:
+    """What :func:`write_artifact` wrote and checked."""
+
+    lowered: list[tuple[str, str]]
+    errors: list[float]
+    tolerance: float
+    dynamic_batch: bool
+    nodes: int
+    notes: list[str]
+
+    def __str__(self) -> str:
+        batch = "batch dynamic, checked one larger" if self.dynamic_batch else "batch fixed"
+        return "; ".join(
+            [
+                f"{len(self.lowered)} BN lowered, {self.nodes} graph nodes, no batch norm",
+                f"loaded back: max relative error {max(self.errors):.2e} "
+                f"(tolerance {self.tolerance:g}), {batch}",
+                *self.notes,
+            ]
+        )
+
+
+def write_artifact(
+    model: nn.Module,
+    example_inputs: Any,
+    out: Path,
+    fmt: str,
+    *,
+    expected: list[Any] | None = None,
+    lower_to: str = "affine",
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    tolerance: float | None = None,
+    force: bool = False,
+    copy: bool = True,
+) -> Artifact:
+    """Lower every BN of ``model`` (on a copy unless ``copy`` is false), export it as ``fmt``
+    and publish ``out`` once the file, loaded back, reproduces ``expected`` (from
+    :func:`expected_outputs`; default: the model's own, eager, eval mode) on the example
+    inputs and on one more sample.
+
+    Raises: as :func:`export`.
+    """
+    _check_options(fmt, lower_to)
+    if example_inputs is None:
+        raise UsageError(f"a {fmt} export is checked on example inputs: give them")
+    model = unwrapped(model)
+    args = as_args(example_inputs)
+    references = expected or expected_outputs(model, example_inputs, dynamic_batch)
+    spec = _batch_spec(args) if dynamic_batch else None
+    bigger = _one_more(args) if spec is not None else None
+    work = _copy.deepcopy(model) if copy else model
+    lowered = lower_batchnorms(work, lower_to)
+    work.eval()
+    tol = default_tolerance(references[0]) if tolerance is None else tolerance
+    notes: list[str] = []
+    checked: dict[str, Any] = {}
+
+    def write(tmp: str) -> None:
+        nonlocal spec
+        try:
+            blob = _exported(work, args, spec, fmt, opset)
+        except _Fixed as fixed:
+            notes.append(f"batch dimension fixed: the model specialises it ({fixed})")
+            spec = None
+            blob = _exported(work, args, None, fmt, opset)
+        with open(tmp, "wb") as f:
+            f.write(blob)
+        runs = [args] + ([bigger] if spec is not None and bigger is not None else [])
+        checked.update(_check(tmp, fmt, runs, references[: len(runs)], tol, out))
+
+    atomic_write(out, write, force=force)
+    return Artifact(lowered, checked["errors"], tol, spec is not None, checked["nodes"], notes)
+
+
+def export_format(out: Path, fmt: str | None = None) -> str:
+    """``fmt`` checked, else the export format ``out``'s suffix names."""
+    if fmt is None:
+        fmt = EXPORT_FORMATS.get(out.suffix.lower())
+        if fmt is None:
+            raise UsageError(f"cannot tell the export format from {out.name!r}; use .pt2 or .onnx")
+    if fmt not in EXPORT_FORMATS.values():
+        raise UsageError(f"unknown export format {fmt!r}; valid: pt2, onnx")
+    return fmt
+
+
+def _check_options(fmt: str, lower_to: str) -> None:
+    if fmt == "onnx":
+        _need_onnx()
+    if lower_to not in LOWER_TO:
+        raise UsageError(f"unknown lowering {lower_to!r}; valid: {', '.join(LOWER_TO)}")
+
+
+def _need_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(
+            f"ONNX export needs the export extra ({exc.name} is missing): "
+            "pip install 'bnsurgery[export]'"
+        ) from None
+
+
+def _batch_spec(args: tuple[Any, ...]) -> Any:
+    """``dynamic_shapes`` for ``args``: dimension 0 of every tensor whose size there is the
+    first tensor's; None when there is no tensor."""
+    first = next((t for t in tensors_in(args) if t.dim() > 0), None)
+    if first is None:
+        return None
+    batch = torch.export.Dim("batch", min=1)
+    size = first.shape[0]
+
+    def spec(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            return {0: batch}
+        return None
+
+    return tree_map(spec, args)
+
+
+def _one_more(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``args`` with one more sample on every dynamic batch dimension (the first repeated)."""
+    size = next(t.shape[0] for t in tensors_in(args) if t.dim() > 0)
+
+    def grow(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size:
+            return torch.cat([value, value[:1]])
+        return value
+
+    return tree_map(grow, args)
+
+
+class _Fixed(Exception):
+    """The exporter found the model specialises its batch dimension."""
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' progress lines, warnings and log records: not ours to print (a failure
+    is one line, the exception's)."""
+    before = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(before)
+
+
+def _exported(model: nn.Module, args: tuple[Any, ...], spec: Any, fmt: str, opset: Any) -> bytes:
+    """The serialised artifact of ``model`` (written by the caller, so a full disk or a
+    vanished folder is an output error, and nothing partial is left)."""
+    try:
+        with _quiet(), torch.no_grad():
+            if fmt == "pt2":
+                program = torch.export.export(model, args, dynamic_shapes=spec)
+                buffer = io.BytesIO()
+                torch.export.save(program, buffer)
+                return buffer.getvalue()
+            onnx_program = torch.onnx.export(
+                model, args, dynamo=True, dynamic_shapes=spec, opset_version=opset,
+                external_data=False, verbose=False,
+            )  # fmt: skip
+            assert onnx_program is not None
+            return onnx_program.model_proto.SerializeToString()
+    except BnSurgeryError:
+        raise
+    except Exception as exc:
+        text = brief(exc, typed=True)
+        if spec is not None and any(w in text for w in ("Constraint", "specializ", "batch")):
+            raise _Fixed(brief(exc)[:120]) from exc
+        raise UnsupportedModelError(f"cannot export to {fmt}: {text}") from exc
+
+
+def _check(
+    tmp: str,
+    fmt: str,
+    runs: list[tuple[Any, ...]],
+    references: list[Any],
+    tol: float,
+    out: Path,
+) -> dict[str, Any]:
+    """Load the artifact at ``tmp`` back, run it on each of ``runs`` against ``references``,
+    and look for batch norm in its graph. Returns the errors and the node count."""
+    if fmt == "pt2":
+        with open(tmp, "rb") as f:  # a buffer: the file's name need not end in .pt2
+            program = torch.export.load(io.BytesIO(f.read()))
+        nodes = [n for n in program.graph.nodes if n.op == "call_function"]
+        norms = [str(n.target) for n in nodes if "batch_norm" in str(n.target)]
+        module = program.module()
+
+        def run(args: tuple[Any, ...]) -> list[torch.Tensor]:
+            with torch.no_grad():
+                return tensors_in(module(*args))
+
+    else:
+        import onnx
+        import onnxruntime
+
+        graph = onnx.load(tmp)
+        nodes = list(graph.graph.node) + [n for f in graph.functions for n in f.node]
+        norms = [n.op_type for n in nodes if n.op_type == "BatchNormalization"]
+        session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+
+        def run(args: tuple[Any, ...]) -> list[torch.Tensor]:
+            feed = [t.detach().cpu().numpy() for t in tensors_in(args)]
+            if len(feed) != len(names):
+                raise VerificationError(
+                    f"{out.name}: the ONNX model takes {len(names)} inputs, the example inputs "
+                    f"hold {len(feed)} tensors; nothing written"
+                )
+            return [
+                torch.from_numpy(a) for a in session.run(None, dict(zip(names, feed, strict=True)))
+            ]
+
+    if norms:
+        raise VerificationError(
+            f"{out.name}: the exported graph still holds {norms[0]} ({len(norms)} in all); "
+            "nothing written"
+        )
+    errors: list[float] = []
+    for args, reference in zip(runs, references, strict=True):
+        try:
+            got = run(args)
+        except BnSurgeryError:
+            raise
+        except Exception as exc:
+            raise VerificationError(
+                f"{out.name}: the written artifact does not run on the example inputs "
+                f"({brief(exc, typed=True)}); nothing written"
+            ) from exc
+        expected = tensors_in(reference)
+        if len(got) != len(expected):
+            raise VerificationError(
+                f"{out.name}: the artifact returns {len(got)} tensors, the model "
+                f"{len(expected)}; nothing written"
+            )
+        error = max_relative_error(
+            expected, [g.to(e.dtype) for g, e in zip(got, expected, strict=True)]
+        )
+        errors.append(error)
+        if not error <= tol:
+            raise VerificationError(
+                f"{out.name}: the artifact's output moved by {error:.3g} from the eager model's "
+                f"(tolerance {tol:g}); nothing written"
+            )
+    return {"errors": errors, "nodes": len(nodes)}

@@ -1,0 +1,244 @@
+"""Deploying in one verified step: fold, lower every BN left, export to torch.export (.pt2) or
+ONNX, and check the written artifact itself (loaded back) against the eager model."""
+
+from __future__ import annotations
+
+import copy
+
+import onnx
+import onnxruntime
+import pytest
+import torch
+from torch import nn
+
+import bnsurgery
+from bnsurgery.cli import main
+from bnsurgery.errors import OutputError, UnsupportedModelError, UsageError, VerificationError
+from bnsurgery.exporting import LoweredBatchNorm, export, lower_batchnorms
+from bnsurgery.norms import iter_batchnorms
+
+from . import models
+from .conftest import prepared
+
+FORMATS = ["pt2", "onnx"]
+
+
+def run_artifact(path, *args):
+    """The written file, loaded back by its own runtime, run on ``args`` (tensors)."""
+    if str(path).endswith(".pt2"):
+        with torch.no_grad():
+            out = torch.export.load(str(path)).module()(*args)
+        return [out] if isinstance(out, torch.Tensor) else list(out)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    feed = dict(zip(names, [a.numpy() for a in args], strict=True))
+    return [torch.from_numpy(a) for a in session.run(None, feed)]
+
+
+def batch_norm_nodes(path):
+    if str(path).endswith(".pt2"):
+        graph = torch.export.load(str(path)).graph
+        return [n for n in graph.nodes if "batch_norm" in str(n.target)]
+    return [n for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"]
+
+
+def close(a, b, tol=1e-4):
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max()) <= tol * max(float(b.abs().max()), 1e-12)
+
+
+class LeftBehind(nn.Module):
+    """BNs that no layer can absorb (a pre-activation BN, one after a sum), one that folds, and
+    a timm norm-act whose activation stays after the lowered map."""
+
+    def __init__(self):
+        super().__init__()
+        import timm.layers
+
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.pre = nn.BatchNorm2d(6)  # after a ReLU, before a padded conv: left
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.act = timm.layers.BatchNormAct2d(6, act_layer=nn.SiLU)  # after a sum: left
+        self.head = nn.Linear(6, 4)
+        self.flat = nn.BatchNorm1d(4)  # the model's output: left
+
+    def forward(self, x):
+        y = self.bn(self.conv(x)).relu()
+        y = self.act(self.conv2(self.pre(y)) + y)
+        return self.flat(self.head(y.mean((2, 3))).relu())
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", list(models.SEEDS))
+def test_a_seed_model_exports_with_no_batch_norm_checked_loaded_back(tmp_path, name, fmt):
+    factory, size = models.SEEDS[name]
+    model = prepared(factory())
+    x = torch.randn(3, *size)
+    state = copy.deepcopy(model.state_dict())
+    report = export(model, x, tmp_path / f"m.{fmt}")
+    path = tmp_path / f"m.{fmt}"
+    assert path.is_file() and report.size == path.stat().st_size > 0
+    assert not batch_norm_nodes(path)
+    assert report.bn_count == len(report.folded) + len(report.lowered) > 0
+    assert report.dynamic_batch and len(report.max_rel_error) == 2
+    for batch in (3, 1, 5):  # the batch dimension is dynamic
+        xb = torch.randn(batch, *size)
+        (got,) = run_artifact(path, xb)
+        assert close(got, model.eval()(xb).detach()), batch
+    for key, value in model.state_dict().items():  # the model given is not changed
+        assert torch.equal(value, state[key]), key
+    assert len(list(iter_batchnorms(model))) == report.bn_count
+    assert bnsurgery.last_report(model) is report
+
+
+@pytest.mark.parametrize("lower_to", ["affine", "conv"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_bn_left_is_lowered_to_its_map(tmp_path, fmt, lower_to):
+    model = prepared(LeftBehind())
+    x = torch.randn(4, 3, 8, 8)
+    path = tmp_path / f"m.{fmt}"
+    report = export(model, x, path, lower_to=lower_to)
+    assert [e.bn for e in report.folded] == ["bn"]
+    lowered = dict(report.lowered)
+    assert set(lowered) == {"pre", "act", "flat"}
+    assert lowered["act"].endswith("kept act=SiLU")
+    if lower_to == "conv":  # BatchNorm2d as a 1x1 depthwise conv; BatchNorm1d says no rank
+        assert lowered["pre"] == "1x1 depthwise conv" and lowered["flat"] == "multiply-add"
+    assert not batch_norm_nodes(path)
+    (got,) = run_artifact(path, x)
+    assert close(got, model.eval()(x).detach())
+    assert "3 lowered" in str(report) and "no batch norm" in str(report)
+
+
+def test_lowering_keeps_the_function_in_float64_and_refuses_batch_statistics():
+    model = prepared(LeftBehind()).double()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    reference = model(x)
+    lowered = copy.deepcopy(model)
+    assert len(lower_batchnorms(lowered)) == 4
+    assert not list(iter_batchnorms(lowered))
+    assert isinstance(lowered.flat, LoweredBatchNorm)
+    assert close(lowered(x), reference, 1e-12)
+    lowered = copy.deepcopy(model)
+    lowered.pre.track_running_stats, lowered.pre.running_mean = False, None
+    lowered.pre.running_var = None
+    with pytest.raises(UnsupportedModelError, match="`pre` has no running statistics"):
+        lower_batchnorms(lowered)
+    assert not isinstance(lowered.bn, LoweredBatchNorm)  # nothing was changed
+    with pytest.raises(UsageError, match="unknown lowering"):
+        lower_batchnorms(lowered, "sum")
+
+
+def test_an_artifact_that_moves_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    from bnsurgery import exporting
+
+    def wrong(model, to="affine"):  # a lowering off by one in the shift
+        done = real(model, to)
+        for m in model.modules():
+            if isinstance(m, LoweredBatchNorm):
+                m.shift += 1
+        return done
+
+    real = exporting.lower_batchnorms
+    monkeypatch.setattr(exporting, "lower_batchnorms", wrong)
+    with pytest.raises(VerificationError, match=r"moved by .* nothing written"):
+        export(prepared(LeftBehind()), torch.randn(2, 3, 8, 8), tmp_path / "m.pt2")
+    assert not list(tmp_path.iterdir())
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if y.sum() > 0:  # a Python branch on data: torch.export cannot capture it
+            return y * 2
+        return y
+
+
+def test_an_unexportable_model_fails_in_one_line_and_writes_nothing(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="cannot export to pt2") as err:
+        export(prepared(DataDependent()), torch.randn(2, 3, 4, 4), tmp_path / "m.pt2")
+    assert "\n" not in str(err.value) and err.value.exit_code == 8
+    assert not list(tmp_path.iterdir())
+
+
+def test_outputs_are_never_clobbered_and_a_missing_folder_is_an_output_error(tmp_path):
+    model, x = prepared(models.SEEDS["SimpleCNN"][0]()), torch.randn(2, 3, 32, 32)
+    path = tmp_path / "m.pt2"
+    path.write_bytes(b"mine")
+    with pytest.raises(OutputError):
+        export(model, x, path)
+    assert path.read_bytes() == b"mine"
+    export(model, x, path, force=True)
+    assert path.read_bytes() != b"mine"
+    with pytest.raises(OutputError):
+        export(model, x, tmp_path / "missing" / "m.onnx")
+    with pytest.raises(UsageError, match=r"use \.pt2 or \.onnx"):
+        export(model, x, tmp_path / "m.bin")
+
+
+def test_a_fixed_batch_and_the_save_api(tmp_path):
+    model, x = prepared(models.SEEDS["SimpleMLP"][0]()), torch.randn(3, 10)
+    report = export(model, x, tmp_path / "m.onnx", dynamic_batch=False, opset=18)
+    assert not report.dynamic_batch and len(report.max_rel_error) == 1
+    assert (
+        onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim[0].dim_value
+        == 3
+    )
+    bnsurgery.save(model, tmp_path / "plain.pt2", example_inputs=x)  # lowered, not folded
+    assert not batch_norm_nodes(tmp_path / "plain.pt2")
+    with pytest.raises(UsageError, match="checked on example inputs"):
+        bnsurgery.save(model, tmp_path / "none.pt2")
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_cli_folds_lowers_exports_and_checks(tmp_path, capsys, fmt):
+    out = tmp_path / f"r.{fmt}"
+    spec = "timm:resnet18(num_classes=3)"
+    code, _, err = run(capsys, "fold", spec, "--input-size", "3x32x32", "-o", out)
+    assert code == 0, err
+    assert "no batch norm; loaded back: max relative error" in err
+    assert out.is_file() and not batch_norm_nodes(out)
+    code, _, err = run(capsys, "fold", spec, "--input-size", "3x32x32", "-o", out)
+    assert code == 5 and "--force" in err  # never clobbered without it
+
+
+def test_the_cli_lowers_where_nothing_folds_and_refuses_an_unexportable_model(
+    tmp_path, capsys, monkeypatch
+):
+    (tmp_path / "cases.py").write_text(
+        "from torch import nn\n"
+        "class DataDependent(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.conv, self.bn = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)\n"
+        "    def forward(self, x):\n"
+        "        y = self.bn(self.conv(x))\n"
+        "        return y * 2 if y.sum() > 0 else y\n"
+        "class Left(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.bn = nn.BatchNorm2d(3)\n"
+        "    def forward(self, x):\n"
+        "        return self.bn(x.relu())\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(
+        capsys, "fold", "cases:DataDependent", "--input-size", "3x4x4", "-o", "x.pt2"
+    )
+    assert code == 8 and "cannot export to pt2" in err, err
+    assert len(err.strip().splitlines()) == 1
+    code, _, err = run(capsys, "fold", "cases:Left", "--input-size", "3x4x4", "-o", "l.onnx")
+    assert code == 0, err  # nothing folds: the BN is lowered, and the artifact written
+    assert "1 BN lowered" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.py", "l.onnx"]
