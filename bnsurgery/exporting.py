@@ -25,6 +25,7 @@ import contextlib
 import copy as _copy
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -412,6 +413,9 @@ def _one_more(args: tuple[Any, ...]) -> tuple[Any, ...]:
     return tree_map(grow, args)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class _Fixed(Exception):
     """The exporter found the model specialises its batch dimension."""
 
@@ -453,7 +457,7 @@ def _exported(model: nn.Module, args: tuple[Any, ...], spec: Any, fmt: str, opse
     except BnSurgeryError:
         raise
     except Exception as exc:
-        text = brief(exc, typed=True)
+        text = _ANSI.sub("", brief(exc, typed=True))  # the ONNX exporter colours its text
         if spec is not None and any(w in text for w in ("Constraint", "specializ", "batch")):
             raise _Fixed(brief(exc)[:120]) from exc
         raise UnsupportedModelError(f"cannot export to {fmt}: {text}") from exc

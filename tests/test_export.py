@@ -16,6 +16,7 @@ from bnsurgery.cli import main
 from bnsurgery.errors import OutputError, UnsupportedModelError, UsageError, VerificationError
 from bnsurgery.exporting import LoweredBatchNorm, export, lower_batchnorms
 from bnsurgery.norms import iter_batchnorms
+from bnsurgery.testing import randomize_bn
 
 from . import models
 from .conftest import prepared
@@ -242,3 +243,44 @@ def test_the_cli_lowers_where_nothing_folds_and_refuses_an_unexportable_model(
     assert code == 0, err  # nothing folds: the BN is lowered, and the artifact written
     assert "1 BN lowered" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.py", "l.onnx"]
+
+
+#: architectures of every kind the fold sees (layer-BN pairs, BN left after it, regions,
+#: layout ops, concatenations, BN into BN), timm's and torchvision's
+ZOO = {
+    "timm:resnet18": 64,
+    "timm:densenet121": 64,  # 62 BN left: lowered
+    "timm:resnetv2_50": 64,  # pre-activation: 16 left
+    "timm:levit_128s": 224,  # flatten -> BatchNorm1d
+    "timm:efficientnet_b0": 64,
+    "timm:repvgg_a0": 64,  # regions collapsed
+    "timm:mixnet_s": 64,  # split -> convs -> cat -> BN
+    "timm:dpn68": 64,  # shared concatenated features: 27 left
+    "timm:xcit_nano_12_p16_224": 224,  # GELU -> BN -> padded conv: left
+    "timm:nextvit_small": 224,  # a BN into the BN after it
+    "torchvision:mobilenet_v2": 64,
+    "torchvision:googlenet": 64,  # auxiliary heads never called: left, lowered
+}
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_models_export_with_no_batch_norm_checked_loaded_back(tmp_path, name, fmt):
+    model = bnsurgery.load(name).eval()
+    randomize_bn(model)
+    x = torch.randn(2, 3, ZOO[name], ZOO[name])
+    path = tmp_path / f"m.{fmt}"
+    report = export(model, x, path)
+    assert report.bn_count == len(report.folded) + len(report.lowered) > 0
+    assert report.dynamic_batch and max(report.max_rel_error) <= report.tolerance
+    assert not batch_norm_nodes(path)
+
+
+@pytest.mark.zoo
+def test_a_detection_model_is_refused_in_one_line_with_the_exporters_reason(tmp_path):
+    model = bnsurgery.load("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn").eval()
+    with pytest.raises(UnsupportedModelError, match="cannot export to onnx: ") as err:
+        export(model, torch.randn(1, 3, 64, 64), tmp_path / "m.onnx")
+    assert "\n" not in str(err.value) and "\x1b" not in str(err.value)
+    assert not list(tmp_path.iterdir())
