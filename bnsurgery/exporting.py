@@ -50,6 +50,7 @@ __all__ = [
     "ExportReport",
     "LoweredBatchNorm",
     "export",
+    "cast_inputs",
     "expected_outputs",
     "export_format",
     "lower_batchnorms",
@@ -163,6 +164,7 @@ class ExportReport(Report):
     dynamic_batch: bool = False
     nodes: int = 0
     size: int = 0
+    dtype: str = ""
 
     def __str__(self) -> str:
         rows = [f"{e.bn}  {e}" for e in self.folded] + [
@@ -172,7 +174,8 @@ class ExportReport(Report):
         tail = [
             f"{self.bn_count} BN layers: {len(self.folded)} folded, {len(self.lowered)} lowered",
             f"wrote {self.format} {self.path} ({self.size:,} bytes, {self.nodes} graph nodes, "
-            f"no batch norm); loaded back and checked against the eager model: max relative "
+            + (f"{self.dtype}, folded in float64, " if self.dtype else "")
+            + "no batch norm); loaded back and checked against the eager model: max relative "
             f"error {errors} (tolerance {self.tolerance:g}), "
             + (
                 "batch dimension dynamic (checked one larger)"
@@ -194,6 +197,7 @@ def export(
     lower_to: str = "affine",
     dynamic_batch: bool = True,
     opset: int | None = None,
+    dtype: torch.dtype | None = None,
     tolerance: float | None = None,
     force: bool = False,
 ) -> ExportReport:
@@ -210,7 +214,10 @@ def export(
         dynamic_batch: export dimension 0 of the inputs that share the first input's batch
             size as dynamic (if the model fixes it, the export is retried fixed, with a note).
         opset: ONNX opset (default: the exporter's).
-        tolerance: max relative error allowed; default by the output's dtype.
+        dtype: ``torch.float16``, or ``torch.bfloat16`` (pt2 only): the artifact in half
+            precision, folded and lowered in float64 first, then cast; checked against the
+            model as it is, within the half dtype's tolerance.
+        tolerance: max relative error allowed; default by the artifact's dtype.
         force: replace an existing file.
 
     Returns:
@@ -236,16 +243,26 @@ def export(
 
     out = Path(path)
     fmt = export_format(out, format)
-    _check_options(fmt, lower_to)
+    _check_options(fmt, lower_to, dtype)
     original = unwrapped(model)
     expected = expected_outputs(original, example_inputs, dynamic_batch)
     work = _copy.deepcopy(original)
     bn_count = len(list(iter_batchnorms(work)))
-    fold(work, example_inputs, include=include, exclude=exclude, tolerance=tolerance)
+    if dtype is None:
+        fold(work, example_inputs, include=include, exclude=exclude, tolerance=tolerance)
+    else:  # folded (and lowered) in float64, then cast: one rounding, the cast's
+        work.double()
+        fold(
+            work,
+            cast_inputs(as_args(example_inputs), torch.float64),
+            include=include,
+            exclude=exclude,
+        )
     folded = last_report(work)
     artifact = write_artifact(
         work, example_inputs, out, fmt, expected=expected, lower_to=lower_to,
-        dynamic_batch=dynamic_batch, opset=opset, tolerance=tolerance, force=force, copy=False,
+        dynamic_batch=dynamic_batch, opset=opset, dtype=dtype, tolerance=tolerance,
+        force=force, copy=False,
     )  # fmt: skip
     report = ExportReport(
         "export",
@@ -262,6 +279,7 @@ def export(
         dynamic_batch=artifact.dynamic_batch,
         nodes=artifact.nodes,
         size=out.stat().st_size,
+        dtype="" if dtype is None else str(dtype).replace("torch.", ""),
     )
     set_report(model, report)
     return report
@@ -311,6 +329,7 @@ def write_artifact(
     lower_to: str = "affine",
     dynamic_batch: bool = True,
     opset: int | None = None,
+    dtype: torch.dtype | None = None,
     tolerance: float | None = None,
     force: bool = False,
     copy: bool = True,
@@ -318,22 +337,27 @@ def write_artifact(
     """Lower every BN of ``model`` (on a copy unless ``copy`` is false), export it as ``fmt``
     and publish ``out`` once the file, loaded back, reproduces ``expected`` (from
     :func:`expected_outputs`; default: the model's own, eager, eval mode) on the example
-    inputs and on one more sample.
+    inputs and on one more sample (``dtype``: the lowered model cast to it, and the inputs).
 
     Raises: as :func:`export`.
     """
-    _check_options(fmt, lower_to)
+    _check_options(fmt, lower_to, dtype)
     if example_inputs is None:
         raise UsageError(f"a {fmt} export is checked on example inputs: give them")
     model = unwrapped(model)
-    args = as_args(example_inputs)
     references = expected or expected_outputs(model, example_inputs, dynamic_batch)
+    args = as_args(example_inputs) if dtype is None else cast_inputs(as_args(example_inputs), dtype)
     spec = _batch_spec(args) if dynamic_batch else None
     bigger = _one_more(args) if spec is not None else None
     work = _copy.deepcopy(model) if copy else model
     lowered = lower_batchnorms(work, lower_to)
     work.eval()
-    tol = default_tolerance(references[0]) if tolerance is None else tolerance
+    if dtype is not None:
+        work.to(dtype)
+    tol = tolerance
+    if tol is None:
+        lowest = [torch.empty(0, dtype=dtype)] if dtype is not None else []
+        tol = default_tolerance([references[0], *lowest])
     notes: list[str] = []
     checked: dict[str, Any] = {}
 
@@ -365,11 +389,26 @@ def export_format(out: Path, fmt: str | None = None) -> str:
     return fmt
 
 
-def _check_options(fmt: str, lower_to: str) -> None:
+def _check_options(fmt: str, lower_to: str, dtype: torch.dtype | None = None) -> None:
     if fmt == "onnx":
         _need_onnx()
     if lower_to not in LOWER_TO:
         raise UsageError(f"unknown lowering {lower_to!r}; valid: {', '.join(LOWER_TO)}")
+    if dtype not in (None, torch.float16, torch.bfloat16):
+        raise UsageError(f"an artifact's dtype is float16 or bfloat16, not {dtype}")
+    if fmt == "onnx" and dtype == torch.bfloat16:
+        raise UsageError(
+            "a bfloat16 ONNX model cannot be checked: ONNX Runtime on the CPU has no bfloat16 "
+            "Conv; use float16, or a .pt2 output"
+        )
+
+
+def cast_inputs(args: Any, dtype: torch.dtype) -> Any:
+    """``args`` with every floating tensor in ``dtype``."""
+    return tree_map(
+        lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t,
+        args,
+    )
 
 
 def _need_onnx() -> None:

@@ -284,3 +284,39 @@ def test_a_detection_model_is_refused_in_one_line_with_the_exporters_reason(tmp_
         export(model, torch.randn(1, 3, 64, 64), tmp_path / "m.onnx")
     assert "\n" not in str(err.value) and "\x1b" not in str(err.value)
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "fmt, dtype", [("pt2", torch.float16), ("pt2", torch.bfloat16), ("onnx", torch.float16)]
+)
+def test_a_half_precision_artifact_is_folded_in_float64_then_cast(tmp_path, fmt, dtype):
+    model = prepared(LeftBehind())
+    x = torch.randn(4, 3, 8, 8)
+    path = tmp_path / f"m.{fmt}"
+    report = export(model, x, path, dtype=dtype)
+    assert report.dtype == str(dtype).removeprefix("torch.")
+    assert report.tolerance == (1e-2 if dtype == torch.float16 else 5e-2)
+    assert "folded in float64" in str(report)
+    (got,) = run_artifact(path, x.to(dtype)) if fmt == "pt2" else run_artifact(path, x.half())
+    assert got.dtype == dtype
+    assert close(got.float(), model.eval()(x), report.tolerance)
+    assert next(model.parameters()).dtype == torch.float32  # the model given: as it was
+
+
+def test_half_precision_options_that_cannot_be_checked_are_refused(tmp_path, capsys):
+    model, x = prepared(LeftBehind()), torch.randn(2, 3, 8, 8)
+    with pytest.raises(UsageError, match="no bfloat16 Conv"):
+        export(model, x, tmp_path / "m.onnx", dtype=torch.bfloat16)
+    with pytest.raises(UsageError, match="float16 or bfloat16"):
+        export(model, x, tmp_path / "m.pt2", dtype=torch.float64)
+    spec = "timm:resnet18(num_classes=3)"
+    code, _, err = run(capsys, "fold", spec, "--input-size", "3x32x32", "--dtype", "float16")
+    assert code == 2 and "--dtype is for a .pt2 or .onnx output" in err
+    out = tmp_path / "r.pt2"
+    code, _, err = run(
+        capsys, "fold", spec, "--input-size", "3x32x32", "--dtype", "bfloat16", "-o", out
+    )
+    assert code == 0, err
+    assert not list(tmp_path.glob(".*"))
+    program = torch.export.load(str(out))
+    assert {p.dtype for p in program.state_dict.values()} == {torch.bfloat16}

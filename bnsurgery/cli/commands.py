@@ -75,24 +75,41 @@ def inspect_command(**options: Any) -> None:
 @click.option(
     "--fixed-batch", is_flag=True, help="pt2/ONNX output: the batch dimension not dynamic."
 )
+@click.option(
+    "--dtype",
+    "dtype_name",
+    type=click.Choice(["float16", "bfloat16"]),
+    help="pt2/ONNX output: cast to this dtype, folded in float64 first (bfloat16: pt2 only).",
+)
 def fold_command(
-    tolerance: float | None, lower_to: str, opset: int | None, fixed_batch: bool, **options: Any
+    tolerance: float | None,
+    lower_to: str,
+    opset: int | None,
+    fixed_batch: bool,
+    dtype_name: str | None,
+    **options: Any,
 ) -> None:
     """Fold BN layers of SOURCE into neighbouring conv/linear layers, verified on example
     inputs, and write the folded model. A .pt2 (torch.export) or .onnx output also lowers
     every BN left to its per-channel map, and is loaded back and checked against SOURCE's
     model before it is written."""
-    from ..exporting import expected_outputs
+    from ..exporting import cast_inputs, expected_outputs
     from ..folding import fold
     from ..plan import last_report
 
     job = open_job(options, "fold", "folded")
+    if dtype_name and not job.exports:
+        raise UsageError("--dtype is for a .pt2 or .onnx output")
     inputs = job.example_inputs(required=True)
+    folding = inputs
     if job.exports and job.writer and not job.dry_run:
         job.expected = expected_outputs(job.model, inputs, not fixed_batch)
         job.export_options = {"lower_to": lower_to, "dynamic_batch": not fixed_batch}
-        job.export_options.update(opset=opset, tolerance=tolerance)
-    fold(job.model, inputs, include=job.include, exclude=job.exclude, tolerance=tolerance)
+        job.export_options.update(opset=opset, tolerance=tolerance, dtype=dtype_named(dtype_name))
+    if dtype_name:  # folded in float64, cast once when the artifact is written
+        folding = cast_inputs(inputs, dtype_named("float64"))
+        job.model.double()
+    fold(job.model, folding, include=job.include, exclude=job.exclude, tolerance=tolerance)
     nothing = "no BN layer can be folded (reasons above); nothing written"
     job.finish(last_report(job.model), nothing=nothing, inputs=inputs)
 
