@@ -151,8 +151,9 @@ def lower_batchnorms(model: nn.Module, to: str = "affine") -> list[tuple[str, st
 @dataclass
 class ExportReport(Report):
     """The outcome of :func:`export`: ``folded`` edits, ``lowered`` (BN, what it became), the
-    artifact's checks (``max_rel_error`` per output, over the example inputs and the batch one
-    larger), ``nodes`` in its graph and its ``size`` in bytes."""
+    artifact's checks (``max_rel_error`` over all its outputs, on the example inputs and, with
+    a dynamic batch, on them with one more sample), ``nodes`` in its graph and its ``size``
+    in bytes."""
 
     format: str = ""
     path: str = ""
