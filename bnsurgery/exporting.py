@@ -6,8 +6,9 @@ or an ONNX model (``.onnx``, PyTorch's dynamo exporter) with no batch norm in it
 1. what folds is folded (:func:`bnsurgery.fold`, verified as always), on a copy: the model
    given is not changed;
 2. every BN left is **lowered** to its inference-only per-channel map, ``x * scale + shift``
-   (a multiply-add, or with ``lower_to="conv"`` a 1x1 depthwise conv, for backends that want
-   convs), a norm-act layer's activation kept after it; every module in eval mode;
+   (a multiply-add, or a 1x1 depthwise conv for backends that want convs: by default for
+   ONNX, which ONNX Runtime runs faster), a norm-act layer's activation kept after it; every
+   module in eval mode;
 3. the copy is exported, the batch dimension dynamic by default;
 4. **the artifact itself is checked**, not the module it came from: the written file is loaded
    back (``torch.export.load``; an ONNX Runtime session) and run on the example inputs, and on
@@ -60,6 +61,10 @@ __all__ = [
 #: what :func:`export` writes, by suffix
 EXPORT_FORMATS = {".pt2": "pt2", ".onnx": "onnx"}
 LOWER_TO = ("affine", "conv")
+#: ``lower_to="auto"``: by format. ONNX Runtime runs a 1x1 depthwise conv as it runs the
+#: BatchNormalization it replaces, but a multiply-add between convs costs it layout changes
+#: (densenet121: 494 nodes run instead of 248, 13% slower; benchmarks/results/export.md)
+_AUTO = {"onnx": "conv", "pt2": "affine"}
 
 
 class LoweredBatchNorm(nn.Module):
@@ -195,7 +200,7 @@ def export(
     format: str | None = None,
     include: str | tuple[str, ...] | None = None,
     exclude: str | tuple[str, ...] | None = None,
-    lower_to: str = "affine",
+    lower_to: str = "auto",
     dynamic_batch: bool = True,
     opset: int | None = None,
     dtype: torch.dtype | None = None,
@@ -211,7 +216,9 @@ def export(
         path: the file to write: ``.pt2`` (``torch.export``) or ``.onnx``.
         format: ``"pt2"`` or ``"onnx"``; default from the suffix.
         include, exclude: glob patterns on BN names to fold (the others are lowered).
-        lower_to: ``"affine"`` (multiply-add) or ``"conv"`` (1x1 depthwise conv).
+        lower_to: ``"affine"`` (multiply-add), ``"conv"`` (1x1 depthwise conv, for
+            BatchNorm2d/3d), or ``"auto"``: conv for ONNX (ONNX Runtime runs it faster),
+            multiply-add for pt2.
         dynamic_batch: export dimension 0 of the inputs that share the first input's batch
             size as dynamic (if the model fixes it, the export is retried fixed, with a note).
         opset: ONNX opset (default: the exporter's).
@@ -327,7 +334,7 @@ def write_artifact(
     fmt: str,
     *,
     expected: list[Any] | None = None,
-    lower_to: str = "affine",
+    lower_to: str = "auto",
     dynamic_batch: bool = True,
     opset: int | None = None,
     dtype: torch.dtype | None = None,
@@ -351,7 +358,7 @@ def write_artifact(
     spec = _batch_spec(args) if dynamic_batch else None
     bigger = _one_more(args) if spec is not None else None
     work = _copy.deepcopy(model) if copy else model
-    lowered = lower_batchnorms(work, lower_to)
+    lowered = lower_batchnorms(work, _AUTO[fmt] if lower_to == "auto" else lower_to)
     work.eval()
     if dtype is not None:
         work.to(dtype)
@@ -393,8 +400,8 @@ def export_format(out: Path, fmt: str | None = None) -> str:
 def _check_options(fmt: str, lower_to: str, dtype: torch.dtype | None = None) -> None:
     if fmt == "onnx":
         _need_onnx()
-    if lower_to not in LOWER_TO:
-        raise UsageError(f"unknown lowering {lower_to!r}; valid: {', '.join(LOWER_TO)}")
+    if lower_to not in (*LOWER_TO, "auto"):
+        raise UsageError(f"unknown lowering {lower_to!r}; valid: auto, {', '.join(LOWER_TO)}")
     if dtype not in (None, torch.float16, torch.bfloat16):
         raise UsageError(f"an artifact's dtype is float16 or bfloat16, not {dtype}")
     if fmt == "onnx" and dtype == torch.bfloat16:

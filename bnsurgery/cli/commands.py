@@ -66,10 +66,11 @@ def inspect_command(**options: Any) -> None:
 )
 @click.option(
     "--lower-to",
-    type=click.Choice(["affine", "conv"]),
-    default="affine",
+    type=click.Choice(["auto", "affine", "conv"]),
+    default="auto",
     show_default=True,
-    help="pt2/ONNX output: what a BN left becomes (multiply-add, or 1x1 depthwise conv).",
+    help="pt2/ONNX output: what a BN left becomes: multiply-add, 1x1 depthwise conv, or auto "
+    "(conv for ONNX, multiply-add for pt2).",
 )
 @click.option("--opset", type=click.IntRange(7, None), help="ONNX output: the opset.")
 @click.option(
