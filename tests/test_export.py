@@ -320,3 +320,29 @@ def test_half_precision_options_that_cannot_be_checked_are_refused(tmp_path, cap
     assert not list(tmp_path.glob(".*"))
     program = torch.export.load(str(out))
     assert {p.dtype for p in program.state_dict.values()} == {torch.bfloat16}
+
+
+ARTICLE = {  # the article's models, as it writes them (tests/seed_models.py)
+    "SimpleCNN": "3x32x32",
+    "SimpleMLP": "10",
+    "sequential": "3x32x32",
+    "CIFAR10Model": "3x32x32",
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", list(ARTICLE))
+def test_the_articles_models_deploy_from_the_command_line(tmp_path, capsys, name, fmt):
+    out = tmp_path / f"{name}.{fmt}"
+    spec = f"tests.seed_models:{name}"
+    code, _, err = run(capsys, "fold", spec, "--input-size", ARTICLE[name], "-o", out)
+    assert code == 0, err
+    assert out.is_file() and not batch_norm_nodes(out)
+    assert "batch dynamic, checked one larger" in err
+
+
+def test_bns_a_pattern_leaves_out_of_the_fold_are_lowered(tmp_path):
+    model, x = prepared(LeftBehind()), torch.randn(2, 3, 8, 8)
+    report = export(model, x, tmp_path / "m.pt2", exclude="bn")
+    assert not report.folded and "bn" in dict(report.lowered)
+    assert report.bn_count == len(report.lowered) == 4
