@@ -575,7 +575,7 @@ def _check(
                 f"{len(expected)}; nothing written"
             )
         error = max_relative_error(
-            expected, [g.to(e.dtype) for g, e in zip(got, expected, strict=True)]
+            expected, [g.to(e.device, e.dtype) for g, e in zip(got, expected, strict=True)]
         )
         errors.append(error)
         if not error <= tol:
