@@ -46,6 +46,7 @@ from .torchscript import torchscript_bytes
 from .trust import Kind, Trust, kind_of, require_code_trust
 
 __all__ = [
+    "ARTIFACT_FORMATS",
     "FORMATS",
     "default_output",
     "load",
@@ -57,7 +58,9 @@ __all__ = [
     "is_dir",
 ]
 
-FORMATS = ("safetensors", "pickle", "torchscript", "pt2", "onnx")
+#: deployment artifacts: every BN lowered, checked once written (:mod:`bnsurgery.exporting`)
+ARTIFACT_FORMATS = ("pt2", "onnx")
+FORMATS = ("safetensors", "pickle", "torchscript", *ARTIFACT_FORMATS)
 _SUFFIX_FORMAT = {
     ".pt2": "pt2",
     ".onnx": "onnx",
@@ -176,13 +179,18 @@ def output_format(path: str | os.PathLike[str], fmt: str | None = None) -> str:
         if fmt not in FORMATS:
             raise UsageError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
         return fmt
-    suffix = Path(path).suffix.lower()
-    if suffix not in _SUFFIX_FORMAT:
+    named = suffix_format(path)
+    if named is None:
         raise UsageError(
             f"cannot tell the format from {Path(path).name!r}; use a .safetensors, .pt, .ts, "
             ".pt2 or .onnx suffix or pass --format"
         )
-    return _SUFFIX_FORMAT[suffix]
+    return named
+
+
+def suffix_format(path: str | os.PathLike[str]) -> str | None:
+    """The format the suffix of ``path`` names, or None."""
+    return _SUFFIX_FORMAT.get(Path(path).suffix.lower())
 
 
 def default_output(source: str, operation: str) -> Path:
@@ -258,7 +266,7 @@ def save(
     model = unwrapped(model)  # torch.compile, DataParallel: the keys load() builds
     out = Path(path)
     fmt = output_format(out, format)
-    if fmt in ("pt2", "onnx"):
+    if fmt in ARTIFACT_FORMATS:
         from .exporting import write_artifact
 
         write_artifact(model, example_inputs, out, fmt, expected=expected, force=force)

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from .checkpoint import ARTIFACT_FORMATS, suffix_format
 from .errors import BnSurgeryError, UnsupportedModelError, UsageError, VerificationError, brief
 from .foldplan import FoldEdit
 from .layers import NormActRemainder
@@ -46,7 +47,6 @@ from .tree import as_args, eval_mode, parents, unwrapped
 from .verify import default_tolerance, max_relative_error, tensors_in
 
 __all__ = [
-    "EXPORT_FORMATS",
     "Artifact",
     "ExportReport",
     "LoweredBatchNorm",
@@ -58,12 +58,11 @@ __all__ = [
     "write_artifact",
 ]
 
-#: what :func:`export` writes, by suffix
-EXPORT_FORMATS = {".pt2": "pt2", ".onnx": "onnx"}
 LOWER_TO = ("affine", "conv")
 #: ``lower_to="auto"``: by format. ONNX Runtime runs a 1x1 depthwise conv as it runs the
 #: BatchNormalization it replaces, but a multiply-add between convs costs it layout changes
-#: (densenet121: 494 nodes run instead of 248, 13% slower; benchmarks/results/export.md)
+#: (densenet121: 494 nodes run instead of 248, 13% slower, measured with ``bench_export.py
+#: --lower-to affine``; benchmarks/README.md)
 _AUTO = {"onnx": "conv", "pt2": "affine"}
 
 
@@ -389,10 +388,10 @@ def write_artifact(
 def export_format(out: Path, fmt: str | None = None) -> str:
     """``fmt`` checked, else the export format ``out``'s suffix names."""
     if fmt is None:
-        fmt = EXPORT_FORMATS.get(out.suffix.lower())
-        if fmt is None:
+        fmt = suffix_format(out)
+        if fmt not in ARTIFACT_FORMATS:
             raise UsageError(f"cannot tell the export format from {out.name!r}; use .pt2 or .onnx")
-    if fmt not in EXPORT_FORMATS.values():
+    if fmt not in ARTIFACT_FORMATS:
         raise UsageError(f"unknown export format {fmt!r}; valid: pt2, onnx")
     return fmt
 

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import bnsurgery
-from bnsurgery.cli import main
 from bnsurgery.errors import OutputError, UnsupportedModelError, UsageError, VerificationError
 from bnsurgery.exporting import LoweredBatchNorm, export, lower_batchnorms
 from bnsurgery.norms import iter_batchnorms
@@ -20,6 +19,7 @@ from bnsurgery.testing import randomize_bn
 
 from . import models
 from .conftest import prepared
+from .test_cli import run
 
 FORMATS = ["pt2", "onnx"]
 
@@ -194,12 +194,6 @@ def test_a_fixed_batch_and_the_save_api(tmp_path):
     assert not batch_norm_nodes(tmp_path / "plain.pt2")
     with pytest.raises(UsageError, match="checked on example inputs"):
         bnsurgery.save(model, tmp_path / "none.pt2")
-
-
-def run(capsys, *args):
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -106,6 +106,24 @@ def check_fold(arch: dict[str, Any]) -> dict[str, bool]:
     }
 
 
+#: what a fold's outcome counts, by the key of :func:`check_fold`'s result
+_COUNTED = {
+    "cat": "generated: fold (a BN folded per slice after cat)",
+    "region": "generated: fold (a block's branches collapsed)",
+    "pooled region": "generated: fold (a block's pooled branch collapsed)",
+    "into a BN": "generated: fold (a BN folded into the BN after it)",
+    "nested region": "generated: fold (a nested block's branches collapsed)",
+    "several layers": "generated: fold (a BN folded into several layers after it)",
+    "float64 only": "generated: fold (dtype cannot represent the model)",
+}
+
+
+def _count(outcome: dict[str, bool], arch, keys) -> None:
+    for key in keys:
+        if outcome[key]:
+            tally.add_unique(_COUNTED[key], arch)
+
+
 @given(architectures(layer_bn_pairs=True))
 def test_fold_of_layer_bn_pairs(arch):
     """Graphs where every conv/linear feeds its own BN: most of these BNs must fold (the
@@ -115,10 +133,7 @@ def test_fold_of_layer_bn_pairs(arch):
     tally.add_unique("generated: fold (layer-BN pairs)", arch)
     if outcome["folded"]:
         tally.add_unique("generated: fold (layer-BN pairs, a BN folded)", arch)
-    if outcome["cat"]:
-        tally.add_unique("generated: fold (a BN folded per slice after cat)", arch)
-    if outcome["region"]:
-        tally.add_unique("generated: fold (a block's branches collapsed)", arch)
+    _count(outcome, arch, ("cat", "region"))
 
 
 @given(architectures())
@@ -127,20 +142,7 @@ def test_fold_keeps_the_function_or_says_why(arch):
     tally.add_unique("generated: fold", arch)
     if outcome["folded"]:
         tally.add_unique("generated: fold (with a BN folded)", arch)
-    if outcome["cat"]:
-        tally.add_unique("generated: fold (a BN folded per slice after cat)", arch)
-    if outcome["region"]:
-        tally.add_unique("generated: fold (a block's branches collapsed)", arch)
-    if outcome["pooled region"]:
-        tally.add_unique("generated: fold (a block's pooled branch collapsed)", arch)
-    if outcome["into a BN"]:
-        tally.add_unique("generated: fold (a BN folded into the BN after it)", arch)
-    if outcome["nested region"]:
-        tally.add_unique("generated: fold (a nested block's branches collapsed)", arch)
-    if outcome["several layers"]:
-        tally.add_unique("generated: fold (a BN folded into several layers after it)", arch)
-    if outcome["float64 only"]:
-        tally.add_unique("generated: fold (dtype cannot represent the model)", arch)
+    _count(outcome, arch, _COUNTED)
 
 
 # ---------------------------------------------------------------------------------- freeze

@@ -103,7 +103,9 @@ class Job:
     @property
     def exports(self) -> bool:
         """Whether the output is a deployment artifact (pt2, ONNX): every BN lowered in it."""
-        return self.output_format in ("pt2", "onnx")
+        from ..checkpoint import ARTIFACT_FORMATS
+
+        return self.output_format in ARTIFACT_FORMATS
 
     @property
     def scripted(self) -> bool:
@@ -280,7 +282,7 @@ class Job:
             created = identity(self.plot) if new else None
         checked = ""
         try:
-            if inputs is None and self.output_format in ("torchscript", "pt2", "onnx"):
+            if inputs is None and (self.exports or self.output_format == "torchscript"):
                 inputs = self.example_inputs(required=self.exports)
             if self.exports:
                 assert self.output is not None and self.output_format is not None
