@@ -54,6 +54,7 @@ __all__ = [
     "cast_inputs",
     "expected_outputs",
     "export_format",
+    "graph_nodes",
     "lower_batchnorms",
     "write_artifact",
 ]
@@ -71,6 +72,9 @@ class LoweredBatchNorm(nn.Module):
     channel axis (1), ``scale`` and ``shift`` buffers (float64 maths, in the BN's dtype); the
     ``drop`` and ``act`` of a timm norm-act layer are kept under their names.
 
+    For a BN that says its rank (BatchNorm2d/3d) the buffers are shaped to broadcast, so an
+    exported graph holds one multiply and one add per BN and no reshape.
+
     >>> bn = nn.BatchNorm2d(3).eval()
     >>> x = torch.randn(2, 3, 4, 4)
     >>> torch.allclose(LoweredBatchNorm(bn)(x), bn(x))
@@ -84,24 +88,34 @@ class LoweredBatchNorm(nn.Module):
             raise UnsupportedModelError("a BN without running statistics cannot be lowered")
         scale, shift = stats.scale_shift()
         like = bn.running_mean
-        self.register_buffer("scale", scale.to(like.dtype, copy=True).to(like.device))
-        self.register_buffer("shift", shift.to(like.dtype, copy=True).to(like.device))
+        shape = (-1, *[1] * _rank(bn))
+        self.register_buffer("scale", scale.to(like.dtype, copy=True).to(like.device).view(shape))
+        self.register_buffer("shift", shift.to(like.dtype, copy=True).to(like.device).view(shape))
         self.drop = getattr(bn, "drop", None) if has_activation(bn) else None
         self.act = getattr(bn, "act", None) if has_activation(bn) else None
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # the name BN's forward has
-        shape = (1, -1, *[1] * (input.dim() - 2))
-        out = input * self.scale.view(shape) + self.shift.view(shape)
+        scale, shift = self.scale, self.shift
+        if input.dim() > scale.dim() + 1:  # a BatchNorm1d on (N, C, L)
+            shape = (-1, *[1] * (input.dim() - 2))
+            scale, shift = scale.view(shape), shift.view(shape)
+        out = input * scale + shift
         if self.drop is not None:
             out = self.drop(out)
         return out if self.act is None else self.act(out)
+
+
+def _rank(bn: nn.Module) -> int:
+    """The spatial dimensions a BN says it normalises over: 2 or 3, else 0 (BatchNorm1d takes
+    ``(N, C)`` or ``(N, C, L)``; SyncBatchNorm any)."""
+    return next((d for d, t in ((2, nn.BatchNorm2d), (3, nn.BatchNorm3d)) if isinstance(bn, t)), 0)
 
 
 def _as_conv(bn: nn.Module) -> nn.Module | None:
     """The BN's map as a 1x1 depthwise conv (its activation after it), or None where the
     module does not say how many spatial dimensions it normalises (BatchNorm1d: ``(N, C)`` or
     ``(N, C, L)``; SyncBatchNorm)."""
-    dims = next((d for d, t in ((2, nn.BatchNorm2d), (3, nn.BatchNorm3d)) if isinstance(bn, t)), 0)
+    dims = _rank(bn)
     if not dims:
         return None
     lowered = LoweredBatchNorm(bn)
@@ -110,7 +124,7 @@ def _as_conv(bn: nn.Module) -> nn.Module | None:
     conv = (nn.Conv2d, nn.Conv3d)[dims - 2](c, c, 1, groups=c, device=like.device, dtype=like.dtype)
     with torch.no_grad():
         conv.weight.copy_(lowered.scale.view(c, 1, *[1] * dims))
-        conv.bias.copy_(lowered.shift)
+        conv.bias.copy_(lowered.shift.view(c))
     conv.requires_grad_(False)
     if lowered.act is None:
         return conv
@@ -155,9 +169,10 @@ def lower_batchnorms(model: nn.Module, to: str = "affine") -> list[tuple[str, st
 @dataclass
 class ExportReport(Report):
     """The outcome of :func:`export`: ``folded`` edits, ``lowered`` (BN, what it became), the
-    artifact's checks (``max_rel_error`` over all its outputs, on the example inputs and, with
-    a dynamic batch, on them with one more sample), ``nodes`` in its graph and its ``size``
-    in bytes."""
+    artifact's checks (``max_rel_error`` over all its outputs for each run: the example inputs
+    and, with a dynamic batch, them with one more sample; ``output_errors``, each output's
+    worst over the runs), the operators in its graph (``nodes``) and in the graph the same
+    exporter makes of the model as given (``nodes_before``), and its ``size`` in bytes."""
 
     format: str = ""
     path: str = ""
@@ -165,9 +180,11 @@ class ExportReport(Report):
     lowered: list[tuple[str, str]] = field(default_factory=list)
     bn_count: int = 0
     max_rel_error: list[float] = field(default_factory=list)
+    output_errors: list[float] = field(default_factory=list)
     tolerance: float | None = None
     dynamic_batch: bool = False
     nodes: int = 0
+    nodes_before: int | None = None
     size: int = 0
     dtype: str = ""
 
@@ -175,13 +192,13 @@ class ExportReport(Report):
         rows = [f"{e.bn}  {e}" for e in self.folded] + [
             f"{b}  -> lowered ({w})" for b, w in self.lowered
         ]
-        errors = ", ".join(f"{e:.2e}" for e in self.max_rel_error)
         tail = [
             f"{self.bn_count} BN layers: {len(self.folded)} folded, {len(self.lowered)} lowered",
-            f"wrote {self.format} {self.path} ({self.size:,} bytes, {self.nodes} graph nodes, "
+            f"wrote {self.format} {self.path} ({self.size:,} bytes, "
+            f"{_nodes(self.nodes, self.nodes_before)}, "
             + (f"{self.dtype}, folded in float64, " if self.dtype else "")
             + "no batch norm); loaded back and checked against the eager model: max relative "
-            f"error {errors} (tolerance {self.tolerance:g}), "
+            f"error {_errors(self.output_errors)} (tolerance {self.tolerance:g}), "
             + (
                 "batch dimension dynamic (checked one larger)"
                 if self.dynamic_batch
@@ -189,6 +206,18 @@ class ExportReport(Report):
             ),
         ]
         return "\n".join([*rows, *self.notes, *tail])
+
+
+def _nodes(after: int, before: int | None) -> str:
+    return f"{after} graph nodes" + ("" if before is None else f" ({before} before)")
+
+
+def _errors(per_output: list[float]) -> str:
+    """Each output's error; past four outputs, the worst and how many."""
+    if len(per_output) <= 4:
+        text = ", ".join(f"{e:.2e}" for e in per_output)
+        return text + (" per output" if len(per_output) > 1 else "")
+    return f"{max(per_output):.2e} (worst of {len(per_output)} outputs)"
 
 
 def export(
@@ -253,6 +282,7 @@ def export(
     _check_options(fmt, lower_to, dtype)
     original = unwrapped(model)
     expected = expected_outputs(original, example_inputs, dynamic_batch)
+    before = graph_nodes(original, example_inputs, fmt, dynamic_batch=dynamic_batch, opset=opset)
     work = _copy.deepcopy(original)
     bn_count = len(list(iter_batchnorms(work)))
     if dtype is None:
@@ -269,7 +299,7 @@ def export(
     artifact = write_artifact(
         work, example_inputs, out, fmt, expected=expected, lower_to=lower_to,
         dynamic_batch=dynamic_batch, opset=opset, dtype=dtype, tolerance=tolerance,
-        force=force, copy=False,
+        force=force, copy=False, nodes_before=before,
     )  # fmt: skip
     report = ExportReport(
         "export",
@@ -282,9 +312,11 @@ def export(
         lowered=artifact.lowered,
         bn_count=bn_count,
         max_rel_error=artifact.errors,
+        output_errors=artifact.output_errors,
         tolerance=artifact.tolerance,
         dynamic_batch=artifact.dynamic_batch,
         nodes=artifact.nodes,
+        nodes_before=artifact.nodes_before,
         size=out.stat().st_size,
         dtype="" if dtype is None else str(dtype).replace("torch.", ""),
     )
@@ -295,12 +327,20 @@ def export(
 def expected_outputs(model: nn.Module, example_inputs: Any, dynamic_batch: bool = True) -> list:
     """What an artifact of ``model`` must return (eval mode): on the example inputs, and with
     ``dynamic_batch`` on them with one more sample. Taken before a surgery, it holds the
-    artifact to the model as it was."""
+    artifact to the model as it was.
+
+    The batch dimension is a guess (dimension 0 of the tensors sized there like the first);
+    where the model does not run with one more sample there (a list of ``C, H, W`` images,
+    say), the list holds the first run alone, and an artifact checked against it has its
+    batch fixed."""
     args = as_args(example_inputs)
-    runs = [args] + ([_one_more(args)] if dynamic_batch and _batch_spec(args) is not None else [])
     model = unwrapped(model)
     with eval_mode(model), torch.no_grad():
-        return [model(*a) for a in runs]
+        expected = [model(*args)]
+        if dynamic_batch and _batch_spec(args) is not None:
+            with contextlib.suppress(Exception):
+                expected.append(model(*_one_more(args)))
+    return expected
 
 
 @dataclass
@@ -309,17 +349,20 @@ class Artifact:
 
     lowered: list[tuple[str, str]]
     errors: list[float]
+    output_errors: list[float]
     tolerance: float
     dynamic_batch: bool
     nodes: int
     notes: list[str]
+    nodes_before: int | None = None
 
     def __str__(self) -> str:
         batch = "batch dynamic, checked one larger" if self.dynamic_batch else "batch fixed"
         return "; ".join(
             [
-                f"{len(self.lowered)} BN lowered, {self.nodes} graph nodes, no batch norm",
-                f"loaded back: max relative error {max(self.errors):.2e} "
+                f"{len(self.lowered)} BN lowered, {_nodes(self.nodes, self.nodes_before)}, "
+                "no batch norm",
+                f"loaded back: max relative error {_errors(self.output_errors)} "
                 f"(tolerance {self.tolerance:g}), {batch}",
                 *self.notes,
             ]
@@ -340,11 +383,14 @@ def write_artifact(
     tolerance: float | None = None,
     force: bool = False,
     copy: bool = True,
+    nodes_before: int | None = None,
 ) -> Artifact:
     """Lower every BN of ``model`` (on a copy unless ``copy`` is false), export it as ``fmt``
     and publish ``out`` once the file, loaded back, reproduces ``expected`` (from
     :func:`expected_outputs`; default: the model's own, eager, eval mode) on the example
     inputs and on one more sample (``dtype``: the lowered model cast to it, and the inputs).
+    ``nodes_before`` (from :func:`graph_nodes` of the model before the surgery) goes into the
+    returned :class:`Artifact` as it is.
 
     Raises: as :func:`export`.
     """
@@ -354,7 +400,14 @@ def write_artifact(
     model = unwrapped(model)
     references = expected or expected_outputs(model, example_inputs, dynamic_batch)
     args = as_args(example_inputs) if dtype is None else cast_inputs(as_args(example_inputs), dtype)
+    notes: list[str] = []
     spec = _batch_spec(args) if dynamic_batch else None
+    if spec is not None and len(references) < 2:
+        spec = None
+        notes.append(
+            "batch dimension fixed: the model does not run with one more sample along "
+            "dimension 0 of its inputs"
+        )
     bigger = _one_more(args) if spec is not None else None
     work = _copy.deepcopy(model) if copy else model
     lowered = lower_batchnorms(work, _AUTO[fmt] if lower_to == "auto" else lower_to)
@@ -365,24 +418,28 @@ def write_artifact(
     if tol is None:
         lowest = [torch.empty(0, dtype=dtype)] if dtype is not None else []
         tol = default_tolerance([references[0], *lowest])
-    notes: list[str] = []
     checked: dict[str, Any] = {}
 
     def write(tmp: str) -> None:
         nonlocal spec
         try:
-            blob = _exported(work, args, spec, fmt, opset)
+            program = _exported(work, args, spec, fmt, opset)
         except _Fixed as fixed:
             notes.append(f"batch dimension fixed: the model specialises it ({fixed})")
             spec = None
-            blob = _exported(work, args, None, fmt, opset)
+            program = _exported(work, args, None, fmt, opset)
+        blob = _serialised(program, fmt)
+        del program
         with open(tmp, "wb") as f:
             f.write(blob)
         runs = [args] + ([bigger] if spec is not None and bigger is not None else [])
         checked.update(_check(tmp, fmt, runs, references[: len(runs)], tol, out))
 
     atomic_write(out, write, force=force)
-    return Artifact(lowered, checked["errors"], tol, spec is not None, checked["nodes"], notes)
+    return Artifact(
+        lowered, checked["errors"], checked["per_output"], tol, spec is not None,
+        checked["nodes"], notes, nodes_before,
+    )  # fmt: skip
 
 
 def export_format(out: Path, fmt: str | None = None) -> str:
@@ -484,29 +541,101 @@ def _quiet():
         logging.disable(before)
 
 
-def _exported(model: nn.Module, args: tuple[Any, ...], spec: Any, fmt: str, opset: Any) -> bytes:
-    """The serialised artifact of ``model`` (written by the caller, so a full disk or a
-    vanished folder is an output error, and nothing partial is left)."""
+def _exported(model: nn.Module, args: tuple[Any, ...], spec: Any, fmt: str, opset: Any) -> Any:
+    """``model`` exported as ``fmt``: a ``torch.export.ExportedProgram`` or an
+    ``onnx.ModelProto``. The exporter's failure is one line (:class:`UnsupportedModelError`),
+    or :class:`_Fixed` where the model specialises a dynamic batch dimension."""
     try:
         with _quiet(), torch.no_grad():
             if fmt == "pt2":
-                program = torch.export.export(model, args, dynamic_shapes=spec)
-                buffer = io.BytesIO()
-                torch.export.save(program, buffer)
-                return buffer.getvalue()
+                return torch.export.export(model, args, dynamic_shapes=spec)
             onnx_program = torch.onnx.export(
                 model, args, dynamo=True, dynamic_shapes=spec, opset_version=opset,
                 external_data=False, verbose=False,
             )  # fmt: skip
             assert onnx_program is not None
-            return onnx_program.model_proto.SerializeToString()
+            return onnx_program.model_proto
     except BnSurgeryError:
         raise
     except Exception as exc:
-        text = _ANSI.sub("", brief(exc, typed=True))  # the ONNX exporter colours its text
+        text = exporter_reason(exc)
         if spec is not None and any(w in text for w in ("Constraint", "specializ", "batch")):
-            raise _Fixed(brief(exc)[:120]) from exc
+            raise _Fixed(text[:120]) from exc
         raise UnsupportedModelError(f"cannot export to {fmt}: {text}") from exc
+
+
+_WHERE = (
+    re.compile(r"Caused by: \((?P<where>[^)\n]+)\)"),
+    re.compile(r'File "(?P<file>[^"\n]+)", line (?P<line>\d+), in (?P<fn>\w+)'),
+)
+
+
+def exporter_reason(exc: BaseException) -> str:
+    """An exporter's failure in one line: the innermost error (the ONNX exporter wraps
+    torch.export's), its first line, and where in the model's code it arose when the
+    message says (``at torchvision/ops/boxes.py:86 in batched_nms``).
+
+    >>> exporter_reason(RuntimeError("Could not guard on u0\\nCaused by: (m.py:3 in forward)"))
+    'RuntimeError: Could not guard on u0 (at m.py:3 in forward)'
+    """
+    while exc.__cause__ is not None and "TorchExportError" in type(exc).__name__:
+        exc = exc.__cause__
+    message = _ANSI.sub("", str(exc))  # the ONNX exporter colours its text
+    first = next((line.strip() for line in message.splitlines() if line.strip()), "")
+    first = first if len(first) <= 150 else first[:150] + "..."
+    where = ""
+    if found := _WHERE[0].search(message):
+        where = found["where"]
+    elif matches := list(_WHERE[1].finditer(message)):
+        last = matches[-1]
+        where = f"{Path(last['file']).name}:{last['line']} in {last['fn']}"
+    text = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return text + (f" (at {where})" if where else "")
+
+
+def _serialised(program: Any, fmt: str) -> bytes:
+    """The file's bytes (written by the caller, so a full disk or a vanished folder is an
+    output error, and nothing partial is left)."""
+    if fmt == "onnx":
+        return program.SerializeToString()
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    return buffer.getvalue()
+
+
+def _graph_nodes(program: Any, fmt: str) -> list[Any]:
+    """The operators of an exported graph: ``call_function`` nodes of a ``torch.export``
+    program; an ONNX model's nodes, those inside its functions too."""
+    if fmt == "pt2":
+        return [n for n in program.graph.nodes if n.op == "call_function"]
+    return list(program.graph.node) + [n for f in program.functions for n in f.node]
+
+
+def graph_nodes(
+    model: nn.Module,
+    example_inputs: Any,
+    fmt: str,
+    *,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+) -> int:
+    """How many operators ``model`` (eval mode, as it is: no fold, no lowering) exports to
+    with ``fmt``'s exporter, counted as an artifact's are (exported in memory, nothing
+    written): the "before" of an export report.
+
+    Raises:
+        UnsupportedModelError: the model cannot be exported.
+    """
+    _check_options(fmt, "auto")
+    args = as_args(example_inputs)
+    spec = _batch_spec(args) if dynamic_batch else None
+    model = unwrapped(model)
+    with eval_mode(model):
+        try:
+            program = _exported(model, args, spec, fmt, opset)
+        except _Fixed:
+            program = _exported(model, args, None, fmt, opset)
+    return len(_graph_nodes(program, fmt))
 
 
 def _check(
@@ -522,7 +651,7 @@ def _check(
     if fmt == "pt2":
         with open(tmp, "rb") as f:  # a buffer: the file's name need not end in .pt2
             program = torch.export.load(io.BytesIO(f.read()))
-        nodes = [n for n in program.graph.nodes if n.op == "call_function"]
+        nodes = _graph_nodes(program, fmt)
         norms = [str(n.target) for n in nodes if "batch_norm" in str(n.target)]
         module = program.module()
 
@@ -534,8 +663,7 @@ def _check(
         import onnx
         import onnxruntime
 
-        graph = onnx.load(tmp)
-        nodes = list(graph.graph.node) + [n for f in graph.functions for n in f.node]
+        nodes = _graph_nodes(onnx.load(tmp), fmt)
         norms = [n.op_type for n in nodes if n.op_type == "BatchNormalization"]
         session = onnxruntime.InferenceSession(tmp, providers=["CPUExecutionProvider"])
         names = [i.name for i in session.get_inputs()]
@@ -557,6 +685,7 @@ def _check(
             "nothing written"
         )
     errors: list[float] = []
+    per_output: list[float] = []
     for args, reference in zip(runs, references, strict=True):
         try:
             got = run(args)
@@ -573,13 +702,16 @@ def _check(
                 f"{out.name}: the artifact returns {len(got)} tensors, the model "
                 f"{len(expected)}; nothing written"
             )
-        error = max_relative_error(
-            expected, [g.to(e.device, e.dtype) for g, e in zip(got, expected, strict=True)]
-        )
+        each = [
+            max_relative_error(e, g.to(e.device, e.dtype))
+            for g, e in zip(got, expected, strict=True)
+        ]
+        error = max(each, default=0.0)
         errors.append(error)
+        per_output = [max(p) for p in zip(per_output, each, strict=True)] if per_output else each
         if not error <= tol:
             raise VerificationError(
                 f"{out.name}: the artifact's output moved by {error:.3g} from the eager model's "
                 f"(tolerance {tol:g}); nothing written"
             )
-    return {"errors": errors, "nodes": len(nodes)}
+    return {"errors": errors, "per_output": per_output, "nodes": len(nodes)}

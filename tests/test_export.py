@@ -4,12 +4,14 @@ ONNX, and check the written artifact itself (loaded back) against the eager mode
 from __future__ import annotations
 
 import copy
+import re
 
 import onnx
 import onnxruntime
 import pytest
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 import bnsurgery
 from bnsurgery.errors import OutputError, UnsupportedModelError, UsageError, VerificationError
@@ -29,7 +31,7 @@ def run_artifact(path, *args):
     if str(path).endswith(".pt2"):
         with torch.no_grad():
             out = torch.export.load(str(path)).module()(*args)
-        return [out] if isinstance(out, torch.Tensor) else list(out)
+        return tree_leaves(out)
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
     feed = dict(zip(names, [a.numpy() for a in args], strict=True))
@@ -110,6 +112,49 @@ def test_every_bn_left_is_lowered_to_its_map(tmp_path, fmt, lower_to):
     (got,) = run_artifact(path, x)
     assert close(got, model.eval()(x).detach())
     assert "3 lowered" in str(report) and "no batch norm" in str(report)
+
+
+class TwoHeads(nn.Module):
+    """Two outputs of different scales: the report gives each its own error."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = LeftBehind()
+        self.aux = nn.Sequential(nn.Conv2d(3, 5, 1), nn.BatchNorm2d(5))
+
+    def forward(self, x):
+        return {"logits": self.body(x), "aux": self.aux(x) * 1e3}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_the_report_counts_nodes_before_and_after_and_errors_per_output(tmp_path, fmt):
+    model = prepared(TwoHeads())
+    x = torch.randn(4, 3, 8, 8)
+    path = tmp_path / f"m.{fmt}"
+    report = export(model, x, path, dynamic_batch=False)
+    original = copy.deepcopy(model).eval()
+    if fmt == "pt2":  # counted here the way a reader of the file would
+        before = torch.export.export(original, (x,))
+        after = torch.export.load(str(path))
+        counts = [sum(n.op == "call_function" for n in p.graph.nodes) for p in (before, after)]
+        assert sum("batch_norm" in str(n.target) for n in before.graph.nodes) == 5
+        # 2 BN folded away; 3 lowered to a multiply and an add each (no reshape)
+        assert counts[1] == counts[0] - 2 + 3
+    else:  # the exporter's own graph: its optimiser already fuses 2 conv-BN pairs
+        before = torch.onnx.export(original, (x,), dynamo=True, verbose=False).model_proto
+        counts = [len(before.graph.node), len(onnx.load(str(path)).graph.node)]
+        assert [n.op_type for n in before.graph.node].count("BatchNormalization") == 3
+    assert [report.nodes_before, report.nodes] == counts
+    assert f"{report.nodes} graph nodes ({report.nodes_before} before)" in str(report)
+    with torch.no_grad():
+        reference = model.eval()(x)
+    got = dict(zip(["logits", "aux"], run_artifact(path, x), strict=True))
+    assert len(report.output_errors) == 2
+    for (key, want), error in zip(reference.items(), report.output_errors, strict=True):
+        measured = float((got[key] - want).abs().max() / want.abs().max())
+        assert error == pytest.approx(measured, rel=1e-6, abs=1e-12), key
+    assert max(report.output_errors) == report.max_rel_error[0]
+    assert "per output" in str(report)
 
 
 def test_lowering_keeps_the_function_in_float64_and_refuses_batch_statistics():
@@ -203,6 +248,7 @@ def test_the_cli_folds_lowers_exports_and_checks(tmp_path, capsys, fmt):
     code, _, err = run(capsys, "fold", spec, "--input-size", "3x32x32", "-o", out)
     assert code == 0, err
     assert "no batch norm; loaded back: max relative error" in err
+    assert re.search(r"\d+ graph nodes \(\d+ before\)", err), err
     assert out.is_file() and not batch_norm_nodes(out)
     code, _, err = run(capsys, "fold", spec, "--input-size", "3x32x32", "-o", out)
     assert code == 5 and "--force" in err  # never clobbered without it
@@ -240,20 +286,29 @@ def test_the_cli_lowers_where_nothing_folds_and_refuses_an_unexportable_model(
 
 
 #: architectures of every kind the fold sees (layer-BN pairs, BN left after it, regions,
-#: layout ops, concatenations, BN into BN), timm's and torchvision's
+#: layout ops, concatenations, BN into BN), timm's and torchvision's: input shape
 ZOO = {
-    "timm:resnet18": 64,
-    "timm:densenet121": 64,  # 62 BN left: lowered
-    "timm:resnetv2_50": 64,  # pre-activation: 16 left
-    "timm:levit_128s": 224,  # flatten -> BatchNorm1d
-    "timm:efficientnet_b0": 64,
-    "timm:repvgg_a0": 64,  # regions collapsed
-    "timm:mixnet_s": 64,  # split -> convs -> cat -> BN
-    "timm:dpn68": 64,  # shared concatenated features: 27 left
-    "timm:xcit_nano_12_p16_224": 224,  # GELU -> BN -> padded conv: left
-    "timm:nextvit_small": 224,  # a BN into the BN after it
-    "torchvision:mobilenet_v2": 64,
-    "torchvision:googlenet": 64,  # auxiliary heads never called: left, lowered
+    "timm:resnet18": (3, 64, 64),
+    "timm:densenet121": (3, 64, 64),  # 62 BN left: lowered
+    "timm:resnetv2_50": (3, 64, 64),  # pre-activation: 16 left
+    "timm:levit_128s": (3, 224, 224),  # flatten -> BatchNorm1d
+    "timm:efficientnet_b0": (3, 64, 64),
+    "timm:mobilenetv3_large_100": (3, 64, 64),
+    "timm:regnetx_002": (3, 64, 64),
+    "timm:ghostnet_100": (3, 64, 64),
+    "timm:cs3darknet_s": (3, 64, 64),  # the CSP-Darknet backbone YOLO detectors use
+    "timm:repvgg_a0": (3, 64, 64),  # regions collapsed
+    "timm:mobileone_s0": (3, 64, 64),
+    "timm:fastvit_t8": (3, 64, 64),
+    "timm:mixnet_s": (3, 64, 64),  # split -> convs -> cat -> BN
+    "timm:dpn68": (3, 64, 64),  # shared concatenated features: 27 left
+    "timm:xcit_nano_12_p16_224": (3, 224, 224),  # GELU -> BN -> padded conv: left
+    "timm:nextvit_small": (3, 224, 224),  # a BN into the BN after it
+    "torchvision:mobilenet_v2": (3, 64, 64),
+    "torchvision:googlenet": (3, 64, 64),  # auxiliary heads never called: left, lowered
+    "torchvision:shufflenet_v2_x0_5": (3, 64, 64),  # channel split and shuffle
+    "torchvision:mnasnet0_5": (3, 64, 64),
+    "torchvision:r3d_18": (3, 4, 32, 32),  # video: BatchNorm3d
 }
 
 
@@ -263,12 +318,46 @@ ZOO = {
 def test_zoo_models_export_with_no_batch_norm_checked_loaded_back(tmp_path, name, fmt):
     model = bnsurgery.load(name).eval()
     randomize_bn(model)
-    x = torch.randn(2, 3, ZOO[name], ZOO[name])
+    x = torch.randn(2, *ZOO[name])
     path = tmp_path / f"m.{fmt}"
     report = export(model, x, path)
     assert report.bn_count == len(report.folded) + len(report.lowered) > 0
     assert report.dynamic_batch and max(report.max_rel_error) <= report.tolerance
     assert not batch_norm_nodes(path)
+    x3 = torch.randn(3, *ZOO[name])  # read back here, at another batch size
+    (got,) = run_artifact(path, x3)
+    with torch.no_grad():
+        assert close(got, model(x3), report.tolerance)
+
+
+class DetectionNetwork(nn.Module):
+    """A torchvision detector as deployments export it: backbone and head, raw per-anchor
+    scores and box offsets out; anchors, decoding and NMS (data-dependent) stay outside."""
+
+    def __init__(self, detector):
+        super().__init__()
+        self.backbone, self.head = detector.backbone, detector.head
+
+    def forward(self, images):
+        out = self.head(list(self.backbone(images).values()))
+        return out["cls_logits"], out["bbox_regression"]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_detection_network_exports_with_no_batch_norm(tmp_path, fmt):
+    detector = bnsurgery.load("torchvision:ssdlite320_mobilenet_v3_large").eval()
+    model = DetectionNetwork(detector)
+    randomize_bn(model)
+    x = torch.randn(2, 3, 160, 160)
+    path = tmp_path / f"m.{fmt}"
+    report = export(model, x, path)
+    assert report.bn_count == 70 and len(report.folded) == 70  # backbone and SSDLite head
+    assert not batch_norm_nodes(path) and report.nodes <= report.nodes_before
+    with torch.no_grad():
+        want = model(x)
+    for got, expected in zip(run_artifact(path, x), want, strict=True):
+        assert close(got, expected, report.tolerance)
 
 
 @pytest.mark.zoo

@@ -196,13 +196,61 @@ def test_interrupted_write_leaves_nothing(command, world, capsys, monkeypatch):
     check(code, err, INTERRUPTED, before, snapshot(world["in"], world["out"]), message="interr")
 
 
+EXPORTS = (".onnx", ".pt2")
+
+
+def _export_args(world: dict[str, Path], out: Path | str) -> list[str]:
+    args = command_args("fold", world, world["model"])
+    args[args.index("-o") + 1] = str(out)
+    return args
+
+
+@pytest.mark.parametrize("suffix", EXPORTS)
+@pytest.mark.parametrize("case", ["missing_folder", "read_only_folder", "exists", "is_a_folder"])
+def test_bad_export_output(case, suffix, world, tmp_path, capsys):
+    """A deployment artifact's output obeys the rules every output does (exit 5, one line,
+    nothing written), after the export and its check, which take the longest."""
+    out = world["out"] / f"m{suffix}"
+    message = {"missing_folder": "does not exist", "read_only_folder": "cannot write"}.get(case)
+    if case == "missing_folder":
+        out = world["out"] / "no" / "such" / f"m{suffix}"
+    elif case == "read_only_folder":
+        out = _read_only_folder(tmp_path) / f"m{suffix}"
+    elif case == "exists":
+        out.write_bytes(b"precious")
+        message = "--force"
+    else:
+        out.mkdir()
+    before = snapshot(world["in"], world["out"])
+    code, _, err = run_cli(capsys, _export_args(world, out))
+    check(code, err, OUTPUT, before, snapshot(world["in"], world["out"]), message=message)
+    if case == "exists":
+        assert out.read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("suffix", EXPORTS)
+def test_interrupted_export_leaves_nothing(suffix, world, capsys, monkeypatch):
+    """Ctrl-C while the written artifact is loaded back and checked: exit 130, no output,
+    no temporary file."""
+    from bnsurgery import exporting
+
+    def interrupt(tmp, *args, **kwargs):
+        assert Path(tmp).stat().st_size > 0  # the whole file is there, not yet published
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporting, "_check", interrupt)
+    before = snapshot(world["in"], world["out"])
+    code, _, err = run_cli(capsys, _export_args(world, world["out"] / f"m{suffix}"))
+    check(code, err, INTERRUPTED, before, snapshot(world["in"], world["out"]), message="interr")
+
+
 def _limit_file_size() -> None:  # runs in the child: a real "disk full" (EFBIG) past 64 KiB
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fmt", [".safetensors", ".pt", ".ts"])
+@pytest.mark.parametrize("fmt", [".safetensors", ".pt", ".ts", *EXPORTS])
 @pytest.mark.parametrize("command", ["fold", "freeze", "swap"])
 def test_full_disk_subprocess(command, fmt, world):
     """The OS refuses the write half way (file size limit): exit 5, nothing left behind."""

@@ -534,6 +534,52 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+_SLOW_EXPORT = """
+import signal, sys, time
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
+from bnsurgery import exporting
+
+def check_slowly(*args, **kwargs):  # the artifact written to its temporary file, not checked
+    time.sleep(120)
+
+exporting._check = check_slowly
+from bnsurgery.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("suffix", "signame", "expected"), [(".onnx", "SIGTERM", 143)])
+def test_signal_during_an_export_check_leaves_nothing(suffix, signame, expected, world, tmp_path):
+    out = world["out"] / f"result{suffix}"
+    args = _args("fold", world, out, source=SPEC)
+    before = _tree(world["in"], world["out"])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_EXPORT, *args],
+        env=_environment(),
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while not any(p.name.endswith(".tmp") for p in world["out"].iterdir()):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the write never started"
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, signame))
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    after = _tree(world["in"], world["out"])
+    check(proc.returncode, err, expected, before, after, message=f"terminated ({signame})")
+    assert "no output was written" in err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("command", "signame", "expected"), [("fold", "SIGTERM", 143), ("freeze", "SIGHUP", 129)]

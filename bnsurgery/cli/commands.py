@@ -94,7 +94,7 @@ def fold_command(
     inputs, and write the folded model. A .pt2 (torch.export) or .onnx output also lowers
     every BN left to its per-channel map, and is loaded back and checked against SOURCE's
     model before it is written."""
-    from ..exporting import cast_inputs, expected_outputs
+    from ..exporting import cast_inputs, expected_outputs, graph_nodes
     from ..folding import fold
     from ..plan import last_report
 
@@ -107,6 +107,10 @@ def fold_command(
         job.expected = expected_outputs(job.model, inputs, not fixed_batch)
         job.export_options = {"lower_to": lower_to, "dynamic_batch": not fixed_batch}
         job.export_options.update(opset=opset, tolerance=tolerance, dtype=dtype_named(dtype_name))
+        assert job.output_format is not None
+        job.export_options["nodes_before"] = graph_nodes(
+            job.model, inputs, job.output_format, dynamic_batch=not fixed_batch, opset=opset
+        )
     if dtype_name:  # folded in float64, cast once when the artifact is written
         folding = cast_inputs(inputs, dtype_named("float64"))
         job.model.double()

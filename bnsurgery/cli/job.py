@@ -77,7 +77,8 @@ class Job:
         expected: for a pt2 or ONNX output, what the artifact must reproduce
             (``bnsurgery.exporting.expected_outputs`` of the model before the surgery); None:
             the model's own after it.
-        export_options: for a pt2 or ONNX output, ``lower_to``, ``dynamic_batch``, ``opset``.
+        export_options: for a pt2 or ONNX output, ``lower_to``, ``dynamic_batch``, ``opset``,
+            ``nodes_before`` (keywords of ``bnsurgery.exporting.write_artifact``).
     """
 
     source: str
