@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_map
 from .checkpoint import ARTIFACT_FORMATS, suffix_format
 from .errors import BnSurgeryError, UnsupportedModelError, UsageError, VerificationError, brief
 from .foldplan import FoldEdit
-from .layers import NormActRemainder
+from .layers import FoldedBatchNorm, NormActRemainder
 from .norms import bn_stats, has_activation, iter_batchnorms, num_features
 from .outputs import atomic_write
 from .plan import Report, set_report
@@ -411,6 +411,7 @@ def write_artifact(
     bigger = _one_more(args) if spec is not None else None
     work = _copy.deepcopy(model) if copy else model
     lowered = lower_batchnorms(work, _AUTO[fmt] if lower_to == "auto" else lower_to)
+    _drop_folded(work)
     work.eval()
     if dtype is not None:
         work.to(dtype)
@@ -440,6 +441,16 @@ def write_artifact(
         lowered, checked["errors"], checked["per_output"], tol, spec is not None,
         checked["nodes"], notes, nodes_before,
     )  # fmt: skip
+
+
+def _drop_folded(model: nn.Module) -> None:
+    """Every :class:`FoldedBatchNorm` (an identity that still reads as a BN to fusers that
+    read tensors) replaced by ``nn.Identity``: an artifact has no such reader, and its
+    tensors would be dead inputs of the exported graph."""
+    for name, module in list(model.named_modules()):
+        if type(module) is FoldedBatchNorm and name:
+            for parent, child, _ in parents(model, module):
+                setattr(parent, child, nn.Identity())
 
 
 def export_format(out: Path, fmt: str | None = None) -> str:

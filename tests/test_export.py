@@ -39,9 +39,13 @@ def run_artifact(path, *args):
 
 
 def batch_norm_nodes(path):
+    """Batch norm operators in the file, and in a pt2 program any running statistics left as
+    a graph input (a folded BN's, which nothing reads)."""
     if str(path).endswith(".pt2"):
         graph = torch.export.load(str(path)).graph
-        return [n for n in graph.nodes if "batch_norm" in str(n.target)]
+        ops = [n for n in graph.nodes if n.op == "call_function" and "batch_norm" in str(n.target)]
+        stats = [n for n in graph.nodes if n.op == "placeholder" and "running_" in n.name]
+        return ops + stats
     return [n for n in onnx.load(str(path)).graph.node if n.op_type == "BatchNormalization"]
 
 

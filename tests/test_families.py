@@ -580,6 +580,41 @@ def test_fold(name, dtype, tmp_path):
     runs_in_train_mode(model, fam, x)
 
 
+#: one format each, taking turns (test_export.py runs both on every model it has)
+EXPORTS = [(name, ("onnx", "pt2")[i % 2]) for i, name in enumerate(SURGERY)]
+
+
+@pytest.mark.parametrize("name, fmt", EXPORTS, ids=[f"{n}-{f}" for n, f in EXPORTS])
+def test_export(name, fmt, tmp_path):
+    """Each family deploys in one step: every BN folded or lowered, none in the artifact, and
+    the file, read back here by its own runtime, returns what ``model(pixel_values=x)`` does
+    (a ``ModelOutput``'s tensors, in order), at the example's batch size and another. A
+    detector with data-dependent post-processing is refused in one line saying where."""
+    from torch.utils._pytree import tree_leaves
+
+    from bnsurgery.errors import UnsupportedModelError
+
+    from .test_export import batch_norm_nodes, run_artifact
+
+    fam = FAMILIES[name]
+    model, x = prepared(name), example(fam)
+    path = tmp_path / f"m.{fmt}"
+    if fam.detection:
+        with pytest.raises(UnsupportedModelError, match=r"data-dependent .*\(at torchvision/"):
+            bnsurgery.export(model, positional(fam, x), path)
+        assert not path.exists()
+        return
+    report = bnsurgery.export(model, positional(fam, x), path)
+    assert report.bn_count == len(report.folded) + len(report.lowered) == len(bn_names(model))
+    assert not batch_norm_nodes(path)
+    tolerance = max(report.tolerance, fold_tolerance(model, fam, x))
+    for sample in (x, inputs(fam, 3, seed=5)):
+        with torch.no_grad():
+            want = [t for t in tree_leaves(call(model, fam, sample)) if t is not None]
+        got = run_artifact(path, sample)
+        assert error(want, got) <= tolerance
+
+
 def test_a_float64_model_loads_back_in_float64(tmp_path):
     """A float64 fold saved with bnsurgery.save holds float64 tensors; bnsurgery.load must not
     round them into a float32 build of the architecture."""
