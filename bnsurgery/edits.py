@@ -26,7 +26,7 @@ from .tree import parents
 if TYPE_CHECKING:
     from .plan import Transaction
 
-__all__ = ["Replace", "Restore", "SetAffineTraining", "SetStatistics"]
+__all__ = ["FreezeFused", "Replace", "Restore", "SetAffineTraining", "SetStatistics"]
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,28 @@ class Replace:
 
 
 @dataclass(frozen=True)
+class FreezeFused(Replace):
+    """Freeze the BN (a :class:`Replace` with ``"frozen"``) and have ``layer``, the conv or
+    linear whose output only it reads, compute it (:mod:`bnsurgery.fused`)."""
+
+    layer: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**super().to_dict(), "fused_into": self.layer}
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}, computed inside {self.layer}"
+
+    def apply(self, model: nn.Module, txn: Transaction) -> None:
+        from .fused import fuse, unfuse
+
+        super().apply(model, txn)
+        frozen = model.get_submodule(self.bn)
+        layer = model.get_submodule(self.layer)
+        txn.call(lambda: fuse(layer, frozen), lambda: unfuse(frozen))
+
+
+@dataclass(frozen=True)
 class Restore:
     """Put back the BN a :class:`~bnsurgery.frozen.FrozenBatchNorm` froze (``unfreeze``)."""
 
@@ -84,8 +106,12 @@ class Restore:
         frozen = model.get_submodule(self.bn)
         if not isinstance(frozen, FrozenBatchNorm):
             raise UsageError(f"{self.bn} is a {type(frozen).__name__}, not frozen by bnsurgery")
-        flag = frozen.train_affine
+        from .fused import fuse, fused_into
+
+        flag, layer = frozen.train_affine, fused_into(frozen)
         txn.call(lambda: None, lambda: frozen.set_train_affine(flag))
+        if layer is not None:  # restore() unfuses; a rollback fuses again
+            txn.call(lambda: None, lambda: fuse(layer, frozen))
         txn.replace(frozen, frozen.restore(), None)
 
 

@@ -12,13 +12,13 @@ Like every bnsurgery surgery it works in place and returns the model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from . import targets
-from .edits import Replace, Restore, SetAffineTraining
+from .edits import FreezeFused, Replace, Restore, SetAffineTraining
 from .errors import UsageError
 from .frozen import FrozenBatchNorm
 from .norms import check_finite, is_batchnorm
@@ -39,9 +39,13 @@ __all__ = [
 
 @dataclass
 class FreezeReport(Report):
-    """What :func:`freeze` or :func:`unfreeze` did: layers changed, and layers left with why."""
+    """What :func:`freeze` or :func:`unfreeze` did: layers changed, and layers left with why;
+    with ``fuse``, the frozen BNs computed inside their layer (``fused``: BN, layer) and the
+    frozen BNs that were not, with why (``unfused``)."""
 
     train_affine: bool = False
+    fused: list[tuple[str, str]] = field(default_factory=list)
+    unfused: list[Skip] = field(default_factory=list)
 
     def __str__(self) -> str:  # a short table for people; to_dict() for scripts
         return freeze_text(self)
@@ -80,6 +84,13 @@ def _in_stages(model: nn.Module, stages: int) -> set[str]:
     }
 
 
+@dataclass
+class FreezePlan(Plan):
+    """A freeze's plan; ``unfused``: the BNs it freezes that no layer will compute, and why."""
+
+    unfused: list[Skip] = field(default_factory=list)
+
+
 def plan_freeze(
     model: nn.Module,
     include: str | Sequence[str] | None = None,
@@ -88,9 +99,11 @@ def plan_freeze(
     types: Sequence[type[nn.Module]] | None = None,
     stages: int | None = None,
     train_affine: bool = False,
-) -> Plan:
-    """Plan :func:`freeze` without changing anything: a :class:`~bnsurgery.plan.Plan` with one
-    edit or one skip for every BN (arguments as for :func:`freeze`)."""
+    fuse: bool = False,
+    example_inputs: Any = None,
+) -> FreezePlan:
+    """Plan :func:`freeze` without changing anything: a :class:`FreezePlan` with one edit or
+    one skip for every BN (arguments as for :func:`freeze`)."""
     chosen, skipped = select(model, include, exclude, types=types)
     if stages is not None:
         allowed = _in_stages(model, stages)
@@ -107,7 +120,69 @@ def plan_freeze(
             skipped.append(Skip(name, reason))
         else:
             edits.append(Replace(name, "frozen", {"train_affine": bool(train_affine)}))
-    return Plan("freeze", edits, skipped, {"op": "freeze", "frozen": len(edits)})
+    unfused: list[Skip] = []
+    step: dict[str, Any] = {"op": "freeze", "frozen": len(edits)}
+    if fuse:
+        edits, unfused = _fused(model, edits, example_inputs)
+        step["fused"] = sum(isinstance(e, FreezeFused) for e in edits)
+    return FreezePlan("freeze", edits, skipped, step, unfused=unfused)
+
+
+def _fused(model: nn.Module, edits: list[Any], example_inputs: Any) -> tuple[list[Any], list[Skip]]:
+    """``edits`` with each freeze whose BN the layer before can compute made a
+    :class:`~bnsurgery.edits.FreezeFused`; and the freezes that stay plain, with why.
+
+    The layer is the one a fold would fold the BN into as its producer (the graph walk:
+    :func:`~bnsurgery.foldplan.plan_fold`, on the example inputs or symbolically), called once,
+    with the BN reading its output alone, directly (no layout op between), and an exact
+    ``Conv1d``/``Conv2d``/``Conv3d``/``Linear`` (:func:`bnsurgery.fused.refuses`)."""
+    from . import fused
+    from .errors import BnSurgeryError
+    from .foldplan import plan_fold
+
+    names = [e.bn for e in edits if type(e) is Replace]
+    if not names:
+        return edits, []
+    try:
+        fold = plan_fold(model, example_inputs, include=names, placements=("producer",))
+    except BnSurgeryError as exc:
+        why = f"the graph walk failed ({exc}); pass example inputs"
+        return edits, [Skip(n, why) for n in names]
+    into = {e.bn: e for e in fold.edits}
+    why_not = {s.bn: s.reason for s in fold.skipped}
+    out: list[Any] = []
+    unfused: list[Skip] = []
+    for edit in edits:
+        if type(edit) is not Replace:
+            out.append(edit)
+            continue
+        found = into.get(edit.bn)
+        reason = why_not.get(edit.bn, "no layer before it takes it")
+        if found is not None:
+            reason = _unfusable(found) or fused.refuses(
+                model.get_submodule(found.into), model.get_submodule(edit.bn)
+            )
+        if reason is None:
+            out.append(FreezeFused(edit.bn, edit.target, edit.options, layer=found.into))
+        else:
+            out.append(edit)
+            unfused.append(Skip(edit.bn, reason))
+    return out, unfused
+
+
+def _unfusable(edit: Any) -> str | None:
+    """Why a producer fold edit is not one a layer can compute at run time."""
+    if edit.layer not in ("conv", "linear"):
+        return f"its layer is a {edit.layer}"
+    if edit.sites != 1:
+        return f"it is called at {edit.sites} sites"
+    if edit.through or edit.parts or edit.collapse is not None or edit.functional:
+        return "it reads its layer's output through layout ops or in slices"
+    if edit.scales:
+        return f"its layer's weight is computed ({edit.scales})"
+    if edit.layer == "linear" and edit.notes:
+        return "; ".join(edit.notes)
+    return None
 
 
 @on_unwrapped
@@ -119,6 +194,8 @@ def freeze(
     types: Sequence[type[nn.Module]] | None = None,
     stages: int | None = None,
     train_affine: bool = False,
+    fuse: bool = False,
+    example_inputs: Any = None,
 ) -> nn.Module:
     """Freeze BN statistics (and, by default, the affine parameters), in place.
 
@@ -129,6 +206,12 @@ def freeze(
         stages: only BN layers in the first ``stages`` stages, the stem counting as the first
             (see :func:`stage_names`).
         train_affine: keep ``weight`` and ``bias`` trainable; only the statistics freeze.
+        fuse: have each frozen BN computed inside the conv or linear before it, where that
+            layer's output goes to the BN alone (:mod:`bnsurgery.fused`): the same function
+            and gradients, without keeping the layer's unnormalised output for the backward
+            pass (less memory in training). The report lists what fused and why the rest
+            did not.
+        example_inputs: inputs to walk the graph on for ``fuse`` (default: symbolically).
 
     Returns:
         The model. Frozen layers are :class:`~bnsurgery.frozen.FrozenBatchNorm`. Every BN not
@@ -146,13 +229,18 @@ def freeze(
     ('FrozenBatchNorm', False)
     """
     plan = plan_freeze(
-        model, include, exclude, types=types, stages=stages, train_affine=train_affine
-    )
+        model, include, exclude, types=types, stages=stages, train_affine=train_affine,
+        fuse=fuse, example_inputs=example_inputs,
+    )  # fmt: skip
     check_finite(
         ((e.bn, model.get_submodule(e.bn)) for e in plan.edits if isinstance(e, Replace)), "freeze"
     )
     applied = apply(model, plan)
-    report = FreezeReport("freeze", applied.changed, applied.left, train_affine=bool(train_affine))
+    report = FreezeReport(
+        "freeze", applied.changed, applied.left, train_affine=bool(train_affine),
+        fused=[(e.bn, e.layer) for e in plan.edits if isinstance(e, FreezeFused)],
+        unfused=list(plan.unfused),
+    )  # fmt: skip
     set_report(model, report)
     return model
 

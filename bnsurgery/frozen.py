@@ -27,6 +27,9 @@ __all__ = ["FrozenBatchNorm"]
 class FrozenBatchNorm(nn.Module):
     """A BN layer frozen in eval mode: statistics fixed, affine fixed unless ``train_affine``.
 
+    With ``fused`` (set by :func:`bnsurgery.fused.fuse`) the layer before computes it, and its
+    forward passes the input through (to a norm-act layer's activation).
+
     Args:
         bn: the ``_BatchNorm`` module to freeze (BatchNorm1d/2d/3d, SyncBatchNorm, subclasses
             such as timm's ``BatchNormAct2d``). Its tensors are shared, not copied.
@@ -35,6 +38,8 @@ class FrozenBatchNorm(nn.Module):
     Raises:
         UsageError: an uninitialised lazy BN, or a BN without running statistics.
     """
+
+    fused: bool = False
 
     def __init__(self, bn: nn.Module, train_affine: bool = False) -> None:
         super().__init__()
@@ -54,6 +59,7 @@ class FrozenBatchNorm(nn.Module):
         self.num_features = int(bn.num_features)
         self.eps = float(bn.eps)
         self.train_affine = bool(train_affine)
+
         self.has_act = any(  # a timm norm-act layer's activation or drop (norms.has_activation)
             isinstance(getattr(bn, a, None), nn.Module)
             and not isinstance(getattr(bn, a), nn.Identity)
@@ -93,7 +99,9 @@ class FrozenBatchNorm(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # BN's name: bn(input=x) works
         x = input
-        if torch.is_grad_enabled() and (x.requires_grad or self._affine_requires_grad()):
+        if self.fused:  # the layer before computed it
+            pass
+        elif torch.is_grad_enabled() and (x.requires_grad or self._affine_requires_grad()):
             # Training through a frozen BN: one fused multiply-add, whose backward is a single
             # multiply (eval-mode batch_norm's backward costs more on the CPU).
             scale, shift = self._scale_shift(x.dtype)
@@ -128,6 +136,9 @@ class FrozenBatchNorm(nn.Module):
     def restore(self) -> nn.Module:
         """Return the original BN module with this module's current tensors and the original
         flags (training, requires_grad, momentum and everything else it had)."""
+        from .fused import unfuse
+
+        unfuse(self)  # the layer that computed it computes itself alone again
         bn: nn.Module = self.__dict__["_original"]
         flags: dict[str, Any] = self.__dict__["_original_flags"]
         for name, param in self._parameters.items():

@@ -176,10 +176,22 @@ def survey_text(result: Survey) -> str:
 def freeze_text(report: FreezeReport) -> str:
     """A freeze or unfreeze report for people."""
     verb = "froze" if report.operation == "freeze" else "unfroze"
-    rows = [[name, verb] for name in report.changed] + _left_rows(report.left)
-    lines = [table(["bn", "result"], rows)] if rows else []
+    fused = dict(report.fused)
+    unfused = {s.bn: s.reason for s in report.unfused}
+    rows = [
+        [name, f"{verb}, computed inside {fused[name]}" if name in fused else verb]
+        + ([f"not fused: {unfused[name]}" if name in unfused else ""] if unfused else [])
+        for name in report.changed
+    ] + [row + ([""] if unfused else []) for row in _left_rows(report.left)]
+    head = ["bn", "result"] + (["why"] if unfused else [])
+    lines = [table(head, rows)] if rows else []
     what = " (statistics only; weight and bias stay trainable)" if report.train_affine else ""
     lines.append(f"{verb} {_layers(len(report.changed))}{what}, {_left_count(report.left)}")
+    if fused or unfused:
+        lines.append(
+            f"fused {len(fused)} into the conv or linear before them (their unnormalised "
+            f"output is not kept for the backward pass); {len(unfused)} stay plain frozen"
+        )
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines)
 
