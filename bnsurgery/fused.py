@@ -19,6 +19,9 @@ unfreezes like any frozen one; :func:`unfuse` puts the layer's class back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,33 +54,65 @@ class _Fused:
         bias = shift if self.bias is None else torch.addcmul(shift, self.bias, scale)
         return weight, bias
 
+    def fused_call(self, run: Callable[..., torch.Tensor], input: torch.Tensor) -> torch.Tensor:
+        """``run(input, weight, bias)`` with the scaled weight and bias; when autograd would
+        keep the scaled weight for the backward pass (a copy of the layer's weight), it keeps
+        the weight and scale instead and scales again there."""
+        weight, bias = self.fused_weight_and_bias()
+        if not (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
+            return run(input, weight, bias)
+        scale = self.fused_bn._scale_shift(self.weight.dtype)[0].detach()
+        original, shape = self.weight.detach(), (-1, *[1] * (self.weight.dim() - 1))
+        key = (weight.data_ptr(), weight.shape, weight.dtype)
+
+        def pack(t: torch.Tensor) -> Any:
+            if (t.data_ptr(), t.shape, t.dtype) == key:
+                return _Rescale(original, scale, shape)
+            return t
+
+        def unpack(saved: Any) -> torch.Tensor:
+            return saved.make() if isinstance(saved, _Rescale) else saved
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            return run(input, weight, bias)
+
+
+class _Rescale:
+    """A scaled weight autograd would have kept, as its recipe: made again when read."""
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, shape: tuple[int, ...]) -> None:
+        self.weight, self.scale, self.shape = weight, scale, shape
+
+    def make(self) -> torch.Tensor:
+        return self.weight * self.scale.view(self.shape)
+
 
 class FusedConv1d(_Fused, nn.Conv1d):
     """An ``nn.Conv1d`` that computes the frozen BN after it (see the module's text)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, *self.fused_weight_and_bias())
+        return self.fused_call(self._conv_forward, input)
 
 
 class FusedConv2d(_Fused, nn.Conv2d):
     """An ``nn.Conv2d`` that computes the frozen BN after it (see the module's text)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, *self.fused_weight_and_bias())
+        return self.fused_call(self._conv_forward, input)
 
 
 class FusedConv3d(_Fused, nn.Conv3d):
     """An ``nn.Conv3d`` that computes the frozen BN after it (see the module's text)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(input, *self.fused_weight_and_bias())
+        return self.fused_call(self._conv_forward, input)
 
 
 class FusedLinear(_Fused, nn.Linear):
     """An ``nn.Linear`` that computes the frozen BN after it (see the module's text)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, *self.fused_weight_and_bias())
+        return self.fused_call(F.linear, input)
 
 
 #: the layer classes that fuse, exactly these (a subclass may compute its own forward:

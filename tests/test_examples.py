@@ -32,3 +32,21 @@ def test_example_runs(script, expected, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert expected in done.stdout, done.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_fused_freeze_example_saves_memory_at_the_same_accuracy(tmp_path):
+    import re
+
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "finetune_fused_freeze.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        check=True,
+    )
+    found = re.search(r"keeps ([\d.]+) of .* accuracy ([\d.]+) against ([\d.]+)", done.stdout)
+    assert found, done.stdout
+    ratio, fused, plain = (float(g) for g in found.groups())
+    assert ratio < 0.75 and fused == plain and fused > 0.9
