@@ -29,12 +29,12 @@ from torch import nn
 from .frozen import FrozenBatchNorm
 
 __all__ = [
-    "FUSABLE",
     "FusedConv1d",
     "FusedConv2d",
     "FusedConv3d",
     "FusedLinear",
     "fuse",
+    "fused_class",
     "fused_into",
     "refuses",
     "unfuse",
@@ -47,6 +47,11 @@ class _Fused:
     weight: torch.Tensor
     bias: torch.Tensor | None
     fused_bn: FrozenBatchNorm  # set by fuse(); an attribute, not a registered submodule
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # by the class it fused, so a fused class made at run time pickles; the state (with
+        # the link to its BN, which links back) comes after the object, so cycles are fine
+        return _new_fused, (self.__dict__["_unfused_class"],), self.__getstate__()
 
     def fused_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
         scale, shift = self.fused_bn._scale_shift(self.weight.dtype)
@@ -87,53 +92,75 @@ class _Rescale:
         return self.weight * self.scale.view(self.shape)
 
 
-class FusedConv1d(_Fused, nn.Conv1d):
-    """An ``nn.Conv1d`` that computes the frozen BN after it (see the module's text)."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.fused_call(self._conv_forward, input)
+def _conv_forward(self: Any, input: torch.Tensor) -> torch.Tensor:
+    return self.fused_call(self._conv_forward, input)
 
 
-class FusedConv2d(_Fused, nn.Conv2d):
-    """An ``nn.Conv2d`` that computes the frozen BN after it (see the module's text)."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.fused_call(self._conv_forward, input)
+def _linear_forward(self: Any, input: torch.Tensor) -> torch.Tensor:
+    return self.fused_call(F.linear, input)
 
 
-class FusedConv3d(_Fused, nn.Conv3d):
-    """An ``nn.Conv3d`` that computes the frozen BN after it (see the module's text)."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.fused_call(self._conv_forward, input)
-
-
-class FusedLinear(_Fused, nn.Linear):
-    """An ``nn.Linear`` that computes the frozen BN after it (see the module's text)."""
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.fused_call(F.linear, input)
-
-
-#: the layer classes that fuse, exactly these (a subclass may compute its own forward:
-#: timm's ``Conv2dSame`` pads first, ``StdConv2d`` standardises its weight)
-FUSABLE: dict[type[nn.Module], type[nn.Module]] = {
-    nn.Conv1d: FusedConv1d,
-    nn.Conv2d: FusedConv2d,
-    nn.Conv3d: FusedConv3d,
-    nn.Linear: FusedLinear,
+#: the layers that fuse: these, and subclasses that keep their forward (torchvision's
+#: ``Conv3DSimple``); a subclass with a forward of its own is refused (timm's ``Conv2dSame``
+#: pads first, ``StdConv2d`` standardises its weight)
+_BASES: dict[type[nn.Module], Any] = {
+    nn.Conv1d: _conv_forward,
+    nn.Conv2d: _conv_forward,
+    nn.Conv3d: _conv_forward,
+    nn.Linear: _linear_forward,
 }
+_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def _base(cls: type[nn.Module]) -> type[nn.Module] | None:
+    """The fusable class ``cls`` is, or inherits its forward from unchanged; else None."""
+    for base in _BASES:
+        if issubclass(cls, base):
+            same = cls.forward is base.forward
+            if base is not nn.Linear:
+                same = same and cls._conv_forward is base._conv_forward  # type: ignore[attr-defined]
+            return base if same else None
+    return None
+
+
+def fused_class(cls: type[nn.Module]) -> type[nn.Module]:
+    """The subclass of ``cls`` that computes a frozen BN inside (one per class, made once):
+    ``isinstance`` with ``cls`` holds, and its instances pickle and copy (as ``cls`` with the
+    link, rebuilt on load)."""
+    if cls not in _CLASSES:
+        base = _base(cls)
+        assert base is not None, cls
+        name = f"Fused{cls.__name__}"
+        _CLASSES[cls] = type(
+            name,
+            (_Fused, cls),
+            {"forward": _BASES[base], "__module__": __name__, "__qualname__": name},
+        )
+    return _CLASSES[cls]
+
+
+def _new_fused(cls: type[nn.Module]) -> nn.Module:
+    """Unpickling and deep copying: an empty instance of ``cls``'s fused class (the state,
+    the link to the BN included, follows)."""
+    obj = cls.__new__(cls)
+    obj.__class__ = fused_class(cls)
+    return obj
+
+
+FusedConv1d = fused_class(nn.Conv1d)
+FusedConv2d = fused_class(nn.Conv2d)
+FusedConv3d = fused_class(nn.Conv3d)
+FusedLinear = fused_class(nn.Linear)
 
 
 def refuses(layer: nn.Module, bn: nn.Module) -> str | None:
     """Why ``layer`` cannot compute ``bn`` (None when it can)."""
-    if type(layer) not in FUSABLE:
-        kind = type(layer).__name__
-        if isinstance(layer, _Fused):
-            return f"its layer already computes `{type(layer.fused_bn).__name__}`"
+    if isinstance(layer, _Fused):
+        return f"its layer already computes `{type(layer.fused_bn).__name__}`"
+    if _base(type(layer)) is None:
         return (
-            f"its layer is a {kind}, which may compute its own forward (fused: exactly "
-            "Conv1d/2d/3d and Linear)"
+            f"its layer is a {type(layer).__name__}, which computes a forward of its own "
+            "(fused: Conv1d/2d/3d, Linear and subclasses that keep their forward)"
         )
     if layer.weight.dim() and layer.weight.shape[0] != bn.num_features:
         return f"its layer has {layer.weight.shape[0]} output channels, the BN {bn.num_features}"
@@ -151,7 +178,7 @@ def fuse(layer: nn.Module, frozen: FrozenBatchNorm) -> None:
         raise ValueError(reason)
     layer.__dict__["_unfused_class"] = type(layer)
     layer.__dict__["fused_bn"] = frozen
-    layer.__class__ = FUSABLE[type(layer)]
+    layer.__class__ = fused_class(type(layer))
     frozen.__dict__["_fused_into"] = layer
     frozen.fused = True
 

@@ -75,6 +75,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         write(f"  graphs where a BN folded into several layers after it: {several}")
         into_bn = counts.get("generated: fold (a BN folded into the BN after it)", 0)
         write(f"  graphs where a BN folded into the BN after it: {into_bn}")
+    fused = counts.get("generated: BN layers fused")
+    if fused is not None:
+        left = counts.get("generated: BN layers frozen, not fused", 0)
+        write(
+            f"  fused freeze: BN layers fused {fused}, frozen but not fused (with a reason) {left}"
+        )
     meaningless = counts.get("generated: fold (dtype cannot represent the model)")
     if meaningless:
         write(f"  of which checked in float64 only (own dtype noise >= 0.5): {meaningless}")

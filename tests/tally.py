@@ -15,7 +15,7 @@ _seen: dict[str, set[str]] = {}
 
 # generated architectures each property must check in a full run (the CI default)
 MINIMUM_GENERATED = 200
-SURGERIES = ("fold", "freeze", "swap", "recalibrate", "save/load")
+SURGERIES = ("fold", "freeze", "fused freeze", "swap", "recalibrate", "save/load")
 FAILURES = ("tracebacks seen", "inputs modified", "partial outputs")
 
 

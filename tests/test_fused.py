@@ -201,3 +201,32 @@ def test_a_linear_fuses_with_example_inputs_and_the_symbolic_walk_says_why_not()
     symbolic = bnsurgery.freeze(copy.deepcopy(model), fuse=True)
     report = bnsurgery.last_report(symbolic)
     assert not report.fused and all("rank" in s.reason for s in report.unfused)
+
+
+class NamedConv(nn.Conv2d):
+    """A subclass that keeps nn.Conv2d's forward (as torchvision's Conv3DSimple does)."""
+
+    kind = "named"
+
+
+class WithNamedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = NamedConv(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_a_subclass_that_keeps_its_forward_fuses_and_stays_itself():
+    model = prepared(WithNamedConv())
+    x = torch.randn(2, 3, 8, 8)
+    plain, fused = plain_and_fused(model, x, train_affine=True)
+    assert bnsurgery.last_report(fused).fused == [("bn", "conv")]
+    assert isinstance(fused.conv, NamedConv) and fused.conv.kind == "named"
+    assert type(fused.conv).__name__ == "FusedNamedConv"
+    for clone in (copy.deepcopy(fused), _pickled(fused)):
+        assert type(clone.conv) is type(fused.conv) and clone.conv.fused_bn is clone.bn
+        assert rel(step(plain, x), step(clone, x)) < 1e-5
+    bnsurgery.unfreeze(fused)
+    assert type(fused.conv) is NamedConv

@@ -213,6 +213,54 @@ def test_freeze_holds_through_a_train_step_and_unfreezes_exactly(arch):
     tally.add_unique("generated: freeze", arch)
 
 
+def check_fused_freeze(arch: dict[str, Any], train_affine: bool = False) -> None:
+    """freeze(fuse=True) against a plain freeze, both in float64: the same outputs in train
+    mode and the same gradients for every parameter, the same state dict; every frozen BN is
+    fused or has a reason; unfreeze gives back exactly the original."""
+    original = build(arch).double()
+    x = inputs(arch).double()
+    plain = bnsurgery.freeze(copy.deepcopy(original), train_affine=train_affine)
+    fused = bnsurgery.freeze(
+        copy.deepcopy(original), train_affine=train_affine, fuse=True, example_inputs=x
+    )
+    report = bnsurgery.last_report(fused)
+    assert sorted([b for b, _ in report.fused] + [s.bn for s in report.unfused]) == sorted(
+        report.changed
+    ), describe(arch)
+    assert all(s.reason.strip() for s in report.unfused)
+    tally.add("generated: BN layers fused", len(report.fused))
+    tally.add("generated: BN layers frozen, not fused", len(report.unfused))
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    outs = []
+    for model in (plain, fused):
+        model.train()
+        out = leaves(model(x.clone()))
+        loss = sum(t.pow(2).mean() for t in out if t.is_floating_point())
+        if isinstance(loss, torch.Tensor) and loss.requires_grad:
+            loss.backward()
+        outs.append(out)
+    for a, b in zip(*outs, strict=True):
+        assert max_relative_error(a.detach(), b.detach()) < 1e-9, describe(arch)
+    # each gradient to 1e-8 of the largest one (a gradient that is zero in exact arithmetic,
+    # behind a BN that normalises with batch statistics, is rounding noise in both)
+    grads = [p.grad for p in plain.parameters() if p.grad is not None]
+    scale = max((float(g.abs().max()) for g in grads if g.numel()), default=0.0)
+    for (name, p), (_, q) in zip(plain.named_parameters(), fused.named_parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None and p.grad.numel():
+            err = float((p.grad - q.grad).abs().max())
+            assert err <= 1e-8 * scale, f"{name}: {err:.3g} of {scale:.3g}\n{describe(arch)}"
+    if report.changed:
+        fused.train(original.training)  # the mode the original was in
+        assert_identical(original, bnsurgery.unfreeze(fused))
+
+
+@given(architectures())
+def test_fused_freeze_has_the_function_and_gradients_of_a_plain_freeze(arch):
+    check_fused_freeze(arch, train_affine=extras(arch).random() < 0.5)
+    tally.add_unique("generated: fused freeze", arch)
+
+
 # ------------------------------------------------------------------------------------ swap
 
 

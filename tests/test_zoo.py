@@ -377,3 +377,51 @@ def test_swap_to_groupnorm_and_frozen_on_real_architecture(name):
     out = _run(swapped, args)
     ref_shapes = [t.shape for t in leaves(reference) if isinstance(t, torch.Tensor)]
     assert [t.shape for t in leaves(out) if isinstance(t, torch.Tensor)] == ref_shapes
+
+
+#: the zoo's fused freeze: classification, mobile and grouped, dense, dual-path, video
+FUSED_CASES = [
+    "timm:resnet18",
+    "timm:seresnext26d_32x4d",
+    "timm:mobilenetv3_small_050",
+    "timm:efficientnet_b0",
+    "timm:regnety_002",
+    "timm:densenet121",
+    "timm:dpn68",
+    "timm:repvgg_a0",
+    "timm:hrnet_w18_small",
+    "torchvision:resnet18",
+    "torchvision:mobilenet_v2",
+    "torchvision:googlenet",
+    "torchvision:shufflenet_v2_x0_5",
+    "torchvision:r3d_18",
+]
+
+
+@pytest.mark.parametrize("name", FUSED_CASES)
+def test_fused_freeze_has_the_gradients_of_a_plain_freeze(name):
+    """freeze(fuse=True, train_affine=True) against a plain freeze, in float64, on one
+    training step: the same outputs and the same gradient for every parameter; frozen BNs
+    fused, each of the others with a reason."""
+    case = CASES[name]
+    model = _prepared(case).double()
+    args = case.inputs(torch.float64)
+    plain = bnsurgery.freeze(copy.deepcopy(model), train_affine=True)
+    fused = bnsurgery.freeze(
+        copy.deepcopy(model), train_affine=True, fuse=True, example_inputs=args
+    )
+    report = bnsurgery.last_report(fused)
+    assert report.fused and all(s.reason for s in report.unfused)  # densenet121: 59 of 121
+    outputs = []
+    for m in (plain, fused):
+        torch.manual_seed(0)  # the same dropout masks
+        out = m.train()(*args)
+        sum(t.square().mean() for t in leaves(out) if isinstance(t, torch.Tensor)).backward()
+        outputs.append(out)
+    assert max_rel_error(*[tuple(leaves(o)) for o in outputs]) < 1e-10
+    grads = {n: p.grad for n, p in plain.named_parameters() if p.grad is not None}
+    scale = max(float(g.abs().max()) for g in grads.values())
+    for n, q in fused.named_parameters():
+        assert (q.grad is None) == (n not in grads), n
+        if n in grads:
+            assert float((grads[n] - q.grad).abs().max()) <= 1e-9 * scale, n
