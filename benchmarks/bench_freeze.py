@@ -3,10 +3,22 @@
 Variants on the same model (timm resnet50 by default, batch 16, 160 px, CPU):
 
 * ``train-mode BN``: plain BatchNorm2d in train mode (the baseline that updates statistics);
+* ``torchvision FrozenBatchNorm2d``: each BN replaced by ``torchvision.ops.misc.FrozenBatchNorm2d``
+  (its affine is fixed: buffers);
+* ``timm freeze_batch_norm_2d``: ``timm.layers.freeze_batch_norm_2d`` on the model;
 * ``bnsurgery.freeze``: our FrozenBatchNorm (a fused multiply-add when gradients flow, the
-  eval-mode batch_norm kernel otherwise);
-* ``torchvision FrozenBatchNorm2d``: each BN replaced by ``torchvision.ops.misc.FrozenBatchNorm2d``;
-* ``timm freeze_batch_norm_2d``: ``timm.layers.freeze_batch_norm_2d`` on the model.
+  eval-mode batch_norm kernel otherwise), affine fixed;
+* ``bnsurgery.freeze fuse``: the same, each BN computed inside its conv (``fuse=True``);
+* ``... train_affine``: both again with the BN weight and bias trainable (statistics frozen:
+  the detectron2/mmdetection fine-tuning setting);
+* ``bound: no BN``: the model folded (``bnsurgery.fold``): convs with a bias, no BN at all,
+  what no frozen BN can beat.
+
+Memory, two ways: the activations autograd keeps for the backward pass (``saved MB``: every
+distinct storage a ``saved_tensors_hooks`` pack sees in one forward, parameters excluded,
+since they are resident anyway): exact and the same on every machine; and the peak resident
+set size over a whole step (activations, gradients, workspaces) in a fresh process, above
+what it held after a first step (weights, optimizer state, loaded kernels).
 
 Step time: every variant is built once, then the variants take turns (round-robin) for each
 repetition, so drift on a shared machine hits all of them alike; the median is reported.
@@ -20,6 +32,7 @@ Run: python benchmarks/bench_freeze.py [--model resnet50 --batch 16 --size 160 -
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -30,7 +43,7 @@ from pathlib import Path
 import timm
 import torch
 import torchvision
-from _common import machine, peak_mb, rss_mb, run_child
+from _common import high_water_mb, machine, reset_peak, rss_mb, run_child
 from torch import nn
 
 import bnsurgery
@@ -38,9 +51,13 @@ from bnsurgery.testing import randomize_bn
 
 VARIANTS = (
     "train-mode BN",
-    "bnsurgery.freeze",
     "torchvision FrozenBatchNorm2d",
     "timm freeze_batch_norm_2d",
+    "bnsurgery.freeze",
+    "bnsurgery.freeze fuse",
+    "bnsurgery.freeze train_affine",
+    "bnsurgery.freeze train_affine fuse",
+    "bound: no BN",
 )
 
 
@@ -58,8 +75,14 @@ def torchvision_frozen(model: nn.Module) -> nn.Module:
 def build(variant: str, args: argparse.Namespace) -> nn.Module:
     torch.manual_seed(0)
     model = randomize_bn(timm.create_model(args.model, pretrained=False))
-    if variant == "bnsurgery.freeze":
-        bnsurgery.freeze(model)
+    if variant.startswith("bnsurgery.freeze"):
+        fuse = variant.endswith(" fuse")
+        example = torch.randn(2, 3, args.size, args.size) if fuse else None
+        bnsurgery.freeze(
+            model, train_affine="train_affine" in variant, fuse=fuse, example_inputs=example
+        )
+    elif variant == "bound: no BN":
+        bnsurgery.fold(model.eval(), torch.randn(2, 3, args.size, args.size))
     elif variant == "torchvision FrozenBatchNorm2d":
         model = torchvision_frozen(model)
     elif variant == "timm freeze_batch_norm_2d":
@@ -84,6 +107,24 @@ def make_step(model: nn.Module, args: argparse.Namespace):
     return step
 
 
+def saved_mb(model: nn.Module, args: argparse.Namespace) -> float:
+    """What autograd keeps for the backward pass of one forward, parameters excluded, MB."""
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(1))
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.train()(x)
+    del out
+    return sum(seen.values()) / 2**20
+
+
 def peak_rss_mb(variant: str, args: argparse.Namespace) -> float:
     """Run two steps of one variant in a fresh process; its peak RSS growth in MB."""
     return run_child(
@@ -94,13 +135,17 @@ def peak_rss_mb(variant: str, args: argparse.Namespace) -> float:
 
 
 def child(args: argparse.Namespace) -> None:
-    """Peak memory of two training steps above what the process held before them."""
+    """Peak memory of a training step above what the process held before it, after a first
+    step (which loads kernels and libraries and makes the optimizer's state: gigabytes of
+    resident memory that are the same for every variant)."""
     torch.set_num_threads(args.threads)
     step = make_step(build(args.child, args), args)
+    step()
+    gc.collect()
     before = rss_mb()
-    for _ in range(2):
-        step()
-    print(peak_mb() - before)
+    reset_peak()
+    step()
+    print(high_water_mb() - before)
 
 
 def main() -> None:
@@ -127,14 +172,16 @@ def main() -> None:
         for v, step in steps.items():
             times[v].append(step())
     medians = {v: statistics.median(t) for v, t in times.items()}
+    saved = {v: saved_mb(build(v, args), args) for v in VARIANTS}
     memory = {v: peak_rss_mb(v, args) for v in VARIANTS}
-    base_t, tv_t = medians["train-mode BN"], medians["torchvision FrozenBatchNorm2d"]
-    base_m, tv_m = memory["train-mode BN"], memory["torchvision FrozenBatchNorm2d"]
+    tv = "torchvision FrozenBatchNorm2d"
     rows = [
-        f"| {v} | {medians[v] * 1000:.0f} | {medians[v] / base_t:.3f} | {medians[v] / tv_t:.3f} "
-        f"| {memory[v]:.0f} | {memory[v] / base_m:.3f} | {memory[v] / tv_m:.3f} |"
+        f"| {v} | {medians[v] * 1000:.0f} | {medians[v] / medians[tv]:.3f} "
+        f"| {saved[v]:.0f} | {saved[v] / saved[tv]:.3f} "
+        f"| {memory[v]:.0f} | {memory[v] / memory[tv]:.3f} |"
         for v in VARIANTS
     ]
+    fused, plain = "bnsurgery.freeze train_affine fuse", "bnsurgery.freeze train_affine"
     command = "python benchmarks/bench_freeze.py " + " ".join(sys.argv[1:])
     text = "\n".join(
         [
@@ -143,15 +190,32 @@ def main() -> None:
             f"`{command.strip()}` on {date.today()}: {args.model}, batch {args.batch}, "
             f"{args.size} px, CPU: {machine(args.threads)}. "
             f"Median of {args.repeats} round-robin steps after {args.warmup} warm-up rounds; "
-            "peak RSS growth of a fresh process over two steps.",
+            "saved MB: activations autograd keeps for the backward pass (parameters "
+            "excluded); peak MB: peak RSS growth over a training step, in a fresh process after "
+            "a first step.",
             "",
-            "| variant | step ms | vs train-mode | vs torchvision | step peak MB | vs train-mode "
+            "| variant | step ms | vs torchvision | saved MB | vs torchvision | peak MB "
             "| vs torchvision |",
             "|---|---|---|---|---|---|---|",
             *rows,
             "",
-            "Target: bnsurgery.freeze no slower than torchvision's FrozenBatchNorm2d "
-            f"(ratio {medians['bnsurgery.freeze'] / tv_t:.3f}).",
+            "Fused with a trainable affine against unfused with one: saved "
+            f"{saved[fused] / saved[plain]:.3f}, peak {memory[fused] / memory[plain]:.3f}, "
+            f"step {medians[fused] / medians[plain]:.3f}. Fused with the affine fixed against "
+            f"torchvision's (fixed too): saved {saved['bnsurgery.freeze fuse'] / saved[tv]:.3f}, "
+            f"peak {memory['bnsurgery.freeze fuse'] / memory[tv]:.3f}, step "
+            f"{medians['bnsurgery.freeze fuse'] / medians[tv]:.3f}.",
+            "",
+            "Where the memory goes: a frozen BN with a fixed affine is a multiply-add by "
+            "constants, which keeps nothing for the backward pass, so a model with such BNs "
+            "keeps what the same model without any BN keeps (`bound: no BN`: saved "
+            f"{saved['bound: no BN'] / saved[tv]:.3f}, peak "
+            f"{memory['bound: no BN'] / memory[tv]:.3f} of torchvision's): with the affine "
+            "fixed there is nothing left for fusing to save. A trainable affine needs each "
+            "BN's input for its gradient, the conv's whole output, kept by the unfused freeze "
+            f"({saved[plain] / saved[tv]:.3f} of torchvision's); fused, the affine's gradient "
+            "comes through the conv's weight instead, and a model with trainable BN affines "
+            "keeps what a fully frozen one keeps.",
             "",
         ]
     )
@@ -160,7 +224,13 @@ def main() -> None:
     out.write_text(text)
     out.with_suffix(".json").write_text(
         json.dumps(
-            {"args": vars(args), "step_s": times, "median_s": medians, "peak_rss_mb": memory},
+            {
+                "args": vars(args),
+                "step_s": times,
+                "median_s": medians,
+                "saved_mb": saved,
+                "peak_rss_mb": memory,
+            },
             indent=2,
         )
     )

@@ -434,7 +434,15 @@ def write_artifact(
         with open(tmp, "wb") as f:
             f.write(blob)
         runs = [args] + ([bigger] if spec is not None and bigger is not None else [])
-        checked.update(_check(tmp, fmt, runs, references[: len(runs)], tol, out))
+        try:
+            checked.update(_check(tmp, fmt, runs, references[: len(runs)], tol, out))
+        except _OtherBatchRefused as refused:  # the exporter fixed some input's batch after all
+            notes.append(
+                f"batch dimension fixed: the exported graph does not take another batch size "
+                f"({refused})"
+            )
+            spec = None
+            write(tmp)
 
     atomic_write(out, write, force=force)
     return Artifact(
@@ -532,6 +540,10 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 class _Fixed(Exception):
     """The exporter found the model specialises its batch dimension."""
+
+
+class _OtherBatchRefused(Exception):
+    """The artifact ran on the example inputs but not on them with one more sample."""
 
 
 @contextlib.contextmanager
@@ -697,12 +709,14 @@ def _check(
         )
     errors: list[float] = []
     per_output: list[float] = []
-    for args, reference in zip(runs, references, strict=True):
+    for i, (args, reference) in enumerate(zip(runs, references, strict=True)):
         try:
             got = run(args)
         except BnSurgeryError:
             raise
         except Exception as exc:
+            if i:  # the example inputs ran; one more sample does not
+                raise _OtherBatchRefused(brief(exc, typed=True)[:160]) from exc
             raise VerificationError(
                 f"{out.name}: the written artifact does not run on the example inputs "
                 f"({brief(exc, typed=True)}); nothing written"

@@ -630,8 +630,10 @@ def run_one(name: str, category: str, send: Any, budget_mb: float = math.inf) ->
     return record
 
 
-def worker_main(threads: int, budget_mb: float) -> None:
-    """Read model names on stdin, write JSON messages on the original stdout."""
+def worker_main(threads: int, budget_mb: float, run: Any = None) -> None:
+    """Read model names on stdin, write JSON messages on the original stdout; each model is
+    ``run(name, category, send, budget_mb)`` (default :func:`run_one`)."""
+    run = run or run_one
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything a model prints goes to stderr, not into the protocol
     warnings.filterwarnings("ignore")
@@ -650,7 +652,7 @@ def worker_main(threads: int, budget_mb: float) -> None:
         if not name:
             continue
         try:
-            result = run_one(name, categories.of(name), send, budget_mb)
+            result = run(name, categories.of(name), send, budget_mb)
         except Exception as exc:
             result = {
                 "name": name,
@@ -677,12 +679,15 @@ def _rss_mb(pid: int) -> float:
 
 
 class Worker:
-    """One worker process; ``run`` one model with a time and memory limit."""
+    """One worker process (``script --worker``, this one by default); ``run`` one model with
+    a time and memory limit."""
 
-    def __init__(self, threads: int, verbose: bool, max_rss_gb: float) -> None:
+    def __init__(
+        self, threads: int, verbose: bool, max_rss_gb: float, script: Path | None = None
+    ) -> None:
         cmd = [
             sys.executable,
-            str(Path(__file__).resolve()),
+            str(script or Path(__file__).resolve()),
             "--worker",
             "--threads",
             str(threads),

@@ -433,3 +433,28 @@ def test_bns_a_pattern_leaves_out_of_the_fold_are_lowered(tmp_path):
     report = export(model, x, tmp_path / "m.pt2", exclude="bn")
     assert not report.folded and "bn" in dict(report.lowered)
     assert report.bn_count == len(report.lowered) == 4
+
+
+def test_an_artifact_that_refuses_another_batch_size_is_written_with_a_fixed_batch(
+    tmp_path, monkeypatch
+):
+    """The exporter may fix one input's batch dimension while it was asked for a dynamic one
+    (torchvision's RAFT, ONNX): the file runs on the example inputs but not one sample more.
+    The export is redone with a fixed batch, checked, and says so."""
+    from bnsurgery import exporting
+
+    real, calls = exporting._check, []
+
+    def refuse_the_larger_batch(tmp, fmt, runs, *args):
+        calls.append(len(runs))
+        if len(runs) > 1:
+            raise exporting._OtherBatchRefused("Got invalid dimensions for input")
+        return real(tmp, fmt, runs, *args)
+
+    monkeypatch.setattr(exporting, "_check", refuse_the_larger_batch)
+    model, x = prepared(LeftBehind()), torch.randn(2, 3, 8, 8)
+    report = export(model, x, tmp_path / "m.onnx")
+    assert calls == [2, 1] and not report.dynamic_batch
+    assert any("does not take another batch size" in n for n in report.notes)
+    dims = onnx.load(str(tmp_path / "m.onnx")).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 2

@@ -95,3 +95,30 @@ def test_ulp_noise_moves_every_weight_one_ulp_and_restores_them(sweep):
         noise = sweep.ulp_noise(model, (x,), model(x), max_rel_error)
     assert 1e-8 < noise < 1e-5
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_the_export_sweep_checks_each_file_itself(tmp_path):
+    """scripts/sweep_export.py: a model exported to both formats and checked apart from
+    bnsurgery's own check; a detector refused with where; the selection has 200+ models."""
+    spec = importlib.util.spec_from_file_location(
+        "sweep_export", ROOT / "scripts" / "sweep_export.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert len(module.chosen()) >= 200
+    out = tmp_path / "export.md"
+    args = ["--filter", "timm:resnet10t", "--filter", "torchvision:ssdlite*", "--out", str(out)]
+    assert module.main(args) == 0
+    rows = {
+        r["name"]: r for r in map(json.loads, out.with_suffix(".jsonl").read_text().splitlines())
+    }
+    ok = rows["timm:resnet10t"]
+    assert ok["status"] == "ok"
+    for fmt in ("onnx", "pt2"):
+        assert ok[fmt]["bn_nodes"] == 0 and ok[fmt]["check_err"] <= ok[fmt]["tolerance"]
+        assert ok[fmt]["check_batch"] == 3 and ok[fmt]["folded"] == ok["bn"]
+    detector = rows["torchvision:ssdlite320_mobilenet_v3_large"]
+    assert detector["status"] == "unsupported"
+    assert "(at torchvision/ops/boxes.py" in detector["pt2"]["error"]
+    table = out.read_text()
+    assert "| onnx | 1 | 0 | 1 | 0 | 0 | 0 |" in table and "`timm:resnet10t`" in table
