@@ -26,7 +26,14 @@ from .tree import parents
 if TYPE_CHECKING:
     from .plan import Transaction
 
-__all__ = ["FreezeFused", "Replace", "Restore", "SetAffineTraining", "SetStatistics"]
+__all__ = [
+    "FreezeFused",
+    "FuseFrozen",
+    "Replace",
+    "Restore",
+    "SetAffineTraining",
+    "SetStatistics",
+]
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,28 @@ class FreezeFused(Replace):
         from .fused import fuse, unfuse
 
         super().apply(model, txn)
+        frozen = model.get_submodule(self.bn)
+        layer = model.get_submodule(self.layer)
+        txn.call(lambda: fuse(layer, frozen), lambda: unfuse(frozen))
+
+
+@dataclass(frozen=True)
+class FuseFrozen:
+    """Have ``layer`` compute a BN bnsurgery froze earlier (a frozen checkpoint loaded back:
+    fusion is how the model runs, not what its file records)."""
+
+    bn: str
+    layer: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bn": self.bn, "fused_into": self.layer}
+
+    def __str__(self) -> str:
+        return f"-> stays frozen, computed inside {self.layer}"
+
+    def apply(self, model: nn.Module, txn: Transaction) -> None:
+        from .fused import fuse, unfuse
+
         frozen = model.get_submodule(self.bn)
         layer = model.get_submodule(self.layer)
         txn.call(lambda: fuse(layer, frozen), lambda: unfuse(frozen))

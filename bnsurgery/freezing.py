@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from . import targets
-from .edits import FreezeFused, Replace, Restore, SetAffineTraining
+from .edits import FreezeFused, FuseFrozen, Replace, Restore, SetAffineTraining
 from .errors import UsageError
 from .frozen import FrozenBatchNorm
 from .norms import check_finite, is_batchnorm
@@ -116,6 +116,8 @@ def plan_freeze(
     for name, bn in chosen:
         if isinstance(bn, FrozenBatchNorm) and bn.train_affine != bool(train_affine):
             edits.append(SetAffineTraining(name, bool(train_affine)))  # frees or fixes the affine
+        elif fuse and isinstance(bn, FrozenBatchNorm) and not bn.fused:
+            edits.append(FuseFrozen(name))  # frozen before (a frozen file loaded back)
         elif (reason := frozen.refuses(bn, {})) is not None:
             skipped.append(Skip(name, reason))
         else:
@@ -123,12 +125,15 @@ def plan_freeze(
     unfused: list[Skip] = []
     step: dict[str, Any] = {"op": "freeze", "frozen": len(edits)}
     if fuse:
-        edits, unfused = _fused(model, edits, example_inputs)
-        step["fused"] = sum(isinstance(e, FreezeFused) for e in edits)
+        edits, unfused = _fused(model, edits, example_inputs, skipped)
+        step["frozen"] = sum(not isinstance(e, FuseFrozen) for e in edits)
+        step["fused"] = sum(isinstance(e, FreezeFused | FuseFrozen) for e in edits)
     return FreezePlan("freeze", edits, skipped, step, unfused=unfused)
 
 
-def _fused(model: nn.Module, edits: list[Any], example_inputs: Any) -> tuple[list[Any], list[Skip]]:
+def _fused(
+    model: nn.Module, edits: list[Any], example_inputs: Any, skipped: list[Skip]
+) -> tuple[list[Any], list[Skip]]:
     """``edits`` with each freeze whose BN the layer before can compute made a
     :class:`~bnsurgery.edits.FreezeFused`; and the freezes that stay plain, with why.
 
@@ -140,20 +145,23 @@ def _fused(model: nn.Module, edits: list[Any], example_inputs: Any) -> tuple[lis
     from .errors import BnSurgeryError
     from .foldplan import plan_fold
 
-    names = [e.bn for e in edits if type(e) is Replace]
+    names = [e.bn for e in edits if type(e) in (Replace, FuseFrozen)]
     if not names:
         return edits, []
     try:
         fold = plan_fold(model, example_inputs, include=names, placements=("producer",))
     except BnSurgeryError as exc:
         why = f"the graph walk failed ({exc}); pass example inputs"
-        return edits, [Skip(n, why) for n in names]
+        again = [e for e in edits if type(e) is FuseFrozen]
+        skipped += [Skip(e.bn, f"already frozen by bnsurgery; not fused: {why}") for e in again]
+        edits = [e for e in edits if type(e) is not FuseFrozen]
+        return edits, [Skip(e.bn, why) for e in edits if type(e) is Replace]
     into = {e.bn: e for e in fold.edits}
     why_not = {s.bn: s.reason for s in fold.skipped}
     out: list[Any] = []
     unfused: list[Skip] = []
     for edit in edits:
-        if type(edit) is not Replace:
+        if type(edit) not in (Replace, FuseFrozen):
             out.append(edit)
             continue
         found = into.get(edit.bn)
@@ -162,8 +170,12 @@ def _fused(model: nn.Module, edits: list[Any], example_inputs: Any) -> tuple[lis
             reason = _unfusable(found) or fused.refuses(
                 model.get_submodule(found.into), model.get_submodule(edit.bn)
             )
-        if reason is None:
+        if reason is None and isinstance(edit, FuseFrozen):
+            out.append(FuseFrozen(edit.bn, layer=found.into))
+        elif reason is None:
             out.append(FreezeFused(edit.bn, edit.target, edit.options, layer=found.into))
+        elif isinstance(edit, FuseFrozen):  # nothing to do for it after all
+            skipped.append(Skip(edit.bn, f"already frozen by bnsurgery; not fused: {reason}"))
         else:
             out.append(edit)
             unfused.append(Skip(edit.bn, reason))
@@ -238,7 +250,7 @@ def freeze(
     applied = apply(model, plan)
     report = FreezeReport(
         "freeze", applied.changed, applied.left, train_affine=bool(train_affine),
-        fused=[(e.bn, e.layer) for e in plan.edits if isinstance(e, FreezeFused)],
+        fused=[(e.bn, e.layer) for e in plan.edits if isinstance(e, FreezeFused | FuseFrozen)],
         unfused=list(plan.unfused),
     )  # fmt: skip
     set_report(model, report)

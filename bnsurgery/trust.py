@@ -440,7 +440,7 @@ def _error(v: Any) -> bool:
 #: Known surgery steps and their fields (a step is a summary line, replayed as data only).
 STEPS: dict[str, dict[str, _Check]] = {
     "fold": {"folded": _count, "left": _count, "verified": _flag, "max_rel_error": _error},
-    "freeze": {"frozen": _count},
+    "freeze": {"frozen": _count, "fused": _count},
     "unfreeze": {"unfrozen": _count},
     "swap": {"to": lambda v: isinstance(v, str) and _word(v), "swapped": _count},
     "recalibrate": {"mode": lambda v: v in ("exact", "ema"), "batches": _count},

@@ -230,3 +230,22 @@ def test_a_subclass_that_keeps_its_forward_fuses_and_stays_itself():
         assert rel(step(plain, x), step(clone, x)) < 1e-5
     bnsurgery.unfreeze(fused)
     assert type(fused.conv) is NamedConv
+
+
+def test_a_fused_model_saves_and_its_frozen_checkpoint_fuses_again(tmp_path):
+    """The file records a plain freeze (fusion is how the model runs); loaded back, the model
+    is frozen, and freeze(fuse=True) fuses the BNs it froze before."""
+    model = prepared(models.SimpleCNN())
+    x = torch.randn(2, 3, 32, 32)
+    _, fused = plain_and_fused(model, x, train_affine=True)
+    path = bnsurgery.save(fused, tmp_path / "f.safetensors", arch="tests.models:SimpleCNN")
+    loaded = bnsurgery.load(path, arch="tests.models:SimpleCNN")
+    frozen = [m for m in loaded.modules() if isinstance(m, FrozenBatchNorm)]
+    assert frozen and not any(m.fused for m in frozen)
+    assert all(m.train_affine for m in frozen)
+    bnsurgery.freeze(loaded, train_affine=True, fuse=True, example_inputs=x)
+    report = bnsurgery.last_report(loaded)
+    assert report.fused == bnsurgery.last_report(fused).fused and not report.left
+    assert rel(step(fused, x), step(loaded, x)) < 1e-6
+    again = bnsurgery.freeze(loaded, train_affine=True, fuse=True, example_inputs=x)
+    assert not bnsurgery.last_report(again).changed  # already fused: nothing to do
