@@ -249,3 +249,14 @@ def test_a_fused_model_saves_and_its_frozen_checkpoint_fuses_again(tmp_path):
     assert rel(step(fused, x), step(loaded, x)) < 1e-6
     again = bnsurgery.freeze(loaded, train_affine=True, fuse=True, example_inputs=x)
     assert not bnsurgery.last_report(again).changed  # already fused: nothing to do
+
+
+def test_the_cli_says_what_fuses_and_writes_the_frozen_checkpoint(tmp_path, capsys):
+    from .test_cli import run
+
+    out = tmp_path / "f.safetensors"
+    code, report, err = run(capsys, "freeze", "tests.models:simple_cnn", "--fuse", "-o", out)
+    assert code == 0, err
+    assert "computed inside" in report and "stay plain frozen" in report
+    loaded = bnsurgery.load(out, arch="tests.models:simple_cnn")
+    assert any(isinstance(m, FrozenBatchNorm) for m in loaded.modules())

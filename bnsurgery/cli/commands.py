@@ -130,14 +130,24 @@ def fold_command(
     type=click.IntRange(1, None),
     help="Only BN layers in the first N stages (1 = the stem).",
 )
-def freeze_command(stats_only: bool, stages: int | None, **options: Any) -> None:
+@click.option(
+    "--fuse",
+    is_flag=True,
+    help="Say which frozen BN the conv or linear before it can compute while training "
+    "(freeze(fuse=True) in Python); the file records the freeze, as without it.",
+)
+def freeze_command(stats_only: bool, stages: int | None, fuse: bool, **options: Any) -> None:
     """Freeze BN layers of SOURCE (statistics, and affine unless --stats-only) and write a
     checkpoint that loads back frozen."""
     from ..freezing import freeze
     from ..plan import last_report
 
     job = open_job(options, "freeze", "frozen")
-    freeze(job.model, job.include, job.exclude, stages=stages, train_affine=stats_only)
+    inputs = job.example_inputs(required=False) if fuse else None
+    freeze(
+        job.model, job.include, job.exclude, stages=stages, train_affine=stats_only,
+        fuse=fuse, example_inputs=inputs,
+    )  # fmt: skip
     nothing = "no BN layer to freeze (reasons above); nothing written"
     job.finish(last_report(job.model), nothing=nothing)
 
