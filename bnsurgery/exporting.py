@@ -39,6 +39,8 @@ from torch.utils._pytree import tree_map
 from .checkpoint import ARTIFACT_FORMATS, suffix_format
 from .errors import BnSurgeryError, UnsupportedModelError, UsageError, VerificationError, brief
 from .foldplan import FoldEdit
+from .frozen import FrozenBatchNorm
+from .fused import unfuse
 from .layers import FoldedBatchNorm, NormActRemainder
 from .norms import bn_stats, has_activation, iter_batchnorms, num_features
 from .outputs import atomic_write
@@ -155,6 +157,8 @@ def lower_batchnorms(model: nn.Module, to: str = "affine") -> list[tuple[str, st
             raise UnsupportedModelError("the model itself is a BN: no module holds it to lower")
     done: list[tuple[str, str]] = []
     for name, bn in found:
+        if isinstance(bn, FrozenBatchNorm):
+            unfuse(bn)  # a layer that computed it computes itself alone again
         new = _as_conv(bn) if to == "conv" else None
         what = "1x1 depthwise conv" if new is not None else "multiply-add"
         new = new if new is not None else LoweredBatchNorm(bn)

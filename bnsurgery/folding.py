@@ -31,6 +31,7 @@ from torch import nn
 from .errors import UnsupportedModelError, VerificationError
 from .foldcheck import unit_changes
 from .foldplan import PLACEMENTS, FoldEdit, FoldPlan, left_class, plan_fold
+from .fused import on_unfused
 from .graph import trace
 from .hooks import has_hooks, user_hooks_suspended
 from .norms import check_finite, is_batchnorm
@@ -155,6 +156,7 @@ def _output_dtype(output: Any) -> str:
 
 
 @on_unwrapped
+@on_unfused
 def fold(
     model: nn.Module,
     example_inputs: Any = None,

@@ -19,7 +19,9 @@ unfreezes like any frozen one; :func:`unfuse` puts the layer's class back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -36,8 +38,10 @@ __all__ = [
     "fuse",
     "fused_class",
     "fused_into",
+    "on_unfused",
     "refuses",
     "unfuse",
+    "unfused",
 ]
 
 
@@ -197,3 +201,36 @@ def unfuse(frozen: FrozenBatchNorm) -> None:
 def fused_into(frozen: nn.Module) -> nn.Module | None:
     """The layer that computes ``frozen``, or None."""
     return frozen.__dict__.get("_fused_into")
+
+
+@contextlib.contextmanager
+def unfused(model: nn.Module) -> Iterator[None]:
+    """Every fused layer of ``model`` computes itself alone, and its frozen BN itself, while
+    inside: the other surgeries (fold, swap, recalibrate, export) see plain frozen BNs. On the
+    way out each pair still in the model, the BN still frozen, is fused again; a BN folded or
+    replaced meanwhile is not (its layer was given back its class)."""
+    pairs = [
+        (bn, fused_into(bn))
+        for bn in model.modules()
+        if isinstance(bn, FrozenBatchNorm) and fused_into(bn) is not None
+    ]
+    for bn, _ in pairs:
+        unfuse(bn)
+    try:
+        yield
+    finally:
+        present = {id(m) for m in model.modules()}
+        for bn, layer in pairs:
+            if id(bn) in present and id(layer) in present and refuses(layer, bn) is None:
+                fuse(layer, bn)
+
+
+def on_unfused(surgery: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``surgery(model, ...)`` inside :func:`unfused` of ``model``."""
+
+    @functools.wraps(surgery)
+    def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with unfused(model):
+            return surgery(model, *args, **kwargs)
+
+    return run

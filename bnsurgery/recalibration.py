@@ -35,6 +35,7 @@ from torch import nn
 from .batches import DataCheck, default_forward, run_batch, to_device
 from .edits import SetStatistics
 from .errors import UsageError
+from .fused import on_unfused
 from .layout import Layout
 from .moments import Moments, collecting_forward, counting, gather
 from .plan import Plan, Report, Skip, apply, select, set_report
@@ -121,6 +122,7 @@ def _world() -> int:
 
 
 @on_unwrapped
+@on_unfused
 def recalibrate(
     model: nn.Module,
     data: Iterable[Any],
@@ -213,6 +215,7 @@ class RecalibrationPlan(Plan):
     world_size: int = 1
 
 
+@on_unfused
 def plan_recalibrate(
     model: nn.Module,
     data: Iterable[Any],

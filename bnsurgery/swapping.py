@@ -28,6 +28,7 @@ from torch import nn
 from .batches import default_forward, map_tensors, run_batch, to_device
 from .edits import Replace
 from .errors import TraceError, UsageError, brief
+from .fused import on_unfused
 from .hooks import call_input, user_hooks_suspended
 from .norms import check_finite, iter_batchnorms
 from .plan import Plan, Report, Skip, begin, select, set_report
@@ -74,6 +75,7 @@ class SwapReport(Report):
         }
 
 
+@on_unfused
 def plan_swap(
     model: nn.Module,
     to: str | Callable[[nn.Module], nn.Module] = "groupnorm",
@@ -129,6 +131,7 @@ def plan_swap(
 
 
 @on_unwrapped
+@on_unfused
 def swap(
     model: nn.Module,
     to: str | Callable[[nn.Module], nn.Module] = "groupnorm",

@@ -260,3 +260,39 @@ def test_the_cli_says_what_fuses_and_writes_the_frozen_checkpoint(tmp_path, caps
     assert "computed inside" in report and "stay plain frozen" in report
     loaded = bnsurgery.load(out, arch="tests.models:simple_cnn")
     assert any(isinstance(m, FrozenBatchNorm) for m in loaded.modules())
+
+
+def test_other_surgeries_see_plain_frozen_bns_and_fused_pairs_come_back(tmp_path):
+    """fold, swap, recalibrate and export on a fused model: each works as on a plain frozen
+    one (a fused layer would otherwise apply a BN that was folded or replaced a second time);
+    a pair still in place afterwards is fused again."""
+    model = prepared(models.SimpleCNN())
+    x = torch.randn(4, 3, 32, 32)
+    plain, fused = plain_and_fused(model, x)
+    pairs = bnsurgery.last_report(fused).fused
+    with torch.no_grad():
+        reference = plain.eval()(x)
+
+    folded = bnsurgery.fold(copy.deepcopy(fused), x)
+    assert not any(isinstance(m, (FrozenBatchNorm, FusedConv2d)) for m in folded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), reference, rtol=1e-4, atol=1e-5)
+
+    swapped = bnsurgery.swap(copy.deepcopy(fused), "identity")
+    assert not any(isinstance(m, FusedConv2d) for m in swapped.modules())
+
+    again = bnsurgery.recalibrate(copy.deepcopy(fused), [x, x])
+    again_plain = bnsurgery.recalibrate(copy.deepcopy(plain), [x, x])
+    for key, value in again_plain.state_dict().items():
+        torch.testing.assert_close(again.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+    assert [(b, type(again.get_submodule(layer)).__name__) for b, layer in pairs] == [
+        (b, "FusedConv2d") for b, _ in pairs
+    ]  # still frozen in place: fused again
+
+    report = bnsurgery.export(fused, x, tmp_path / "m.pt2")
+    from .test_export import batch_norm_nodes, run_artifact
+
+    assert not batch_norm_nodes(tmp_path / "m.pt2") and len(report.folded) == len(pairs)
+    (got,) = run_artifact(tmp_path / "m.pt2", x)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-5)
+    assert isinstance(fused.get_submodule(pairs[0][1]), FusedConv2d)  # the model given: as it was
