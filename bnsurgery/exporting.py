@@ -238,6 +238,7 @@ def export(
     dtype: torch.dtype | None = None,
     tolerance: float | None = None,
     force: bool = False,
+    count_before: bool = True,
 ) -> ExportReport:
     """Fold, lower every BN left, export to ``path`` and check the written artifact against
     ``model`` (see the module's text). ``model`` is not changed.
@@ -259,6 +260,8 @@ def export(
             model as it is, within the half dtype's tolerance.
         tolerance: max relative error allowed; default by the artifact's dtype.
         force: replace an existing file.
+        count_before: export the model as given too (in memory) to count its graph's
+            operators for the report (``nodes_before``); it costs about one more export.
 
     Returns:
         The :class:`ExportReport` (also :func:`bnsurgery.last_report` of ``model``).
@@ -286,7 +289,11 @@ def export(
     _check_options(fmt, lower_to, dtype)
     original = unwrapped(model)
     expected = expected_outputs(original, example_inputs, dynamic_batch)
-    before = graph_nodes(original, example_inputs, fmt, dynamic_batch=dynamic_batch, opset=opset)
+    before = (
+        graph_nodes(original, example_inputs, fmt, dynamic_batch=dynamic_batch, opset=opset)
+        if count_before
+        else None
+    )
     work = _copy.deepcopy(original)
     bn_count = len(list(iter_batchnorms(work)))
     if dtype is None:
