@@ -57,21 +57,17 @@ class _Fused:
         # the link to its BN, which links back) comes after the object, so cycles are fine
         return _new_fused, (self.__dict__["_unfused_class"],), self.__getstate__()
 
-    def fused_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
-        scale, shift = self.fused_bn._scale_shift(self.weight.dtype)
-        weight = self.weight * scale.view(-1, *[1] * (self.weight.dim() - 1))
-        bias = shift if self.bias is None else torch.addcmul(shift, self.bias, scale)
-        return weight, bias
-
     def fused_call(self, run: Callable[..., torch.Tensor], input: torch.Tensor) -> torch.Tensor:
-        """``run(input, weight, bias)`` with the scaled weight and bias; when autograd would
-        keep the scaled weight for the backward pass (a copy of the layer's weight), it keeps
-        the weight and scale instead and scales again there."""
-        weight, bias = self.fused_weight_and_bias()
+        """``run(input, weight, bias)`` with the weight and bias scaled by the frozen BN's map;
+        when autograd would keep the scaled weight for the backward pass (a copy of the
+        layer's weight), it keeps the weight and scale instead and scales again there."""
+        scale, shift = self.fused_bn._scale_shift(self.weight.dtype)
+        shape = (-1, *[1] * (self.weight.dim() - 1))
+        weight = self.weight * scale.view(shape)
+        bias = shift if self.bias is None else torch.addcmul(shift, self.bias, scale)
         if not (torch.is_grad_enabled() and weight.requires_grad) or torch.compiler.is_compiling():
             return run(input, weight, bias)
-        scale = self.fused_bn._scale_shift(self.weight.dtype)[0].detach()
-        original, shape = self.weight.detach(), (-1, *[1] * (self.weight.dim() - 1))
+        original, scale = self.weight.detach(), scale.detach()
         key = (weight.data_ptr(), weight.shape, weight.dtype)
 
         def pack(t: torch.Tensor) -> Any:
