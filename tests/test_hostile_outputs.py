@@ -549,14 +549,12 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("suffix", "signame", "expected"), [(".onnx", "SIGTERM", 143)])
-def test_signal_during_an_export_check_leaves_nothing(suffix, signame, expected, world, tmp_path):
-    out = world["out"] / f"result{suffix}"
-    args = _args("fold", world, out, source=SPEC)
+def _signal_while_writing(script, args, signame, expected, world, tmp_path, wait=120):
+    """Run ``script`` (a CLI whose write stalls once its temporary file exists) on ``args``,
+    signal it there, and check it leaves nothing and says so in one line."""
     before = _tree(world["in"], world["out"])
     proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_EXPORT, *args],
+        [sys.executable, "-c", script, *args],
         env=_environment(),
         cwd=tmp_path,
         stdout=subprocess.PIPE,
@@ -564,7 +562,7 @@ def test_signal_during_an_export_check_leaves_nothing(suffix, signame, expected,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + wait
         while not any(p.name.endswith(".tmp") for p in world["out"].iterdir()):
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "the write never started"
@@ -578,6 +576,13 @@ def test_signal_during_an_export_check_leaves_nothing(suffix, signame, expected,
     after = _tree(world["in"], world["out"])
     check(proc.returncode, err, expected, before, after, message=f"terminated ({signame})")
     assert "no output was written" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("suffix", "signame", "expected"), [(".onnx", "SIGTERM", 143)])
+def test_signal_during_an_export_check_leaves_nothing(suffix, signame, expected, world, tmp_path):
+    args = _args("fold", world, world["out"] / f"result{suffix}", source=SPEC)
+    _signal_while_writing(_SLOW_EXPORT, args, signame, expected, world, tmp_path, wait=180)
 
 
 @pytest.mark.slow
@@ -588,30 +593,7 @@ def test_signal_during_write_leaves_nothing(command, signame, expected, world, t
     out = world["out"] / f"result-{command}.safetensors"
     args = _args(command, world, out, source=SPEC)
     args += [] if command == "fold" else list(SIZE)
-    before = _tree(world["in"], world["out"])
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_WRITER, *args],
-        env=_environment(),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not any(p.name.endswith(".tmp") for p in world["out"].iterdir()):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the write never started"
-            time.sleep(0.05)
-        proc.send_signal(getattr(signal, signame))
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    after = _tree(world["in"], world["out"])
-    check(proc.returncode, err, expected, before, after, message=f"terminated ({signame})")
-    assert "no output was written" in err
+    _signal_while_writing(_SLOW_WRITER, args, signame, expected, world, tmp_path)
 
 
 def test_main_restores_signal_handlers_and_keeps_ignored_ones(world, capsys, monkeypatch):
