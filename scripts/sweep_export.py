@@ -440,10 +440,13 @@ def main(argv: list[str] | None = None) -> int:
         meta["command"] = "scripts/sweep_export.py (this report re-rendered from its side file)"
         zoo.write_atomic(args.out, render(zoo.read_jsonl(jsonl), meta))
         return 0
+    sharding = zoo.parse_shard(args.shard, args.resume)
+    if sharding is None:
+        return 2
+    shard, shards = sharding
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.resume:
         jsonl.write_text("")
-    shard, shards = (int(v) for v in args.shard.split("/"))
     names = zoo.selected(zoo.all_models(), args.filter) if args.filter else chosen(args.per_family)
     seen = {r.get("name") for r in zoo.read_jsonl(jsonl)}
     todo = [n for i, n in enumerate(names) if i % shards == shard and n not in seen]

@@ -1055,6 +1055,20 @@ def write_atomic(path: Path, text: str) -> None:
 # --------------------------------------------------------------------------------- main
 
 
+def parse_shard(text: str, resume: bool) -> tuple[int, int] | None:
+    """``--shard K/N`` as (K, N); None, with the reason on stderr, when it is malformed or
+    N > 1 without ``--resume`` (the shards share one side file, which a fresh start empties)."""
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not int(match[1]) < int(match[2]):
+        print(f"--shard must be K/N with 0 <= K < N, got {text!r}", file=sys.stderr)
+        return None
+    shard, shards = int(match[1]), int(match[2])
+    if shards > 1 and not resume:
+        print("--shard needs --resume (shards share the side file)", file=sys.stderr)
+        return None
+    return shard, shards
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1127,14 +1141,10 @@ def main(argv: list[str] | None = None) -> int:
         write_atomic(out, render(read_jsonl(jsonl), meta))
         print(f"wrote {out}", flush=True)
         return 0
-    match = re.fullmatch(r"(\d+)/(\d+)", args.shard)
-    if not match or not int(match[1]) < int(match[2]):
-        print(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}", file=sys.stderr)
+    sharding = parse_shard(args.shard, args.resume)
+    if sharding is None:
         return 2
-    shard, shards = int(match[1]), int(match[2])
-    if shards > 1 and not args.resume:
-        print("--shard needs --resume (shards share the side file)", file=sys.stderr)
-        return 2
+    shard, shards = sharding
     if args.redo and not args.resume:
         print("--redo needs --resume", file=sys.stderr)
         return 2
