@@ -69,17 +69,30 @@ class _Fused:
             return run(input, weight, bias)
         original, scale = self.weight.detach(), scale.detach()
         key = (weight.data_ptr(), weight.shape, weight.dtype)
+        # hooks of the caller's (activation offloading, checkpointing, memory counters) still
+        # see everything else autograd keeps: these hooks hide theirs while they are active
+        outer_pack, outer_unpack = _saved_tensors_hooks() or (_same, _same)
 
         def pack(t: torch.Tensor) -> Any:
             if (t.data_ptr(), t.shape, t.dtype) == key:
                 return _Rescale(original, scale, shape)
-            return t
+            return outer_pack(t)
 
         def unpack(saved: Any) -> torch.Tensor:
-            return saved.make() if isinstance(saved, _Rescale) else saved
+            return saved.make() if isinstance(saved, _Rescale) else outer_unpack(saved)
 
         with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
             return run(input, weight, bias)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _saved_tensors_hooks() -> tuple[Callable[..., Any], Callable[..., Any]] | None:
+    """The ``saved_tensors_hooks`` in effect (pack, unpack), or None."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
 
 
 class _Rescale:

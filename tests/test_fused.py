@@ -133,6 +133,44 @@ def test_torch_compile_and_autocast():
     assert rel(a.float(), b.float()) < 5e-2
 
 
+def test_the_callers_saved_tensor_hooks_still_see_the_activations():
+    """Activation offloading and memory counters (``saved_tensors_hooks`` of the caller's)
+    see every activation autograd keeps, fused or not; only the scaled weight copy, which the
+    fused layer keeps as its recipe, is not theirs. Offloaded to another place and back, the
+    gradients are the plain freeze's."""
+    model = prepared(models.SimpleCNN()).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    plain, fused = plain_and_fused(model, x, train_affine=True)
+    for net in (plain, fused):
+        params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+        seen, unpacked, alive = {}, [], []
+
+        def pack(t, params=params, seen=seen, alive=alive):
+            storage = t.untyped_storage()
+            alive.append(t)  # no address reused while counting
+            if storage.data_ptr() not in params:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return ("offloaded", t.clone())  # as save_on_cpu does: a copy elsewhere
+
+        def unpack(saved, unpacked=unpacked):
+            unpacked.append(saved[0])
+            return saved[1]
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            net.out = step(net, x)
+        assert unpacked and set(unpacked) == {"offloaded"}
+        assert x.untyped_storage().data_ptr() in seen  # the conv's input
+        net.counted = sum(seen.values())
+    assert rel(plain.out, fused.out) < 1e-12
+    a, b = grads(plain), grads(fused)
+    for key in a:
+        assert rel(a[key], b[key]) < 1e-10, key
+    # the conv inputs are seen in both; the plain freeze also keeps each BN's input (the conv's
+    # output, 16 channels at 32 x 32) for the trainable affine
+    assert fused.counted > x.numel() * 8  # the conv's input at least
+    assert plain.counted - fused.counted >= 2 * 16 * 32 * 32 * 8
+
+
 def test_ddp_train_step():
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29541")
