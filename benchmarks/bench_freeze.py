@@ -4,7 +4,7 @@ Variants on the same model (timm resnet50 by default, batch 16, 160 px, CPU):
 
 * ``train-mode BN``: plain BatchNorm2d in train mode (the baseline that updates statistics);
 * ``torchvision FrozenBatchNorm2d``: each BN replaced by ``torchvision.ops.misc.FrozenBatchNorm2d``
-  (its affine is fixed: buffers);
+  (its affine is fixed: buffers; a timm norm-act layer keeps its activation after it);
 * ``timm freeze_batch_norm_2d``: ``timm.layers.freeze_batch_norm_2d`` on the model;
 * ``bnsurgery.freeze``: our FrozenBatchNorm (a fused multiply-add when gradients flow, the
   eval-mode batch_norm kernel otherwise), affine fixed;
@@ -62,13 +62,18 @@ VARIANTS = (
 
 
 def torchvision_frozen(model: nn.Module) -> nn.Module:
+    """Each BatchNorm2d replaced by torchvision's FrozenBatchNorm2d; a timm norm-act layer
+    (BatchNormAct2d) by FrozenBatchNorm2d followed by its own dropout and activation."""
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if type(child) is nn.BatchNorm2d:
-                frozen = torchvision.ops.misc.FrozenBatchNorm2d(child.num_features, eps=child.eps)
-                for key in ("weight", "bias", "running_mean", "running_var"):
-                    getattr(frozen, key).copy_(getattr(child, key).detach())
-                setattr(module, child_name, frozen)
+            if type(child) not in (nn.BatchNorm2d, timm.layers.BatchNormAct2d):
+                continue
+            frozen = torchvision.ops.misc.FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            for key in ("weight", "bias", "running_mean", "running_var"):
+                getattr(frozen, key).copy_(getattr(child, key).detach())
+            if isinstance(child, timm.layers.BatchNormAct2d):
+                frozen = nn.Sequential(frozen, child.drop, child.act)
+            setattr(module, child_name, frozen)
     return model
 
 
