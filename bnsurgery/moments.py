@@ -26,6 +26,9 @@ class Moments:
     """Per-channel count, mean and M2 (sum of squared deviations), merged in float64."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.count = 0
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
@@ -44,7 +47,11 @@ class Moments:
         self.count = total
 
 
-def collecting_forward(moments: Moments) -> Callable[..., torch.Tensor]:
+def collecting_forward(moments: Moments, in_place: bool = False) -> Callable[..., torch.Tensor]:
+    """The BN's forward during an exact pass. ``in_place``: the BN's input is a tensor nobody
+    else reads (a graph walk proved it), which it normalises in place: no new tensor, whose
+    fresh pages cost a CPU more than the normalisation itself."""
+
     def forward(self: nn.Module, input: torch.Tensor) -> torch.Tensor:  # bn(input=x) works
         x, eps = input, eps_of(self)  # a frozen BN of Hugging Face's has no eps attribute
         if x.numel() == 0:  # an empty batch (a detection head without detections) adds nothing
@@ -53,32 +60,68 @@ def collecting_forward(moments: Moments) -> Callable[..., torch.Tensor]:
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, eps
             )
             return self.act(self.drop(out)) if has_activation(self) else out
-        # One fused kernel normalises with the batch statistics and returns them.
-        out, mean, invstd = torch.native_batch_norm(
-            x, self.weight, self.bias, None, None, True, 0.0, eps
-        )
-        var = invstd.double().pow(-2) - eps
-        mean = mean.double()
-        if invstd.dtype not in (torch.float32, torch.float64):
-            # half-precision inputs get half-precision statistics from the kernel (bfloat16:
-            # ~3 significant digits): recompute them from the input in float64
-            small = torch.ones_like(var, dtype=torch.bool)
-        else:
-            small = var < 100 * eps
-        redo = small.nonzero().flatten()  # no bool(): the layout watch counts those as the
-        if redo.numel():  # model's data-dependent branches
-            # var + eps loses var's digits when var << eps: recompute those channels directly.
-            dims = [0, *range(2, x.dim())]
-            exact_var, exact_mean = torch.var_mean(x[:, redo].double(), dim=dims, correction=0)
-            var[redo], mean[redo] = exact_var, exact_mean
         count = x.numel() // max(x.shape[1], 1)
-        moments.add(count, mean.detach(), var.detach() * count)
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            out, mean, var = batch_normalised(x, self.weight, self.bias, eps, in_place=in_place)
+        else:
+            out, mean, var = _batch_normalised_elsewhere(x, self.weight, self.bias, eps)
+        moments.add(count, mean, var * count)
         moments.batches += 1
         if has_activation(self):
             out = self.act(self.drop(out))
         return out
 
     return forward
+
+
+def batch_normalised(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    in_place: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``x`` (float32 or float64) normalised with its own batch statistics, as a BN in train
+    mode does, and those statistics (mean, biased variance) in float64.
+
+    The statistics come from PyTorch's kernel for them (two passes over ``x``: exact, also
+    where the variance is far below ``eps``, which a variance read back from the training
+    kernel's ``1/sqrt(var + eps)`` is not); the normalisation from its eval-mode kernel with
+    them, into a new tensor or, ``in_place``, into ``x`` itself: no new tensor, whose fresh
+    pages cost a CPU more than the normalisation does.
+    """
+    mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
+    if in_place:
+        empty = x.new_empty(0)
+        out = torch.ops.aten.native_batch_norm.out(
+            x, weight, bias, mean, var, False, 0.0, eps, out=x, save_mean=empty, save_invstd=empty
+        )[0]
+    else:
+        out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+    return out, mean.double(), var.double()
+
+
+def _batch_normalised_elsewhere(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`batch_normalised` for half-precision inputs and other devices: the training
+    kernel normalises and returns the statistics (fused into one kernel on GPUs); those it
+    cannot give exactly are computed again from the input in float64."""
+    out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+    var = invstd.double().pow(-2) - eps
+    mean = mean.double()
+    if invstd.dtype not in (torch.float32, torch.float64):
+        # half-precision inputs get half-precision statistics from the kernel (bfloat16:
+        # ~3 significant digits)
+        small = torch.ones_like(var, dtype=torch.bool)
+    else:
+        small = var < 100 * eps  # var + eps lost var's digits where var << eps
+    redo = small.nonzero().flatten()  # no bool(): the layout watch counts those as the
+    if redo.numel():  # model's data-dependent branches
+        dims = [0, *range(2, x.dim())]
+        exact_var, exact_mean = torch.var_mean(x[:, redo].double(), dim=dims, correction=0)
+        var[redo], mean[redo] = exact_var, exact_mean
+    return out, mean, var
 
 
 def gather(moments: Moments, channels: int, device: torch.device) -> Moments:

@@ -11,7 +11,9 @@ rank, so all ranks end with identical statistics, equal to one process over the 
 shards.
 
 Every module's training flag and forward are restored afterwards, also when a batch raises;
-the running statistics are only written once the whole pass has succeeded.
+the running statistics are only written once the whole pass has succeeded. On the CPU a BN
+whose input only it reads (the graph walk proves it: :func:`_normalised_in_place`) normalises
+that input in place: the pass allocates less than an eval forward.
 
 Data is checked before it changes anything (:class:`~bnsurgery.errors.DataError`): every batch
 must hold only finite values, checked as it is produced and before the model sees it; a batch
@@ -25,7 +27,7 @@ import contextlib
 import itertools
 import math
 import types
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -153,9 +155,11 @@ def recalibrate(
         momentum: for ``"ema"``: override each BN's momentum during the pass.
         progress: called with the number of batches done after each batch.
         channels_last: run the pass in channels-last memory format (2-D convnets; the model's
-            layout is restored afterwards). Default: on the CPU, where it is much faster, once
-            the first batch has shown that the model makes no layout-sensitive call such as
-            ``x.view`` (the report notes it when it does).
+            layout is restored afterwards). Default: on the CPU, where it is much faster, the
+            first batch runs in it on trial and the rest follow if that batch made no
+            layout-sensitive call such as ``x.view`` and no data-dependent branch (else the
+            report notes why, and the first batch runs again in the default layout where what
+            it computed could differ).
 
     Returns:
         The model. :func:`bnsurgery.last_report` gives a :class:`RecalibrationReport`; a BN
@@ -263,22 +267,42 @@ def plan_recalibrate(
     ema: dict[str, dict[str, torch.Tensor]] = {}
     with eval_mode(model), torch.no_grad():
         try:
-            for name, bn in chosen:
-                if mode == "exact":
-                    bn.forward = types.MethodType(collecting_forward(moments[name]), bn)
-                else:
-                    bn.train()
-                    if momentum is not None:
-                        bn.momentum = momentum
-                    handles.append(
-                        bn.register_forward_pre_hook(counting(moments[name]), with_kwargs=True)
-                    )
+
+            def install(first: Any) -> None:
+                in_place = (
+                    _normalised_in_place(model, chosen, first, feed, device)
+                    if mode == "exact"
+                    else set()
+                )
+                for name, bn in chosen:
+                    if mode == "exact":
+                        collect = collecting_forward(moments[name], in_place=name in in_place)
+                        bn.forward = types.MethodType(collect, bn)
+                    else:
+                        bn.train()
+                        if momentum is not None:
+                            bn.momentum = momentum
+                        handles.append(
+                            bn.register_forward_pre_hook(counting(moments[name]), with_kwargs=True)
+                        )
+
+            def run(batch: Any) -> None:
+                with cast:
+                    run_batch(feed, model, batch)
+
+            def reset() -> None:  # forget a first batch that runs again in another layout
+                for name, bn in chosen:
+                    moments[name].reset()
+                    for key, buffer in bn.named_buffers(recurse=False):
+                        buffer.copy_(old[name][key])
+
             limit = None if num_batches is None else max(num_batches, 0)
             for batch in itertools.islice(data, limit):  # no batch beyond num_batches
-                moved = to_device(batch, device, layout.active)
+                moved = to_device(batch, device)
                 check.batch(moved, batches)
-                with cast, layout.batch(), layout.explained():
-                    run_batch(feed, model, moved)
+                if batches == 0:
+                    install(moved)
+                layout.run(run, moved, reset)
                 batches += 1
                 if progress is not None:
                     progress(batches)
@@ -338,6 +362,44 @@ def plan_recalibrate(
     return RecalibrationPlan(
         "recalibrate", edits, skipped, step, notes, mode=mode, batches=batches, world_size=world
     )
+
+
+def _normalised_in_place(
+    model: nn.Module,
+    chosen: list[tuple[str, nn.Module]],
+    batch: Any,
+    feed: Callable[[nn.Module, Any], Any],
+    device: torch.device,
+) -> set[str]:
+    """The BNs that may normalise their input in place during an exact pass on the CPU (see
+    :func:`~bnsurgery.moments.collecting_forward`): those a fold could fold into the layer
+    before them (the graph walk on two samples of the first batch), which proves the layer's
+    output is read by that BN alone, called once, directly, seen by no user hook and not an
+    output of the model; on a model that makes no data-dependent decision, so that every
+    batch takes the path walked. Empty where the walk cannot be made (a ``forward`` of the
+    user's, keyword batches) or fails."""
+    from .errors import BnSurgeryError
+    from .foldplan import plan_fold
+    from .graph import trace
+
+    if device.type != "cpu" or feed is not default_forward or isinstance(batch, Mapping):
+        return set()
+    first = batch if isinstance(batch, torch.Tensor) else batch[0]
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        return set()
+    names = [name for name, _ in chosen]
+    try:
+        walked = trace(model, first[:2])
+        if any(node.decisions for node in walked.graph.nodes):
+            return set()
+        fold = plan_fold(model, include=names, placements=("producer",), walked=walked)
+    except BnSurgeryError:  # the pass itself says what is wrong with the batch
+        return set()
+    return {
+        e.bn
+        for e in fold.edits
+        if e.sites == 1 and not (e.through or e.parts or e.functional or e.collapse is not None)
+    }
 
 
 def _edit(

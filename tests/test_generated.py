@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 
 import bnsurgery
 from bnsurgery.frozen import FrozenBatchNorm
+from bnsurgery.moments import batch_normalised
 from bnsurgery.verify import default_tolerance, max_relative_error
 
 from . import tally
@@ -291,9 +292,10 @@ def reference_statistics(
     While collecting, each named BN normalises with its batch's own mean and biased variance
     and everything else runs in eval mode. ``kernel=False`` normalises by the formula in
     float64 (a first-principles check of what recalibration computes); ``kernel=True`` with
-    PyTorch's batch-norm kernel in the model's dtype, so that in float32 and bfloat16 every BN
-    sees bit for bit the inputs it sees during recalibration and the statistics can be
-    compared tightly (rounding in an upstream normalisation is not what is being tested).
+    the batch-norm kernels recalibration uses, in the model's dtype, so that in float32 and
+    bfloat16 every BN sees bit for bit the inputs it sees during recalibration and the
+    statistics can be compared tightly (rounding in an upstream normalisation is not what is
+    being tested).
     """
     seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     handles = []
@@ -307,7 +309,9 @@ def reference_statistics(
         def post(module, args, output):
             x = args[0]
             weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-            if kernel:
+            if kernel and x.dtype in (torch.float32, torch.float64):  # recalibration's kernel
+                y = batch_normalised(x, weight, bias, module.eps)[0]
+            elif kernel:
                 y = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, module.eps)[0]
             else:
                 x = x.double()

@@ -15,6 +15,8 @@ from torch import nn
 import bnsurgery
 from bnsurgery.errors import UsageError
 
+from .conftest import prepared
+
 
 class DictNet(nn.Module):
     """Takes keyword inputs, has dropout between its BN layers."""
@@ -200,3 +202,89 @@ def test_channels_last_pass_restores_the_layout_and_matches_the_default_layout()
     for name, param in model.named_parameters():
         value, same = params[name]
         assert param is same and torch.equal(param, value) and param.is_contiguous(), name
+
+
+class Shapes(nn.Module):
+    """BN inputs of every kind: the model's input itself (bn0), a conv output only the BN
+    reads (bn1), a conv output the residual reads too (bn2), a linear output only the BN reads
+    (bn3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn0 = nn.BatchNorm2d(3)
+        self.conv1, self.bn1 = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = nn.Conv2d(6, 6, 1), nn.BatchNorm2d(6)
+        self.fc, self.bn3 = nn.Linear(6, 4), nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(self.bn0(x))).relu()
+        z = self.conv2(y)
+        y = self.bn2(z) + z
+        return self.bn3(self.fc(y.mean((2, 3))))
+
+
+def _in_place_calls(monkeypatch) -> list[int]:
+    """The channel counts of the BNs that normalise in place, call by call."""
+    from bnsurgery import moments
+
+    calls: list[int] = []
+    original = moments.batch_normalised
+
+    def spy(x, *args, in_place=False):
+        if in_place:
+            calls.append(x.shape[1])
+        return original(x, *args, in_place=in_place)
+
+    monkeypatch.setattr(moments, "batch_normalised", spy)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_bn_alone_reading_its_layers_output_normalises_it_in_place(monkeypatch, dtype):
+    """On the CPU a BN whose input only it reads (the graph walk: a layer's output, no other
+    reader, no hook) normalises it in place, which saves allocating a new tensor; the
+    statistics are those of the pass without it, the batches are untouched, and a BN reading
+    the model's input or a tensor another layer reads too does not."""
+    torch.manual_seed(0)
+    model = prepared(Shapes()).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(n, 3, 8, 8, generator=g) * 3 + 2).to(dtype) for n in (5, 3, 6)]
+    copies = [b.clone() for b in data]
+    calls = _in_place_calls(monkeypatch)
+    fast = bnsurgery.recalibrate(copy.deepcopy(model), data)
+    assert sorted(set(calls)) == [4, 6] and len(calls) == 2 * len(data)  # bn1 and bn3
+    assert all(torch.equal(a, b) for a, b in zip(data, copies, strict=True))
+    calls.clear()
+    plain = bnsurgery.recalibrate(model, data, forward=lambda m, b: m(b))  # no walk: no in place
+    assert calls == []
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 0}
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(fast.state_dict()[key], value, **tol, msg=key)
+
+
+def test_nothing_in_place_where_a_hook_or_a_data_dependent_branch_could_see_it(monkeypatch):
+    """A forward hook on the conv sees the conv's output as the model made it, not normalised;
+    a model that branches on values may read a tensor on another batch's path: neither
+    normalises in place."""
+    torch.manual_seed(0)
+    data = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    calls = _in_place_calls(monkeypatch)
+    model = prepared(Shapes())
+    kept: list[torch.Tensor] = []
+    model.conv1.register_forward_hook(lambda m, a, out: kept.append(out))
+    bnsurgery.recalibrate(model, data)
+    assert 4 in calls and 6 not in calls  # bn3 still in place; bn1 not
+    with torch.no_grad():
+        raw = [model.conv1(model.bn0(b)) for b in data]
+    assert len(kept) >= len(data)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(kept[-2:], raw[-2:], strict=True))
+
+    class Branching(Shapes):
+        def forward(self, x):
+            if x.mean().item() > 1e9:  # a decision on values
+                x = x * 2
+            return super().forward(x)
+
+    calls.clear()
+    bnsurgery.recalibrate(prepared(Branching()), data)
+    assert calls == []

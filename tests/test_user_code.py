@@ -143,13 +143,66 @@ def test_recalibrate_uses_channels_last_only_after_a_layout_blind_first_batch():
 
     batches = [torch.randn(4, 3, 8, 8) for _ in range(3)]
     net = prepared(SimpleCNN())
-    assert _layouts_seen_by(net, batches) == [False, True, True]
+    assert _layouts_seen_by(net, batches) == [True, True, True]  # the first one on trial
     assert bnsurgery.last_report(net).notes == []
     assert all(p.is_contiguous() for p in net.parameters())  # restored
     net = prepared(SimpleCNN())
     assert _layouts_seen_by(net, batches, channels_last=True) == [True, True, True]
     net = prepared(SimpleCNN())
     assert _layouts_seen_by(net, batches, channels_last=False) == [False, False, False]
+
+
+class LayoutReader(torch.nn.Module):
+    """Conv -> BN -> conv -> BN, and a head that reads the layout in one of the ways user code
+    does: ``view`` (fails on channels-last), ``stride`` or ``is_contiguous`` (decide a path),
+    or a data-dependent branch (``item``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1, self.bn1 = torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6)
+        self.conv2, self.bn2 = torch.nn.Conv2d(6, 5, 3), torch.nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        y = self.bn1(self.conv1(x)).relu()
+        if self.how == "stride" and y.stride()[1] == 1:  # channels-last: another value
+            y = y * 2
+        if self.how == "is_contiguous" and not y.is_contiguous():
+            y = y * 2
+        if self.how == "item" and y.mean().item() > 1e9:
+            y = y * 2
+        y = self.bn2(self.conv2(y))
+        if self.how == "view":
+            return y.view(y.shape[0], -1)
+        return y.flatten(1)
+
+
+@pytest.mark.parametrize("how", ["view", "stride", "is_contiguous", "item"])
+def test_a_first_batch_that_reads_the_layout_leaves_the_statistics_of_the_default_layout(how):
+    """The first batch runs in channels-last on trial. A model that reads the layout gets the
+    statistics of a pass in the default layout all the same: the first batch runs again in
+    the default layout where what it computed could differ (a failing view, a stride or
+    contiguity test), and keeps its values where they cannot (a data-dependent branch only
+    keeps the rest of the batches in the default layout); the report says why."""
+    torch.manual_seed(0)
+    net = prepared(LayoutReader(how))
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(n, 3, 9, 9, generator=g) * 2 + 1 for n in (4, 3, 5)]
+    plain = bnsurgery.recalibrate(copy.deepcopy(net), batches, channels_last=False)
+    bnsurgery.recalibrate(net, batches)
+    note = " ".join(bnsurgery.last_report(net).notes)
+    assert "default memory layout" in note and f"Tensor.{how}" in note, note
+    for key, value in plain.state_dict().items():
+        torch.testing.assert_close(net.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert all(p.is_contiguous() for p in net.parameters())
+    with torch.no_grad():  # and what it measured is what a pass in the default layout sees
+        h = torch.cat(batches)
+        first = net.conv1(h)
+    torch.testing.assert_close(net.bn1.running_mean, first.mean((0, 2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(net.bn1.running_var, first.var((0, 2, 3)), rtol=1e-4, atol=0)
+    seen = _layouts_seen_by(prepared(LayoutReader(how)), batches)
+    again = how != "item"  # the first batch ran again in the default layout
+    assert seen == [True] + [False] * (len(batches) - 1 + again), seen
 
 
 def test_models_bnsurgery_builds_are_in_eval_mode(tmp_path):
