@@ -92,10 +92,10 @@ def batch_normalised(
     """
     mean, var = torch.batch_norm_update_stats(x, None, None, 0.0)
     if in_place:
-        empty = x.new_empty(0)
         out = torch.ops.aten.native_batch_norm.out(
-            x, weight, bias, mean, var, False, 0.0, eps, out=x, save_mean=empty, save_invstd=empty
-        )[0]
+            x, weight, bias, mean, var, False, 0.0, eps,
+            out=x, save_mean=x.new_empty(0), save_invstd=x.new_empty(0),
+        )[0]  # fmt: skip
     else:
         out = F.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
     return out, mean.double(), var.double()

@@ -27,7 +27,7 @@ import contextlib
 import itertools
 import math
 import types
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -382,9 +382,9 @@ def _normalised_in_place(
     from .foldplan import plan_fold
     from .graph import trace
 
-    if device.type != "cpu" or feed is not default_forward or isinstance(batch, Mapping):
+    if device.type != "cpu" or feed is not default_forward:
         return set()
-    first = batch if isinstance(batch, torch.Tensor) else batch[0]
+    first = batch[0] if isinstance(batch, tuple | list) and batch else batch  # as fed
     if not isinstance(first, torch.Tensor) or first.dim() == 0:
         return set()
     names = [name for name, _ in chosen]
