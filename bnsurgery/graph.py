@@ -18,6 +18,7 @@ Nothing here relies on module registration order, and nothing here changes the m
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,12 +199,20 @@ class Trace:
     output: Any = None
 
 
-def trace(model: nn.Module, example_inputs: Any = None) -> Trace:
+def trace(
+    model: nn.Module,
+    example_inputs: Any = None,
+    *,
+    feed: Callable[[nn.Module, Any], Any] | None = None,
+) -> Trace:
     """Walk the model: a real forward pass if ``example_inputs`` is given, else symbolically.
 
     Args:
         model: the model; it is run in eval mode without gradients and left as it was.
-        example_inputs: a tensor, or a tuple of positional inputs (dicts allowed inside).
+        example_inputs: a tensor, or a tuple of positional inputs (dicts allowed inside); with
+            ``feed``, a batch as the data gives it.
+        feed: ``feed(model, example_inputs)`` runs the model (a pass's ``forward``), instead
+            of ``model(*example_inputs)``; every tensor of the batch is a model input.
 
     Returns:
         A :class:`Trace`.
@@ -218,6 +227,8 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Trace:
         )
     if example_inputs is None:
         return Trace(_symbolic(model))
+    if feed is not None:
+        return _runtime(model, (example_inputs,), lambda batch: feed(model, batch))
     return _runtime(model, as_args(example_inputs))
 
 
@@ -465,12 +476,14 @@ class _Recorder(TorchFunctionMode):
             self.quiet -= 1
 
 
-def _runtime(model: nn.Module, args: tuple[Any, ...]) -> Trace:
+def _runtime(
+    model: nn.Module, args: tuple[Any, ...], run: Callable[..., Any] | None = None
+) -> Trace:
     with user_hooks_suspended(model):  # the walk is not a forward pass the user made
-        return _walk(model, args)
+        return _walk(model, args, run or model)
 
 
-def _walk(model: nn.Module, args: tuple[Any, ...]) -> Trace:
+def _walk(model: nn.Module, args: tuple[Any, ...], run: Callable[..., Any]) -> Trace:
     recorder = _Recorder(model)
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     hooks = [
@@ -487,7 +500,7 @@ def _walk(model: nn.Module, args: tuple[Any, ...]) -> Trace:
                 if isinstance(t, torch.Tensor):
                     recorder.value_of(t).origin = "model input"
             with recorder:
-                output = model(*args)
+                output = run(*args)
     except Exception as exc:
         raise TraceError(
             f"the forward pass on the example inputs failed: {_one_line(exc)}"

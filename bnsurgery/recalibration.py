@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .batches import DataCheck, default_forward, run_batch, to_device
+from .batches import DataCheck, default_forward, map_tensors, run_batch, to_device
 from .edits import SetStatistics
 from .errors import UsageError
 from .fused import on_unfused
@@ -42,7 +42,7 @@ from .layout import Layout
 from .moments import Moments, collecting_forward, counting, gather
 from .plan import Plan, Report, Skip, apply, select, set_report
 from .report import recalibration_text
-from .tree import device_of, eval_mode, on_unwrapped
+from .tree import device_of, eval_mode, on_unwrapped, unwrapped
 
 __all__ = [
     "LayerDrift",
@@ -148,7 +148,9 @@ def recalibrate(
         include, exclude: glob patterns on BN names.
         num_batches: stop after this many batches (per process).
         device: where batches go (default: the model's parameters' device).
-        forward: ``forward(model, batch)``; default :func:`default_forward`.
+        forward: ``forward(model, batch)``; default :func:`default_forward`. On the CPU it is
+            called once more, on the first two samples of the first batch, for the graph walk
+            that finds the BNs that may normalise in place (user hooks off).
         autocast: run the pass under ``torch.autocast`` with this dtype.
         mode: ``"exact"`` (population statistics) or ``"ema"`` (the usual momentum updates,
             BN in train mode, everything else in eval mode).
@@ -373,25 +375,24 @@ def _normalised_in_place(
 ) -> set[str]:
     """The BNs that may normalise their input in place during an exact pass on the CPU (see
     :func:`~bnsurgery.moments.collecting_forward`): those a fold could fold into the layer
-    before them (the graph walk on two samples of the first batch), which proves the layer's
-    output is read by that BN alone, called once, directly, seen by no user hook and not an
-    output of the model; on a model that makes no data-dependent decision, so that every
-    batch takes the path walked. Empty where the walk cannot be made (a ``forward`` of the
-    user's, keyword batches) or fails."""
+    before them (the graph walk, through the pass's own ``feed``, on the first two samples of
+    every tensor of the first batch), which proves the layer's output is read by that BN
+    alone, called once, directly, seen by no user hook and not an output; on a model that
+    makes no data-dependent decision, so that every batch takes the path walked. Empty where
+    the walk fails (the pass then runs as it would without it) and for a model a wrapper runs
+    (``torch.compile``, DDP: the walk would not see inside)."""
     from .errors import BnSurgeryError
     from .foldplan import plan_fold
     from .graph import trace
 
-    if device.type != "cpu" or feed is not default_forward:
+    if device.type != "cpu" or unwrapped(model) is not model:
         return set()
-    first = batch[0] if isinstance(batch, tuple | list) and batch else batch  # as fed
-    if not isinstance(first, torch.Tensor) or first.dim() == 0:
-        return set()
-    names = [name for name, _ in chosen]
+    two = map_tensors(batch, lambda t: t[:2] if t.dim() else t)
     try:
-        walked = trace(model, first[:2])
+        walked = trace(model, two, feed=feed)
         if any(node.decisions for node in walked.graph.nodes):
             return set()
+        names = [name for name, _ in chosen]
         fold = plan_fold(model, include=names, placements=("producer",), walked=walked)
     except BnSurgeryError:  # the pass itself says what is wrong with the batch
         return set()
