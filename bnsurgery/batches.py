@@ -45,16 +45,9 @@ def map_tensors(batch: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return batch
 
 
-def to_device(batch: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """``batch`` on ``device``; 4-D floating tensors in channels-last format if asked."""
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        t = t.to(device, non_blocking=True)
-        if channels_last and t.dim() == 4 and t.is_floating_point():
-            t = t.contiguous(memory_format=torch.channels_last)
-        return t
-
-    return map_tensors(batch, move)
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` on ``device`` (its memory layout: :func:`bnsurgery.layout.channels_last`)."""
+    return map_tensors(batch, lambda t: t.to(device, non_blocking=True))
 
 
 def tensors_of(batch: Any) -> Iterator[torch.Tensor]:
