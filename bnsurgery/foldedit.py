@@ -125,6 +125,16 @@ class FoldEdit:
             "; " + "; ".join(self.notes) if self.notes else ""
         )
 
+    def indirect(self) -> str | None:
+        """Why the BN does not read its layer's whole output directly at one call site (what
+        a layer computing the BN at run time, or a BN normalising that output in place,
+        needs), or ``None`` when it does."""
+        if self.sites != 1:
+            return f"it is called at {self.sites} sites"
+        if self.through or self.parts or self.collapse is not None or self.functional:
+            return "it reads its layer's output through layout ops or in slices"
+        return None
+
     def targets(self) -> tuple[FoldPart, ...]:
         """Every layer this BN folds into, with its slice of the BN's channels."""
         if self.parts:

@@ -186,10 +186,9 @@ def _unfusable(edit: Any) -> str | None:
     """Why a producer fold edit is not one a layer can compute at run time."""
     if edit.layer not in ("conv", "linear"):
         return f"its layer is a {edit.layer}"
-    if edit.sites != 1:
-        return f"it is called at {edit.sites} sites"
-    if edit.through or edit.parts or edit.collapse is not None or edit.functional:
-        return "it reads its layer's output through layout ops or in slices"
+    indirect = edit.indirect()
+    if indirect:
+        return indirect
     if edit.scales:
         return f"its layer's weight is computed ({edit.scales})"
     if edit.layer == "linear" and edit.notes:

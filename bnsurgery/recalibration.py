@@ -396,11 +396,7 @@ def _normalised_in_place(
         fold = plan_fold(model, include=names, placements=("producer",), walked=walked)
     except BnSurgeryError:  # the pass itself says what is wrong with the batch
         return set()
-    return {
-        e.bn
-        for e in fold.edits
-        if e.sites == 1 and not (e.through or e.parts or e.functional or e.collapse is not None)
-    }
+    return {e.bn for e in fold.edits if e.indirect() is None}
 
 
 def _edit(
