@@ -176,8 +176,9 @@ def main() -> None:
             "with the eval-mode kernel, in place wherever the graph walk proves that nothing "
             "else reads the BN's input (a conv's output only the BN reads): on the CPU a new "
             "tensor's fresh pages cost more than the normalisation, so a pass over a convnet "
-            "whose BNs all follow their conv allocates less than the eval forward itself. It "
-            "runs 2-D convnets in channels-last format on the CPU (restored afterwards).",
+            "whose BNs all follow their conv makes fewer new tensors than the eval forward "
+            "itself (its peak, set by the largest activations, stays the same). It runs 2-D "
+            "convnets in channels-last format on the CPU (restored afterwards).",
             "",
         ]
     )

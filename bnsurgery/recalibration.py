@@ -13,7 +13,7 @@ shards.
 Every module's training flag and forward are restored afterwards, also when a batch raises;
 the running statistics are only written once the whole pass has succeeded. On the CPU a BN
 whose input only it reads (the graph walk proves it: :func:`_normalised_in_place`) normalises
-that input in place: the pass allocates less than an eval forward.
+that input in place, instead of into a new tensor.
 
 Data is checked before it changes anything (:class:`~bnsurgery.errors.DataError`): every batch
 must hold only finite values, checked as it is produced and before the model sees it; a batch
